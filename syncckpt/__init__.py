@@ -1,0 +1,42 @@
+"""syncckpt: cloud-synced, exactly-resumable, pickle-free training checkpoints.
+
+>>> from syncckpt import CheckpointManager, ResumableSampler, ResumeInfo
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (
+    CheckpointCorrupt,
+    CheckpointNotFound,
+    ConfigError,
+    LeaseHeld,
+    RemoteConflict,
+    RemoteError,
+    StateMismatch,
+    StateNotSerializable,
+    SyncCkptError,
+    UnsafeCheckpoint,
+    UnsupportedFormat,
+)
+from .manager import CheckpointManager, ResumeInfo
+from .sampler import ResumableSampler
+
+__all__ = [
+    "CheckpointManager",
+    "ResumableSampler",
+    "ResumeInfo",
+    "SyncCkptError",
+    "CheckpointNotFound",
+    "CheckpointCorrupt",
+    "UnsafeCheckpoint",
+    "UnsupportedFormat",
+    "StateNotSerializable",
+    "StateMismatch",
+    "RemoteError",
+    "RemoteConflict",
+    "LeaseHeld",
+    "ConfigError",
+    "__version__",
+]

@@ -1,0 +1,251 @@
+"""State dicts <-> files: safetensors for tensors, JSON for everything else. Never pickle.
+
+A registered object's ``state_dict()`` is split into a JSON *structure* in which every tensor is replaced by a
+reference ``{"__tensor__": NAME}``, and the tensors themselves, stored under NAME in ``OBJECT.safetensors``.
+Optimizer state (int keys, tuples, nested dicts) survives exactly; tied tensors (the same storage under two keys)
+are stored once and both keys get the same tensor back.
+
+The safetensors writer is ours (the format is an 8-byte header length, a JSON header, then raw bytes) because the
+bytes come straight out of reusable staging buffers and are hashed as they are written; reading goes through the
+``safetensors`` library, which validates headers against the buffer.
+
+>>> import torch
+>>> struct, tensors = flatten_state({"w": torch.ones(2), "step": 3, "betas": (0.9, 0.99)}, "opt")
+>>> struct
+{'w': {'__tensor__': 'w'}, 'step': 3, 'betas': {'__tuple__': [0.9, 0.99]}}
+>>> unflatten_state(struct, {"w": torch.zeros(2)})["betas"]
+(0.9, 0.99)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct as _struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StateMismatch, StateNotSerializable, UnsafeCheckpoint
+
+# torch dtype -> safetensors dtype code. Every dtype a training state can hold keeps its dtype on disk.
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        DTYPE_CODES[getattr(torch, _name)] = _code
+
+_MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__bytes__")
+
+
+def flatten_state(state: Any, prefix: str) -> tuple[Any, list[tuple[str, torch.Tensor]]]:
+    """Split ``state`` into a JSON-able structure and a list of (name, tensor).
+
+    Tensor names are the key path joined with dots (``state.0.exp_avg``), so a model's file reads like an ordinary
+    safetensors state dict. Raises StateNotSerializable naming the key path of anything that is neither a tensor
+    nor JSON-able.
+    """
+    tensors: list[tuple[str, torch.Tensor]] = []
+    used: set[str] = set()
+    seen: dict[tuple, str] = {}
+
+    def name_for(path: list[str]) -> str:
+        base = ".".join(path) or "tensor"
+        name, n = base, 1
+        while name in used:
+            name, n = f"{base}#{n}", n + 1
+        used.add(name)
+        return name
+
+    def add_tensor(t: torch.Tensor, path: list[str]) -> str:
+        if t.dtype not in DTYPE_CODES:
+            raise StateNotSerializable(f"{_where(prefix, path)}: tensor dtype {t.dtype} cannot be stored in safetensors")
+        if t.is_sparse or t.layout != torch.strided:
+            raise StateNotSerializable(f"{_where(prefix, path)}: {t.layout} tensors are not supported; densify first")
+        if t.numel() > 0:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in seen:  # tied weights: store once, hand back the same tensor to both keys
+                return seen[key]
+        name = name_for(path)
+        tensors.append((name, t))
+        if t.numel() > 0:
+            seen[key] = name
+        return name
+
+    def enc(v: Any, path: list[str]) -> Any:
+        if isinstance(v, torch.Tensor):
+            return {"__tensor__": add_tensor(v.detach(), path)}
+        if isinstance(v, np.ndarray):
+            try:
+                t = torch.from_numpy(np.ascontiguousarray(v))
+            except TypeError:
+                raise StateNotSerializable(f"{_where(prefix, path)}: numpy dtype {v.dtype} is not supported") from None
+            return {"__ndarray__": add_tensor(t, path)}
+        if isinstance(v, np.generic):
+            v = v.item()
+        if v is None or isinstance(v, (bool, int, str)):
+            return v
+        if isinstance(v, float):
+            return v if math.isfinite(v) else {"__float__": repr(v)}
+        if isinstance(v, bytes):
+            return {"__bytes__": base64.b64encode(v).decode()}
+        if isinstance(v, tuple):  # also torch.Size
+            return {"__tuple__": [enc(x, path + [str(i)]) for i, x in enumerate(v)]}
+        if isinstance(v, list):
+            return [enc(x, path + [str(i)]) for i, x in enumerate(v)]
+        if isinstance(v, dict):
+            if all(isinstance(k, str) and k not in _MARKERS for k in v):
+                return {k: enc(x, path + [k]) for k, x in v.items()}
+            items = []
+            for k, x in v.items():
+                if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
+                    raise StateNotSerializable(f"{_where(prefix, path)}: dict key {k!r} ({type(k).__name__}) is not JSON-able")
+                items.append([enc(k, path), enc(x, path + [str(k)])])
+            return {"__dict__": items}
+        raise StateNotSerializable(
+            f"{_where(prefix, path)}: value of type {type(v).__module__}.{type(v).__qualname__} is neither a tensor "
+            "nor JSON-able; convert it in state_dict() (syncckpt never pickles)"
+        )
+
+    return enc(state, []), tensors
+
+
+def _where(prefix: str, path: list[str]) -> str:
+    return "state of " + repr(".".join([prefix, *path]))
+
+
+def unflatten_state(structure: Any, tensors: dict[str, torch.Tensor], *, where: str = "state") -> Any:
+    """Inverse of :func:`flatten_state`. Raises StateMismatch when a referenced tensor is missing."""
+
+    def dec(v: Any) -> Any:
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if len(v) == 1:
+            (k, x), = v.items()
+            if k in ("__tensor__", "__ndarray__"):
+                if not isinstance(x, str) or x not in tensors:
+                    raise StateMismatch(f"{where}: tensor {x!r} is referenced but missing from the checkpoint files")
+                return tensors[x] if k == "__tensor__" else tensors[x].numpy()
+            if k == "__tuple__" and isinstance(x, list):
+                return tuple(dec(i) for i in x)
+            if k == "__float__" and x in ("nan", "inf", "-inf"):
+                return float(x)
+            if k == "__bytes__" and isinstance(x, str):
+                return base64.b64decode(x)
+            if k == "__dict__" and isinstance(x, list):
+                return {_hashable(dec(kk)): dec(vv) for kk, vv in x}
+        return {k: dec(x) for k, x in v.items()}
+
+    return dec(structure)
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(_hashable(x) for x in k) if isinstance(k, (list, tuple)) else k
+
+
+# ---- safetensors layout -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor lives in a file's data section (and in its staging buffer)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """A safetensors file planned before any byte is copied: header bytes plus the slots of its data section."""
+
+    filename: str
+    header: bytes
+    slots: tuple[Slot, ...]
+    data_size: int
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.data_size
+
+
+def plan_layout(filename: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> FileLayout:
+    """Lay tensors out back to back, widest elements first, so every slot is naturally aligned in the buffer."""
+    order = sorted(tensors, key=lambda nt: -nt[1].element_size())
+    slots, header_map, off = [], {}, 0
+    for name, t in order:
+        nbytes = t.numel() * t.element_size()
+        slots.append(Slot(name, t.dtype, tuple(t.shape), off, nbytes))
+        header_map[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    header_map["__metadata__"] = {"format": "pt", **(metadata or {})}
+    hjson = json.dumps(header_map, separators=(",", ":")).encode()
+    hjson += b" " * (-(len(hjson) + 8) % 8)  # data section starts 8-byte aligned
+    return FileLayout(filename, _struct.pack("<Q", len(hjson)) + hjson, tuple(slots), off)
+
+
+def slot_view(buffer: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """A typed view of ``slot`` inside a flat uint8 staging buffer."""
+    raw = buffer[slot.offset : slot.offset + slot.nbytes]
+    if slot.nbytes == 0:
+        return torch.empty(slot.shape, dtype=slot.dtype)
+    return raw.view(slot.dtype).view(slot.shape)
+
+
+def iter_file_chunks(layout: FileLayout, buffer: torch.Tensor, chunk: int = 8 << 20) -> Iterator[memoryview]:
+    """The bytes of the file: its header, then the staged data section in chunks (zero-copy views)."""
+    yield memoryview(layout.header)
+    if layout.data_size:
+        mv = memoryview(buffer[: layout.data_size].numpy())
+        for start in range(0, layout.data_size, chunk):
+            yield mv[start : start + chunk]
+
+
+def load_safetensors_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes through the library (which validates offsets against the buffer)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise UnsafeCheckpoint(f"{where}: too short to be a safetensors file")
+    (hlen,) = _struct.unpack("<Q", data[:8])
+    if hlen > len(data) - 8 or hlen > 100 << 20:
+        raise UnsafeCheckpoint(f"{where}: safetensors header claims {hlen} bytes, file has {len(data)}")
+    try:
+        header = json.loads(data[8 : 8 + hlen])
+    except ValueError:
+        raise UnsafeCheckpoint(f"{where}: safetensors header is not JSON (not a safetensors file?)") from None
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        code = info.get("dtype") if isinstance(info, dict) else None
+        if code not in DTYPE_CODES.values():
+            raise UnsafeCheckpoint(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise UnsafeCheckpoint(f"{where}: safetensors header does not match its data ({e})") from None

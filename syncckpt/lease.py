@@ -1,0 +1,142 @@
+"""One writer per remote run: a lease object with a heartbeat, created with the store's conditional write.
+
+The first session creates ``LEASE`` at the run prefix with a conditional create (S3 If-None-Match, GCS
+ifGenerationMatch=0, Hub parent_commit, O_EXCL for plain files) and refreshes its heartbeat while it runs. A second
+session finds a live lease and refuses with :class:`~syncckpt.errors.LeaseHeld`; a lease whose heartbeat is older
+than its TTL (its session died) is taken over automatically, and ``takeover=True`` takes over a live one. A
+session whose lease was taken over stops mirroring rather than interleave checkpoints with the new owner.
+
+Heartbeats compare wall clocks of different machines; TTLs are minutes, far above ordinary clock skew.
+
+>>> from syncckpt.remote import open_remote
+>>> r = open_remote("memory://doc-lease/run")
+>>> a = Lease(r, heartbeat=None); a.acquire()
+>>> b = Lease(r, heartbeat=None)
+>>> try:
+...     b.acquire()
+... except LeaseHeld as e:
+...     print("refused")
+refused
+>>> a.release(); b.acquire(); b.release()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from .errors import LeaseHeld, RemoteConflict, RemoteError
+from .remote.base import Remote
+
+log = logging.getLogger("syncckpt")
+
+LEASE_NAME = "LEASE"
+
+
+class Lease:
+    """Exclusive right to write a remote run, kept alive by a heartbeat thread."""
+
+    def __init__(self, remote: Remote, takeover: bool = False, ttl: float | None = None,
+                 heartbeat: float | None = -1.0) -> None:
+        self.remote = remote
+        self.takeover = takeover
+        self.ttl = ttl if ttl is not None else getattr(remote, "lease_ttl", 120.0)
+        # -1 means "the backend's default": a third of the TTL (the Hub backend asks for rare heartbeats,
+        # since each one is a commit); None disables the thread (tests drive heartbeats by hand).
+        self.interval = self.ttl / 3 if heartbeat == -1.0 else heartbeat
+        self.session = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lost: str | None = None
+        self._held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"session": self.session, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat": time.time(), "ttl": self.ttl}).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            raw = json.loads(self.remote.read_bytes(LEASE_NAME, max_size=64 * 1024))
+            return raw if isinstance(raw, dict) else {}
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # damaged lease: treat as expired
+
+    def acquire(self) -> None:
+        """Take the lease or raise LeaseHeld naming the holder and how to take over."""
+        if self.remote.create_exclusive(LEASE_NAME, self._record()):
+            self._start()
+            return
+        cur = self._read()
+        if cur is None:  # released between our create and read: one more try
+            if self.remote.create_exclusive(LEASE_NAME, self._record()):
+                self._start()
+                return
+            cur = self._read() or {}
+        age = time.time() - float(cur.get("heartbeat", 0) or 0)
+        ttl = float(cur.get("ttl", self.ttl) or self.ttl)
+        holder = f"{cur.get('host', '?')} pid {cur.get('pid', '?')}"
+        if age > ttl:
+            log.warning("Taking over %s: the lease of %s expired (last heartbeat %.0fs ago, TTL %.0fs)",
+                        self.remote.url, holder, age, ttl)
+        elif self.takeover:
+            log.warning("Taking over %s from live session %s (takeover=True)", self.remote.url, holder)
+        else:
+            raise LeaseHeld(
+                f"{self.remote.url} is being written by another session ({holder}, heartbeat {age:.0f}s ago). "
+                f"If that session is dead its lease expires in {max(ttl - age, 0):.0f}s; to take over now pass "
+                "takeover=True to CheckpointManager (or --takeover on the command line)."
+            )
+        self.remote.write_bytes(LEASE_NAME, self._record())
+        self._start()
+
+    def _start(self) -> None:
+        self._held = True
+        if self.interval:
+            self._thread = threading.Thread(target=self._beat, name="syncckpt-lease", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.heartbeat()
+            except RemoteConflict:
+                return
+            except (OSError, RemoteError) as e:  # an outage: the next beat tries again
+                log.debug("Lease heartbeat on %s failed: %s", self.remote.url, e)
+
+    def heartbeat(self) -> None:
+        """Refresh the lease, noticing when another session took it over."""
+        cur = self._read()
+        if cur is not None and cur.get("session") not in (None, self.session):
+            self.lost = f"session {cur.get('host')} pid {cur.get('pid')} took over {self.remote.url}"
+            log.error("Lease lost: %s; this session stops mirroring", self.lost)
+            raise RemoteConflict(self.lost)
+        self.remote.write_bytes(LEASE_NAME, self._record())
+
+    def check(self) -> None:
+        """Raise RemoteConflict when the lease was taken over (uploads must stop)."""
+        if self.lost:
+            raise RemoteConflict(f"{self.lost}; not uploading so checkpoints never interleave")
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if not self._held:
+            return
+        self._held = False
+        try:
+            cur = self._read()
+            if cur is not None and cur.get("session") == self.session:
+                self.remote.delete(LEASE_NAME)
+        except (OSError, RemoteError) as e:
+            log.warning("Could not release the lease on %s: %s (it expires by itself)", self.remote.url, e)

@@ -1,0 +1,230 @@
+"""Checkpoints on the local disk: atomic commit, listing, verification, loading, deletion, leftover cleanup.
+
+Atomicity is by rename (Orbax calls this strategy "rename"): a checkpoint is written into a hidden temporary
+sibling, every file and the folder are fsynced, ``manifest.json`` is written last, and one ``rename`` makes it
+visible. A crash at any instant leaves either the old set of checkpoints or the new one. Hidden leftovers
+(``.tmp-*``, ``.old-*``, ``.del-*``, ``.upload-*``) are cleaned up by :func:`cleanup_leftovers` on the next start.
+
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> def write(tmp):
+...     return [write_file(tmp, "a.json", [b'{"x": 1}'])]
+>>> m = commit(d, Manifest("checkpoint-step-3", "step", 3, 0, 5, files=[]), write)
+>>> [c.name for c in list_checkpoints(d)], verify(d / "checkpoint-step-3")[0].global_step
+(['checkpoint-step-3'], 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointCorrupt, UnsafeCheckpoint
+from .manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    HashingWriter,
+    Manifest,
+    check_relative_path,
+    parse_checkpoint_name,
+    sha256_hex,
+    verify_digest,
+)
+
+log = logging.getLogger("syncckpt")
+
+_HIDDEN_PREFIXES = (".tmp-", ".old-", ".del-", ".upload-", ".pull-")
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A committed checkpoint folder whose manifest parsed (its data is verified only on load)."""
+
+    name: str
+    path: Path
+    manifest: Manifest
+    manifest_sha256: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (FUSE mounts, Drive) do not support fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview]) -> FileEntry:
+    """Write ``chunks`` to ``folder/rel``, hashing on the way, fsync, and return its manifest entry."""
+    check_relative_path(rel)
+    target = folder / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as f:
+        w = HashingWriter(f)
+        for c in chunks:
+            w.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileEntry(rel, w.size, w.hexdigest())
+
+
+def commit(
+    directory: Path, manifest: Manifest, write: Callable[[Path], list[FileEntry]]
+) -> Manifest:
+    """Atomically create ``directory/manifest.name``.
+
+    ``write(tmp)`` writes the data files into the temporary folder and returns their entries. The manifest is
+    written last with those entries. An existing folder of the same name (``best_model``, a re-saved step) is
+    replaced: it is first renamed aside to ``.old-NAME-*`` and removed after the new one is in place; a crash
+    between the two renames is repaired by :func:`cleanup_leftovers`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = manifest.name
+    tmp = directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        entries = write(tmp)
+        manifest = dataclasses.replace(manifest, files=sorted(entries, key=lambda e: e.path))
+        write_file(tmp, MANIFEST_NAME, [manifest.to_bytes()])
+        fsync_dir(tmp)
+        final = directory / name
+        old = None
+        if final.exists():
+            old = directory / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def link_files(src: Path, dst: Path, entries: Iterable[FileEntry]) -> list[FileEntry]:
+    """Hard-link (or copy where links are unsupported) already-verified files into ``dst``. Files are immutable
+    once committed, so sharing inodes between e.g. ``checkpoint-epoch-3`` and ``best_model`` is safe."""
+    out = []
+    for e in entries:
+        s, d = src / e.path, dst / e.path
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copyfile(s, d)
+        out.append(e)
+    return out
+
+
+def read_manifest(path: Path) -> tuple[Manifest, str]:
+    """Parse ``path/manifest.json``; returns the manifest and the SHA-256 of its bytes."""
+    mpath = Path(path) / MANIFEST_NAME
+    try:
+        size = mpath.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{mpath}: missing; {path} is not a complete checkpoint") from None
+    if size > 4 * 1024 * 1024:
+        raise UnsafeCheckpoint(f"{mpath}: {size} bytes is far too large for a manifest")
+    data = mpath.read_bytes()
+    manifest = Manifest.from_bytes(data, where=str(mpath))
+    if manifest.name != Path(path).name:
+        raise CheckpointCorrupt(f"{mpath}: describes {manifest.name!r}, but lives in {Path(path).name!r}")
+    return manifest, sha256_hex(data)
+
+
+def list_checkpoints(directory: Path) -> list[LocalCheckpoint]:
+    """Committed checkpoints in ``directory``; folders with a missing or unreadable manifest are skipped with
+    a warning (they never count as checkpoints)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    out = []
+    for p in sorted(directory.iterdir()):
+        if not p.is_dir() or parse_checkpoint_name(p.name) is None:
+            continue
+        try:
+            m, digest = read_manifest(p)
+        except CheckpointCorrupt as e:
+            log.warning("Ignoring %s: %s", p, e)
+            continue
+        out.append(LocalCheckpoint(p.name, p, m, digest))
+    return out
+
+
+def read_verified(path: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Read every file of a checkpoint once, checking size and digest; returns the bytes by relative path."""
+    path = Path(path)
+    root = path.resolve()
+    out = {}
+    for e in manifest.files:
+        f = (path / e.path).resolve()
+        if not f.is_relative_to(root):
+            raise UnsafeCheckpoint(f"{path / e.path}: resolves outside the checkpoint folder {path}")
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"{path / e.path}: missing (listed in the manifest)") from None
+        if size != e.size:
+            raise CheckpointCorrupt(f"{path / e.path}: size {size} bytes, manifest says {e.size} (truncated or altered)")
+        data = f.read_bytes()
+        try:
+            verify_digest(e, len(data), hashlib.sha256(data).hexdigest())
+        except CheckpointCorrupt as err:
+            raise CheckpointCorrupt(f"{path}/{err}") from None
+        out[e.path] = data
+    return out
+
+
+def verify(path: Path) -> tuple[Manifest, dict[str, bytes]]:
+    """Read and fully verify a checkpoint folder; raise CheckpointCorrupt naming the first bad file."""
+    manifest, _ = read_manifest(path)
+    return manifest, read_verified(path, manifest)
+
+
+def delete(directory: Path, name: str) -> None:
+    """Remove a checkpoint: first rename it out of view (atomic), then delete the files."""
+    if parse_checkpoint_name(name) is None:
+        raise UnsafeCheckpoint(f"refusing to delete {name!r}: not a checkpoint folder name")
+    src = Path(directory) / name
+    if not src.exists():
+        return
+    trash = Path(directory) / f".del-{name}-{uuid.uuid4().hex[:8]}"
+    os.rename(src, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def cleanup_leftovers(directory: Path) -> list[str]:
+    """Repair what an interrupted save, replace or delete left behind; returns what was done (for logs)."""
+    directory = Path(directory)
+    done: list[str] = []
+    if not directory.is_dir():
+        return done
+    for p in sorted(directory.iterdir()):
+        if not p.is_dir() or not p.name.startswith(_HIDDEN_PREFIXES):
+            continue
+        if p.name.startswith(".old-"):
+            name = p.name[len(".old-") :].rsplit("-", 1)[0]
+            final = directory / name
+            if not final.exists() and parse_checkpoint_name(name) is not None:
+                try:
+                    read_manifest(p)
+                except CheckpointCorrupt:
+                    pass
+                else:
+                    os.rename(p, final)  # crash between the two renames of a replace: keep the old one
+                    done.append(f"restored {name} from an interrupted replace")
+                    continue
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed leftover {p.name}")
+    return done

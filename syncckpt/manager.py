@@ -1,0 +1,670 @@
+"""CheckpointManager: when to save, what to resume from, and the orchestration between the two.
+
+The data path lives in the other modules (snapshot -> format -> local commit -> uploader -> remote); this class
+decides *when* (every N optimizer steps or M minutes, epoch ends, best metric, SIGTERM) and wires the steps
+together. The training loop only ever waits for the in-memory snapshot.
+
+Example (runs as a doctest):
+
+>>> import tempfile, torch
+>>> from syncckpt import CheckpointManager
+>>> model = torch.nn.Linear(4, 2)
+>>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+>>> with CheckpointManager(tempfile.mkdtemp(), save_every_n_steps=2, handle_sigterm=False) as mgr:
+...     mgr.register(model=model, optimizer=opt)
+...     print(mgr.resume())
+...     for step in range(1, 5):
+...         model(torch.randn(3, 4)).sum().backward(); opt.step(); opt.zero_grad()
+...         _ = mgr.step(step, epoch=0, batch_idx=step - 1)
+...     mgr.wait()
+...     sorted(mgr.list_local())
+None
+True
+['checkpoint-step-4']
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import local, rng
+from .errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch, SyncCkptError
+from .format import iter_file_chunks, load_safetensors_bytes, unflatten_state
+from .manifest import Manifest, checkpoint_name, json_safe_metrics
+from .retention import Ref, plan_deletions
+from .sampler import ResumableSampler
+from .select import Candidate, order_candidates
+from .snapshot import Snapshot, StagingArena, check_object_name, collect_state, state_sizes, take_snapshot
+
+log = logging.getLogger("syncckpt")
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    """Where training continues after :meth:`CheckpointManager.resume`.
+
+    ``epoch`` is the epoch to continue in and ``batch_idx`` the last micro-batch of it already trained (-1 when
+    the epoch starts from its beginning, e.g. after an epoch checkpoint). ``path`` is the local checkpoint folder.
+    """
+
+    global_step: int
+    epoch: int
+    batch_idx: int
+    path: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    kind: str = "step"
+    source: str = "local"
+
+
+@dataclass
+class _Job:
+    snapshot: Snapshot
+    trainer: dict[str, Any]
+    commits: list[Manifest]  # first one gets the data written, the others (best_model) hard-link to it
+
+
+class CheckpointManager:
+    """Step, epoch and best-model checkpoints with background writing, verification and optional mirroring.
+
+    Args:
+        directory: local checkpoint folder (created if missing).
+        save_every_n_steps: save a step checkpoint every N optimizer steps (``None`` disables).
+        save_every_n_minutes: also save when this much wall-clock time passed since the last save.
+        keep_last: step checkpoints kept (locally and remotely).
+        keep_epochs: epoch checkpoints kept (the seed's ``save_total_limit``).
+        save_every_n_epochs: write an epoch checkpoint every N epochs.
+        metric_for_best, mode: keep ``best_model`` by this metric of :meth:`save_epoch` (``"max"``/``"min"``).
+        remote: URL mirrored in the background (``s3://``, ``gs://``, ``hf://``, ``file://``, a path, ...).
+        storage_options: passed to the remote backend (credentials, endpoint_url, ...); never logged.
+        on_upload_error: ``"warn"`` (default: training never crashes because of the network) or ``"raise"``.
+        takeover: take over a remote run another live session holds (see :class:`syncckpt.errors.LeaseHeld`).
+        handle_sigterm: on SIGTERM, save a last checkpoint at the next :meth:`step` and flush uploads within
+            ``grace_period`` seconds, then exit with status 143.
+        save_on_sigterm: take that last checkpoint (otherwise only flush what is committed).
+        grace_period: seconds a SIGTERM or interpreter exit may spend flushing.
+        remote_options: extra keyword arguments for the remote backend (e.g. ``min_commit_interval`` for hf://).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] = "checkpoints",
+        save_every_n_steps: int | None = 500,
+        save_every_n_minutes: float | None = None,
+        keep_last: int = 1,
+        keep_epochs: int = 3,
+        metric_for_best: str | None = None,
+        mode: str = "max",
+        *,
+        save_every_n_epochs: int = 1,
+        remote: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        on_upload_error: str = "warn",
+        takeover: bool = False,
+        handle_sigterm: bool = True,
+        save_on_sigterm: bool = True,
+        grace_period: float = 60.0,
+        remote_options: dict[str, Any] | None = None,
+    ) -> None:
+        if save_every_n_steps is not None and save_every_n_steps < 1:
+            raise ValueError(f"save_every_n_steps must be >= 1 or None, got {save_every_n_steps}")
+        if save_every_n_minutes is not None and save_every_n_minutes <= 0:
+            raise ValueError(f"save_every_n_minutes must be > 0 or None, got {save_every_n_minutes}")
+        if keep_last < 1 or keep_epochs < 0 or save_every_n_epochs < 1:
+            raise ValueError("keep_last must be >= 1, keep_epochs >= 0 and save_every_n_epochs >= 1")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if on_upload_error not in ("warn", "raise"):
+            raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
+        self.directory = Path(directory)
+        self.save_every_n_steps = save_every_n_steps
+        self.save_every_n_minutes = save_every_n_minutes
+        self.keep_last = keep_last
+        self.keep_epochs = keep_epochs
+        self.save_every_n_epochs = save_every_n_epochs
+        self.metric_for_best = metric_for_best
+        self.mode = mode
+        self.grace_period = grace_period
+        self.save_on_sigterm = save_on_sigterm
+
+        self._objects: dict[str, Any] = {}
+        self._arena = StagingArena()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-writer")
+        self._futures: list[Future[None]] = []
+        self._futures_lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        self._best: float | None = None
+        self._best_warned = False
+        self._resumed_from: str | None = None
+        self._last_committed: str | None = None
+        self._save_error: str | None = None
+        self._prefaulted = False
+        self._term_at: float | None = None
+        self._term_done = threading.Event()
+        self._prev_sigterm: Any = None
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for what in local.cleanup_leftovers(self.directory):
+            log.info("Checkpoint folder %s: %s", self.directory, what)
+
+        self._uploader = None
+        if remote is not None:
+            from .uploader import Uploader
+
+            self._uploader = Uploader(
+                remote,
+                storage_options=storage_options,
+                on_error=on_upload_error,
+                takeover=takeover,
+                retention=self._remote_retention,
+                remote_options=remote_options or {},
+            )
+
+        self_ref = weakref.ref(self)
+        self._atexit = lambda: (m := self_ref()) is not None and m._flush_at_exit()
+        atexit.register(self._atexit)
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._sigterm_installed = True
+        else:
+            self._sigterm_installed = False
+
+    # ---- registration -----------------------------------------------------------------------------------------
+    def register(self, **objects: Any) -> None:
+        """Register objects to checkpoint under the given names: anything with ``state_dict``/``load_state_dict``
+        (model, optimizer, scheduler, GradScaler, :class:`ResumableSampler`, your own objects)."""
+        for name, obj in objects.items():
+            check_object_name(name)
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"cannot register {name!r}: {type(obj).__name__} has no state_dict/load_state_dict")
+            self._objects[name] = obj
+
+    # ---- saving -----------------------------------------------------------------------------------------------
+    def step(
+        self, global_step: int, *, epoch: int = 0, batch_idx: int | None = None, metrics: dict[str, Any] | None = None
+    ) -> bool:
+        """Call after every optimizer step; saves a step checkpoint when one is due. Returns whether a save started.
+
+        ``batch_idx`` is the index within ``epoch`` of the last micro-batch already trained.
+        """
+        self._check_usable()
+        if self._term_at is not None:
+            self._finish_sigterm(global_step, epoch, batch_idx, metrics)
+        if self._uploader is not None:
+            self._uploader.raise_if_failed()
+        due = False
+        if self.save_every_n_steps and global_step % self.save_every_n_steps == 0:
+            due = True
+        if self.save_every_n_minutes and time.monotonic() - self._last_save_time >= self.save_every_n_minutes * 60:
+            due = True
+        if not due or global_step == self._last_saved_step:
+            if not self._prefaulted and self._objects:
+                self._prefault()
+            return False
+        # If the previous checkpoint is still being written from the staging buffers, wait for it: memory stays
+        # bounded to one set of buffers, and with saves minutes apart this never blocks in practice.
+        self._arena.lock.acquire()
+        self._start_save("step", global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
+        return True
+
+    def save(
+        self, global_step: int, *, epoch: int = 0, batch_idx: int | None = None, metrics: dict[str, Any] | None = None
+    ) -> None:
+        """Take a step checkpoint now (waits only for a previous save still reading the staging buffers)."""
+        self._check_usable()
+        self._arena.lock.acquire()
+        self._start_save("step", global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
+
+    def save_epoch(self, epoch: int, *, global_step: int, metrics: dict[str, Any] | None = None) -> bool:
+        """Call at the end of every epoch: writes ``checkpoint-epoch-E`` (every ``save_every_n_epochs``) and
+        replaces ``best_model`` when ``metrics[metric_for_best]`` improved. Returns whether anything was saved."""
+        self._check_usable()
+        if self._term_at is not None:
+            self._finish_sigterm(global_step, epoch, None, metrics, epoch_done=True)
+        kinds = []
+        if (epoch + 1) % self.save_every_n_epochs == 0:
+            kinds.append("epoch")
+        if self._improves_best(metrics):
+            kinds.append("best")
+        if not kinds:
+            return False
+        self._arena.lock.acquire()
+        self._start_save(kinds, global_step, epoch, -1, metrics)
+        return True
+
+    def _improves_best(self, metrics: dict[str, Any] | None) -> bool:
+        if not self.metric_for_best:
+            return False
+        value = (metrics or {}).get(self.metric_for_best)
+        if value is None:
+            if not self._best_warned:
+                log.warning("metric_for_best %r is not in the metrics passed to save_epoch (%s); best_model is not "
+                            "updated", self.metric_for_best, sorted(metrics or {}))
+                self._best_warned = True
+            return False
+        value = float(value.item() if hasattr(value, "item") else value)
+        if value != value:  # NaN never improves
+            return False
+        better = self._best is None or (value > self._best if self.mode == "max" else value < self._best)
+        if better:
+            self._best = value
+        return better
+
+    def _start_save(self, kinds: str | list[str], global_step: int, epoch: int, batch_idx: int,
+                    metrics: dict[str, Any] | None) -> None:
+        """Snapshot on the caller's thread (arena lock already held), then hand off to the writer."""
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        try:
+            states = collect_state(self._objects)
+            for name, obj in self._objects.items():
+                if isinstance(obj, ResumableSampler):
+                    states[name] = {**states[name], "position": {"epoch": epoch, "batch_idx": batch_idx}}
+            states["rng"] = rng.capture()
+            snap = take_snapshot(states, self._arena)
+        except BaseException:
+            self._arena.lock.release()
+            raise
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = global_step
+        safe_metrics = json_safe_metrics(metrics)
+        trainer = {"global_step": global_step, "epoch": epoch, "batch_idx": batch_idx, "metrics": safe_metrics,
+                   "best_metric": self._best}
+        commits = []
+        for kind in kinds:
+            name = checkpoint_name(kind, global_step if kind == "step" else epoch)
+            commits.append(Manifest(
+                name=name, kind=kind, global_step=global_step, epoch=epoch, batch_idx=batch_idx, files=[],
+                metrics=safe_metrics, versions=_versions(),
+                extra={"best_metric": self._best, "metric_for_best": self.metric_for_best},
+            ))
+        fut = self._executor.submit(self._write, _Job(snap, trainer, commits))
+        with self._futures_lock:
+            self._futures = [f for f in self._futures if not f.done()] + [fut]
+
+    def _write(self, job: _Job) -> None:
+        """Writer thread: health check, files + hashes, atomic commit, retention, hand-off to the uploader."""
+        released = False
+        try:
+            bad = job.snapshot.nonfinite_tensors()
+            if bad:
+                log.warning("Non-finite values in %s; %s is marked unhealthy and will not replace the last healthy "
+                            "checkpoint", ", ".join(bad[:5]), job.commits[0].name)
+            state_bytes = _state_json(job.snapshot.structure, job.trainer)
+
+            def write_data(tmp: Path) -> list[local.FileEntry]:
+                nonlocal released
+                entries = [local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf))
+                           for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers)]
+                self._arena.lock.release()  # buffers are on disk: the next snapshot may reuse them
+                released = True
+                entries.append(local.write_file(tmp, STATE_FILE, [state_bytes]))
+                return entries
+
+            first: Manifest | None = None
+            for m in job.commits:
+                m.healthy, m.unhealthy_tensors = not bad, bad
+                if first is None:
+                    first = local.commit(self.directory, m, write_data)
+                    committed = first
+                else:
+                    src = self.directory / first.name
+                    committed = local.commit(self.directory, m, lambda tmp, s=src, f=first: local.link_files(
+                        s, tmp, f.files))
+                self._last_committed = committed.name
+                if self._save_error:
+                    log.warning("Checkpoints are being saved again (%s)", committed.name)
+                    self._save_error = None
+                log.info("Checkpoint committed: %s (global step %d%s)", committed.name, committed.global_step,
+                         "" if committed.healthy else ", UNHEALTHY")
+                if self._uploader is not None:
+                    self._uploader.submit(self.directory, committed)
+            if self._resumed_from is not None:
+                self._resumed_from = None  # a newer checkpoint exists now
+            self._apply_local_retention()
+        except Exception as e:  # noqa: BLE001 - the training loop must survive a failed save (full disk, ...)
+            self._save_error = f"{job.commits[0].name}: {e}"
+            log.warning("Checkpoint %s was NOT saved: %s. Checkpoints are not being saved until this is fixed; "
+                        "training continues and the previous checkpoint is intact.", job.commits[0].name, e)
+        finally:
+            if not released:
+                self._arena.lock.release()
+
+    def _apply_local_retention(self) -> None:
+        refs = [Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, c.manifest.healthy)
+                for c in local.list_checkpoints(self.directory)]
+        protected = {self._resumed_from} if self._resumed_from else set()
+        for name in plan_deletions(refs, self.keep_last, self.keep_epochs, protected):
+            local.delete(self.directory, name)
+            log.info("Removed old checkpoint %s", name)
+
+    def _remote_retention(self, refs: list[Ref]) -> list[str]:
+        protected = {self._resumed_from} if self._resumed_from else set()
+        return plan_deletions(refs, self.keep_last, self.keep_epochs, protected)
+
+    def _prefault(self) -> None:
+        """Size and touch the staging buffers in the background before the first save is due."""
+        self._prefaulted = True
+        if not self._arena.lock.acquire(blocking=False):
+            return
+        try:
+            sizes = state_sizes(collect_state(self._objects))
+        except Exception:  # noqa: BLE001 - a state problem surfaces with a clear error at the first real save
+            self._arena.lock.release()
+            return
+
+        def run() -> None:
+            try:
+                for filename, nbytes in sizes.items():
+                    self._arena.buffer(filename, nbytes)
+            finally:
+                self._arena.lock.release()
+
+        self._executor.submit(run)
+
+    # ---- waiting, status, shutdown ------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every started save is committed (and mirrored, with a remote). True when all done."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._futures_lock:
+            futures = list(self._futures)
+        done, pending = wait_futures(futures, timeout=timeout)
+        if pending:
+            return False
+        if self._uploader is not None:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._uploader.wait(remaining):
+                return False
+            self._uploader.raise_if_failed()
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """What is committed locally, what is mirrored, what is pending, and the last errors."""
+        with self._futures_lock:
+            writing = sum(not f.done() for f in self._futures)
+        st: dict[str, Any] = {
+            "directory": str(self.directory),
+            "local": sorted(c.name for c in local.list_checkpoints(self.directory)),
+            "last_committed": self._last_committed,
+            "saves_in_progress": writing,
+            "save_error": self._save_error,
+        }
+        if self._uploader is not None:
+            st.update(self._uploader.status())
+        return st
+
+    def list_local(self) -> list[str]:
+        """Names of the committed local checkpoints."""
+        return [c.name for c in local.list_checkpoints(self.directory)]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for pending saves and uploads, then stop background work. Safe to call twice."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        try:
+            self.wait(timeout)
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+            if self._uploader is not None:
+                self._uploader.close(timeout)
+            atexit.unregister(self._atexit)
+            if self._sigterm_installed and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._prev_sigterm or signal.SIG_DFL)
+                self._sigterm_installed = False
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SyncCkptError("this CheckpointManager is closed; create a new one")
+        if os.getpid() != self._pid:
+            raise SyncCkptError("CheckpointManager used in a forked child process; create one in that process")
+
+    def _flush_at_exit(self) -> None:
+        if self._closed or os.getpid() != self._pid:
+            return
+        if not self.wait(self.grace_period):
+            log.warning("Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period,
+                        self.status())
+        self.close(timeout=0)
+
+    # ---- SIGTERM ------------------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._term_at is not None or os.getpid() != self._pid:
+            return
+        self._term_at = time.monotonic()
+        log.warning("SIGTERM received: %s at the next step, then flushing uploads (grace period %.0fs)",
+                    "saving a last checkpoint" if self.save_on_sigterm else "stopping", self.grace_period)
+        threading.Thread(target=self._sigterm_watchdog, name="syncckpt-sigterm", daemon=True).start()
+
+    def _finish_sigterm(self, global_step: int, epoch: int, batch_idx: int | None, metrics: dict[str, Any] | None,
+                        epoch_done: bool = False) -> None:
+        """Called from step()/save_epoch() after SIGTERM, at a consistent point of the training loop."""
+        if self._term_done.is_set():
+            return
+        try:
+            if self.save_on_sigterm and self._objects and global_step != self._last_saved_step:
+                self._arena.lock.acquire()
+                if epoch_done:
+                    self._start_save("epoch", global_step, epoch, -1, metrics)
+                else:
+                    self._start_save("step", global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
+            remaining = max(0.0, self._term_at + self.grace_period - time.monotonic())  # type: ignore[operator]
+            ok = self.wait(remaining)
+            log.warning("SIGTERM: %s; exiting", "checkpoint saved and mirrored" if ok else "flush incomplete")
+        finally:
+            self._term_done.set()
+        raise SystemExit(143)
+
+    def _sigterm_watchdog(self) -> None:
+        # If the loop does not reach step() in time (a long validation), flush what is committed and exit anyway.
+        if self._term_done.wait(self.grace_period * 0.5):
+            return
+        remaining = max(0.0, self._term_at + self.grace_period - time.monotonic())  # type: ignore[operator]
+        ok = self.wait(remaining)
+        log.warning("SIGTERM: training did not reach a step boundary in time; %s; exiting",
+                    "committed checkpoints are mirrored" if ok else "flush incomplete")
+        logging.shutdown()
+        os._exit(143)
+
+    # ---- resume -------------------------------------------------------------------------------------------------
+    def resume(self, path: str | os.PathLike[str] | None = None) -> ResumeInfo | None:
+        """Restore every registered object from the newest valid checkpoint (local or remote), in place.
+
+        With ``path`` (a checkpoint folder, a folder of checkpoints, or a remote checkpoint URL) resume from that.
+        Returns None when there is nothing to resume. Raises CheckpointNotFound when ``path`` holds no valid
+        checkpoint, StateMismatch when a checkpoint does not fit the registered objects.
+        """
+        self._check_usable()
+        if not self._objects:
+            raise SyncCkptError("register() the model, optimizer, ... before resume()")
+        if path is not None:
+            loaded = self._load_explicit(str(path))
+        else:
+            loaded = self._load_newest()
+            if loaded is None:
+                where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
+                log.info("No checkpoint found in %s; starting from scratch", where)
+                return None
+        manifest, files, ckpt_path, source = loaded
+        self._restore(manifest, files, ckpt_path)
+        if manifest.kind == "step" and manifest.batch_idx >= 0:
+            epoch, batch_idx = manifest.epoch, manifest.batch_idx
+        else:
+            epoch, batch_idx = manifest.epoch + 1, -1
+        info = ResumeInfo(manifest.global_step, epoch, batch_idx, str(ckpt_path), dict(manifest.metrics),
+                          manifest.name, manifest.kind, source)
+        log.info("Resuming from checkpoint: %s", ckpt_path)
+        log.info("Resuming from global step %d", manifest.global_step)
+        log.info("Checkpoint epoch: %d, batch: %s", manifest.epoch,
+                 manifest.batch_idx if manifest.batch_idx >= 0 else "end of epoch")
+        if batch_idx >= 0:
+            log.info("Resuming mid-epoch from epoch %d", epoch + 1)
+        else:
+            log.info("Resuming at the start of epoch %d", epoch + 1)
+        self._last_saved_step = manifest.global_step
+        self._resumed_from = manifest.name if (self.directory / manifest.name).exists() else None
+        if self._uploader is not None and source == "local":
+            self._uploader.ensure_mirrored(self.directory, manifest)
+        return info
+
+    def _load_explicit(self, path: str) -> tuple[Manifest, dict[str, bytes], Path, str]:
+        if "://" in path and not path.startswith("file://"):
+            from .pull import pull_checkpoint_url
+
+            manifest, files, ckpt = pull_checkpoint_url(path, self.directory, self._storage_options())
+            return manifest, files, ckpt, "remote"
+        p = Path(path.removeprefix("file://"))
+        if (p / "manifest.json").exists():
+            try:
+                manifest, files = local.verify(p)
+            except CheckpointCorrupt as e:
+                raise CheckpointNotFound(f"--resume-from {p}: {e}") from None
+            return manifest, files, p, "local"
+        if p.is_dir():
+            loaded = self._try_candidates(self._local_candidates(p), p, remote=None)
+            if loaded is not None:
+                return loaded
+        raise CheckpointNotFound(f"{p}: no valid checkpoint there (expected a checkpoint folder with manifest.json "
+                                 "or a folder of checkpoint-* folders)")
+
+    def _local_candidates(self, directory: Path) -> list[Candidate]:
+        return [Candidate(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, "local",
+                          c.manifest_sha256, c.manifest.healthy) for c in local.list_checkpoints(directory)]
+
+    def _load_newest(self) -> tuple[Manifest, dict[str, bytes], Path, str] | None:
+        cands = self._local_candidates(self.directory)
+        if self._uploader is not None:
+            cands += self._uploader.candidates()
+        return self._try_candidates(cands, self.directory, remote=self._uploader)
+
+    def _try_candidates(self, cands: list[Candidate], directory: Path, remote: Any):
+        ordered = order_candidates(cands)
+        if ordered and not ordered[0].healthy:
+            log.warning("No healthy checkpoint found; trying unhealthy ones (non-finite weights)")
+        newest = max((c.global_step for c in cands), default=None)
+        for c in ordered:
+            try:
+                if c.location == "local":
+                    manifest, files = local.verify(directory / c.name)
+                    path, source = directory / c.name, "local"
+                else:
+                    manifest, files, path = remote.pull(c, directory)
+                    source = remote.url
+            except CheckpointCorrupt as e:
+                log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
+                continue
+            if c.healthy and newest is not None and any(not x.healthy and x.global_step > c.global_step for x in cands):
+                log.warning("Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights",
+                            c.name)
+            return manifest, files, path, source
+        return None
+
+    def _storage_options(self) -> dict[str, Any] | None:
+        return self._uploader.storage_options if self._uploader is not None else None
+
+    def _restore(self, manifest: Manifest, files: dict[str, bytes], path: Path) -> None:
+        import json
+
+        if STATE_FILE not in files:
+            raise CheckpointCorrupt(f"{path}: {STATE_FILE} is missing from the manifest")
+        try:
+            state = json.loads(files[STATE_FILE])
+            structures, trainer = state["objects"], state["trainer"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointCorrupt(f"{path}/{STATE_FILE}: not a syncckpt state file") from None
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for rel, data in files.items():
+            if rel.endswith(".safetensors"):
+                tensors[rel.removesuffix(".safetensors")] = load_safetensors_bytes(data, where=f"{path}/{rel}")
+        states = {name: unflatten_state(s, tensors.get(name, {}), where=f"{path}: {name}")
+                  for name, s in structures.items()}
+        missing = [n for n in self._objects if n not in states]
+        if missing:
+            raise StateMismatch(f"{path}: holds no state for {missing} (it has {sorted(set(states) - {'rng'})}); "
+                                "register the same objects as the run that saved it")
+        extra = sorted(set(states) - set(self._objects) - {"rng"})
+        if extra:
+            log.warning("%s: state for %s is not restored (not registered)", path, extra)
+        for name, obj in self._objects.items():
+            if isinstance(obj, torch.nn.Module):
+                _check_module_fits(name, obj, states[name], path)
+        for name, obj in self._objects.items():
+            try:
+                obj.load_state_dict(states[name])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise StateMismatch(f"{path}: cannot load {name!r}: {e}") from None
+        rng_state = states.get("rng")
+        if rng_state is not None:
+            rng.restore(rng_state)
+            if manifest.kind == "step" and manifest.batch_idx >= 0:
+                # DataLoader draws its worker seed from the global RNG when the resumed pass starts; the
+                # uninterrupted run had no such draw at this point, so re-apply the state after it.
+                for obj in self._objects.values():
+                    if isinstance(obj, ResumableSampler):
+                        obj._run_at_resumed_iter(lambda s=rng_state: rng.restore(s))
+        best = trainer.get("best_metric")
+        if isinstance(best, (int, float)):
+            self._best = float(best)
+
+
+def _check_module_fits(name: str, module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Compare keys and shapes before touching the model, so a checkpoint of another model changes nothing."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}{'...' if len(shapes) > 3 else ''}")
+        raise StateMismatch(f"{path} was saved from a different {name}: " + "; ".join(parts))
+
+
+def _state_json(structure: dict[str, Any], trainer: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps({"objects": structure, "trainer": trainer}, allow_nan=False).encode()
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def _versions() -> dict[str, str]:
+    if not _VERSIONS:
+        import platform
+
+        import safetensors
+
+        from . import __version__
+
+        _VERSIONS.update(syncckpt=__version__, torch=torch.__version__, safetensors=safetensors.__version__,
+                         python=platform.python_version())
+    return dict(_VERSIONS)

@@ -1,0 +1,214 @@
+"""The small interface every remote store implements, and the logic all stores share.
+
+A run lives under one prefix (``s3://bucket/runs/nli-1``, ``hf://user/repo``). Layout under it::
+
+    LATEST                          JSON hint: newest committed checkpoint (name, global_step, manifest_sha256)
+    .lease                          JSON: which session writes this run, and its heartbeat
+    checkpoint-step-500/
+        model.safetensors ...       data files, exactly as in the local folder
+        manifest.json               written after every data file; its presence makes the checkpoint complete
+
+Backends implement the abstract methods; everything else (downloading with a streaming digest, reading
+manifests defensively) is written once here. Relative paths are always checked with
+``check_relative_path`` before they reach a backend, so a backend never sees ``..`` or an absolute path.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import CheckpointCorrupt, RemoteError, UnsafeCheckpoint
+from ..manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Latest,
+    Manifest,
+    check_relative_path,
+    parse_checkpoint_name,
+    verify_digest,
+)
+
+CHUNK = 8 * 1024 * 1024
+
+ProgressFn = Callable[[int], None]  # called with a number of bytes just transferred
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    """What a store says about one object without downloading it."""
+
+    size: int
+    checksums: dict[str, str] = field(default_factory=dict)  # e.g. {"md5": hex, "crc32c": base64}
+
+
+class Remote(abc.ABC):
+    """A run prefix in some store.
+
+    Implementations: :class:`syncckpt.remote.fsspec.FsspecRemote` (s3://, gs://, file://, memory://, any fsspec
+    protocol) and :class:`syncckpt.remote.hub.HubRemote` (hf://). Obtain one with
+    :func:`syncckpt.remote.open_remote`.
+    """
+
+    #: URL of the run prefix, safe to log (never carries credentials).
+    url: str
+    #: Parallel transfers (files at once); backends may also parallelise parts within a file.
+    max_workers: int = 8
+
+    # ---- primitives each backend implements -------------------------------------------------------------
+    @abc.abstractmethod
+    def list_checkpoints(self) -> list[str]:
+        """Names of the checkpoint folders under the prefix that hold a manifest.json, bypassing listing caches."""
+
+    @abc.abstractmethod
+    def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
+        """Read a small object. Raise FileNotFoundError when absent, UnsafeCheckpoint when over max_size."""
+
+    @abc.abstractmethod
+    def open_read(self, rel: str) -> BinaryIO:
+        """Open an object for streaming reads. Raise FileNotFoundError when absent."""
+
+    @abc.abstractmethod
+    def stat(self, rel: str) -> RemoteStat:
+        """Size (and store checksums when kept) of one object. Raise FileNotFoundError when absent."""
+
+    @abc.abstractmethod
+    def commit_checkpoint(
+        self,
+        name: str,
+        local_dir: Path,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        latest: Latest | None,
+        delete: Iterable[str] = (),
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Publish one checkpoint: data files, then manifest.json, then LATEST (when given), then delete the
+        checkpoints named in ``delete`` (manifest first, so a half-deleted checkpoint never looks complete).
+        A store with atomic multi-file commits (the Hub) may do it all in one commit."""
+
+    @abc.abstractmethod
+    def delete_checkpoint(self, name: str) -> None:
+        """Remove one checkpoint folder: its manifest first, then its data files."""
+
+    @abc.abstractmethod
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create an object only if it does not exist (conditional write). True when created."""
+
+    @abc.abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Create or overwrite a small object."""
+
+    @abc.abstractmethod
+    def delete(self, rel: str) -> None:
+        """Delete one object; absent objects are not an error."""
+
+    # ---- shared logic --------------------------------------------------------------------------------------
+    def read_manifest(self, name: str) -> tuple[Manifest, bytes]:
+        """Fetch and validate ``NAME/manifest.json``; raise CheckpointCorrupt (or subclass) when it is bad."""
+        _check_name(name)
+        data = self.read_bytes(f"{name}/{MANIFEST_NAME}")
+        manifest = Manifest.from_bytes(data, where=f"{self.url}/{name}/{MANIFEST_NAME}")
+        if manifest.name != name:
+            raise CheckpointCorrupt(f"{self.url}/{name}/{MANIFEST_NAME}: manifest describes {manifest.name!r}")
+        return manifest, data
+
+    def read_latest(self) -> Latest | None:
+        """The LATEST hint, or None when missing or damaged."""
+        try:
+            return Latest.from_bytes(self.read_bytes(LATEST_NAME, max_size=64 * 1024))
+        except (FileNotFoundError, UnsafeCheckpoint):
+            return None
+
+    def check_uploaded(self, name: str, manifest: Manifest) -> None:
+        """Check a just-uploaded checkpoint without downloading it: every file exists with the manifest's size.
+        Backends that know a store checksum they can compare cheaply may extend this."""
+        for entry in manifest.files:
+            st = self.stat(f"{name}/{entry.path}")
+            if st.size != entry.size:
+                raise RemoteError(
+                    f"{self.url}/{name}/{entry.path}: store holds {st.size} bytes, manifest says {entry.size}"
+                )
+
+    def download_checkpoint(
+        self, name: str, manifest: Manifest, dest_dir: Path, progress: ProgressFn | None = None
+    ) -> None:
+        """Download every file of ``manifest`` into ``dest_dir``, hashing while the bytes arrive.
+
+        Sizes are checked against the store before any byte is fetched, and every file against its digest as it
+        streams, so a hostile or damaged object is refused without a second read. Raises CheckpointCorrupt.
+        """
+        dest_dir = Path(dest_dir)
+        for entry in manifest.files:
+            check_relative_path(entry.path)
+        stats = self._parallel(lambda e: self.stat(f"{name}/{e.path}"), manifest.files)
+        for entry, st in zip(manifest.files, stats):
+            if st.size != entry.size:
+                raise CheckpointCorrupt(
+                    f"{self.url}/{name}/{entry.path}: store holds {st.size} bytes, manifest says {entry.size}"
+                )
+        free = _free_bytes(dest_dir)
+        if free is not None and manifest.total_size > free:
+            raise CheckpointCorrupt(
+                f"{self.url}/{name}: needs {manifest.total_size} bytes but {dest_dir} has {free} free"
+            )
+        self._parallel(lambda e: self._download_one(name, e, dest_dir, progress), manifest.files)
+
+    def _download_one(self, name: str, entry: FileEntry, dest_dir: Path, progress: ProgressFn | None) -> None:
+        target = (dest_dir / entry.path).resolve()
+        if not target.is_relative_to(dest_dir.resolve()):
+            raise UnsafeCheckpoint(f"{entry.path}: resolves outside {dest_dir}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        size = 0
+        with self.open_read(f"{name}/{entry.path}") as src, open(target, "wb") as dst:
+            while True:
+                want = min(CHUNK, entry.size - size + 1)  # +1 detects an object longer than promised
+                chunk = src.read(want)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > entry.size:
+                    raise CheckpointCorrupt(f"{self.url}/{name}/{entry.path}: longer than the manifest's {entry.size}")
+                h.update(chunk)
+                dst.write(chunk)
+                if progress:
+                    progress(len(chunk))
+            dst.flush()
+            os.fsync(dst.fileno())
+        verify_digest(entry, size, h.hexdigest())
+
+    def _parallel(self, fn, items):  # type: ignore[no-untyped-def]
+        items = list(items)
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items)), thread_name_prefix="syncckpt-xfer") as ex:
+            return list(ex.map(fn, items))
+
+    def close(self) -> None:
+        """Release clients and pools. Safe to call twice."""
+
+
+def _check_name(name: str) -> None:
+    if parse_checkpoint_name(name) is None:
+        raise UnsafeCheckpoint(f"{name!r} is not a checkpoint folder name")
+
+
+def _free_bytes(path: Path) -> int | None:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+

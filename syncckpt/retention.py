@@ -1,0 +1,51 @@
+"""Which checkpoints to keep: a pure function over plain data, used for the local folder and the remote alike.
+
+>>> refs = [Ref("checkpoint-step-100", "step", 100, 0), Ref("checkpoint-step-200", "step", 200, 0),
+...         Ref("checkpoint-epoch-0", "epoch", 250, 0), Ref("checkpoint-epoch-1", "epoch", 500, 1),
+...         Ref("best_model", "best", 250, 0)]
+>>> plan_deletions(refs, keep_last=1, keep_epochs=1)
+['checkpoint-epoch-0', 'checkpoint-step-100']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+KIND_PRIORITY = {"step": 2, "epoch": 1, "best": 0}  # on equal global steps: step > epoch > best (the seed's order)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """What retention and selection need to know about one checkpoint."""
+
+    name: str
+    kind: str
+    global_step: int
+    epoch: int
+    healthy: bool = True
+
+
+def recency(ref: Ref) -> tuple[int, int]:
+    """Sort key: newer global step first, then the seed's kind priority."""
+    return ref.global_step, KIND_PRIORITY[ref.kind]
+
+
+def plan_deletions(refs: Iterable[Ref], keep_last: int, keep_epochs: int, protected: Iterable[str] = ()) -> list[str]:
+    """Names to delete, sorted.
+
+    Keeps the newest ``keep_last`` step checkpoints, the newest ``keep_epochs`` epoch checkpoints, ``best_model``,
+    everything in ``protected`` (a checkpoint being uploaded, the one a run resumed from), and always the newest
+    healthy checkpoint, so a diverged run never evicts the last good state.
+    """
+    refs = list(refs)
+    keep: set[str] = set(protected)
+    steps = sorted((r for r in refs if r.kind == "step"), key=recency, reverse=True)
+    epochs = sorted((r for r in refs if r.kind == "epoch"), key=lambda r: (r.epoch, r.global_step), reverse=True)
+    keep.update(r.name for r in steps[: max(keep_last, 0)])
+    keep.update(r.name for r in epochs[: max(keep_epochs, 0)])
+    keep.update(r.name for r in refs if r.kind == "best")
+    healthy = sorted((r for r in refs if r.healthy), key=recency, reverse=True)
+    if healthy:
+        keep.add(healthy[0].name)
+    return sorted(r.name for r in refs if r.name not in keep)

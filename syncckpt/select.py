@@ -1,0 +1,47 @@
+"""Which checkpoint to resume from: a pure function over local and remote candidates.
+
+Candidates are tried in the order returned here; the caller verifies each and moves on to the next when
+verification fails. Healthy checkpoints come before unhealthy ones (non-finite weights), newest first by global
+step, then the seed's priority (step > epoch > best), and a local copy before a remote copy of the same checkpoint.
+
+>>> c = [Candidate("checkpoint-step-500", "step", 500, 0, "remote", "aa"),
+...      Candidate("checkpoint-epoch-0", "epoch", 500, 0, "local", "bb"),
+...      Candidate("checkpoint-step-500", "step", 500, 0, "local", "aa"),
+...      Candidate("checkpoint-step-600", "step", 600, 0, "local", "cc", healthy=False)]
+>>> [(x.name, x.location) for x in order_candidates(c)]
+[('checkpoint-step-500', 'local'), ('checkpoint-step-500', 'remote'), ('checkpoint-epoch-0', 'local'), ('checkpoint-step-600', 'local')]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .retention import KIND_PRIORITY
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One place a checkpoint could be resumed from."""
+
+    name: str
+    kind: str
+    global_step: int
+    epoch: int
+    location: str  # "local" or "remote"
+    manifest_sha256: str
+    healthy: bool = True
+
+
+def order_candidates(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Resume order: healthy first, then newest, then kind priority, then local before remote."""
+    return sorted(
+        candidates,
+        key=lambda c: (c.healthy, c.global_step, KIND_PRIORITY[c.kind], c.location == "local"),
+        reverse=True,
+    )
+
+
+def needs_download(candidate: Candidate, local: Iterable[Candidate]) -> bool:
+    """A remote checkpoint whose identical manifest is already on disk is not downloaded again."""
+    return not any(x.name == candidate.name and x.manifest_sha256 == candidate.manifest_sha256 for x in local)

@@ -1,0 +1,274 @@
+"""Background mirroring of committed checkpoints to a remote, so the training loop never waits on the network.
+
+One daemon thread owns all remote writes (no event loop is assumed, so it works the same in a notebook cell, a
+script and a DataLoader-forking job). Its queue coalesces: a step checkpoint still waiting when a newer one
+arrives is skipped; epoch and best checkpoints are never skipped. Each job uploads from a hard-linked staging
+copy (``.upload-NAME-*``), so local retention and ``best_model`` replacement never pull files from under it.
+
+Transient failures are retried by the backend (with backoff and jitter); a job that still fails is kept and
+retried with growing pauses, so mirroring resumes by itself after an outage. What the uploader does *not*
+guarantee: a checkpoint committed locally right before the machine vanishes is only remote once ``wait()`` or
+``close()`` returned True.
+
+>>> import tempfile, torch
+>>> from syncckpt import CheckpointManager
+>>> remote = "memory://doc-uploader/run"
+>>> with CheckpointManager(tempfile.mkdtemp(), remote=remote, handle_sigterm=False) as mgr:
+...     mgr.register(model=torch.nn.Linear(2, 2))
+...     mgr.save(10, epoch=0, batch_idx=9)
+...     mgr.wait()
+...     mgr.status()["mirrored"]
+True
+['checkpoint-step-10']
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import local
+from .errors import CheckpointCorrupt, RemoteError
+from .lease import Lease
+from .manifest import MANIFEST_NAME, Latest, Manifest, sha256_hex
+from .pull import pull, pull_checkpoint_url, remote_candidates
+from .remote import open_remote
+from .retention import Ref, recency
+from .select import Candidate
+
+log = logging.getLogger("syncckpt")
+
+__all__ = ["Uploader", "pull_checkpoint_url"]
+
+
+@dataclass
+class _Upload:
+    manifest: Manifest
+    staging: Path
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+class Uploader:
+    """Mirror committed checkpoints to ``url`` from a background thread. Used by CheckpointManager."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        on_error: str = "warn",
+        takeover: bool = False,
+        retention: Callable[[list[Ref]], list[str]] | None = None,
+        remote_options: dict[str, Any] | None = None,
+        max_pause: float = 60.0,
+    ) -> None:
+        self.storage_options = storage_options
+        self.remote = open_remote(url, storage_options, **(remote_options or {}))
+        self.url = self.remote.url
+        self.on_error = on_error
+        self._retention = retention
+        self._max_pause = max_pause
+        self._cond = threading.Condition()
+        self._queue: list[_Upload] = []
+        self._inflight: _Upload | None = None
+        self._mirrored: list[str] = []
+        self._skipped: list[str] = []
+        self._failures = 0
+        self._last_error: str | None = None
+        self._raise: BaseException | None = None
+        self._closing = False
+        self._latest: Latest | None = None
+        self._remote_manifests: dict[str, Manifest] = {}
+        self._pid = os.getpid()
+        self.lease = Lease(self.remote, takeover=takeover)
+        self.lease.acquire()
+        self._thread = threading.Thread(target=self._run, name="syncckpt-uploader", daemon=True)
+        self._thread.start()
+
+    # ---- called from the writer / training thread -------------------------------------------------------------
+    def submit(self, directory: Path, manifest: Manifest) -> None:
+        """Queue a committed local checkpoint for mirroring (hard-links its files into a staging folder first)."""
+        src = Path(directory) / manifest.name
+        staging = Path(directory) / f".upload-{manifest.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        local.link_files(src, staging, manifest.files)
+        local.link_files(src, staging, [local.FileEntry(MANIFEST_NAME, 0, "")])
+        job = _Upload(manifest, staging)
+        with self._cond:
+            kept = []
+            for q in self._queue:
+                superseded = q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
+                if superseded:
+                    self._skipped.append(q.name)
+                    log.info("Upload of %s skipped: superseded by %s", q.name, job.name)
+                    shutil.rmtree(q.staging, ignore_errors=True)
+                else:
+                    kept.append(q)
+            self._queue = kept + [job]
+            self._cond.notify_all()
+
+    def ensure_mirrored(self, directory: Path, manifest: Manifest) -> None:
+        """After resuming from a local checkpoint the remote may not have it (the last session died before the
+        upload finished): queue it unless the remote already holds an identical manifest."""
+        try:
+            _, data = self.remote.read_manifest(manifest.name)
+            if data == (Path(directory) / manifest.name / MANIFEST_NAME).read_bytes():
+                return
+        except (FileNotFoundError, CheckpointCorrupt, OSError, RemoteError):
+            pass
+        log.info("Checkpoint %s is not on %s yet; mirroring it", manifest.name, self.url)
+        self.submit(directory, manifest)
+
+    def candidates(self) -> list[Candidate]:
+        cands, manifests = remote_candidates(self.remote)
+        self._remote_manifests.update(manifests)
+        return cands
+
+    def pull(self, cand: Candidate, directory: Path) -> tuple[Manifest, dict[str, bytes], Path]:
+        return pull(self.remote, cand.name, directory, self._remote_manifests.get(cand.name))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the queue is empty and nothing is in flight (or a job failed and waits for a retry)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._inflight is not None:
+                if self._raise is not None:
+                    return True  # raise_if_failed() reports it
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def raise_if_failed(self) -> None:
+        if self._raise is not None:
+            err, self._raise = self._raise, None
+            raise RemoteError(f"upload to {self.url} failed: {err}") from err
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "remote": self.url,
+                "mirrored": list(self._mirrored),
+                "pending": [q.name for q in self._queue],
+                "uploading": self._inflight.name if self._inflight else None,
+                "skipped": list(self._skipped),
+                "upload_failures": self._failures,
+                "last_upload_error": self._last_error,
+            }
+
+    def close(self, timeout: float | None = None) -> None:
+        self.wait(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        pending = self.status()["pending"]
+        if pending:
+            log.warning("Closing with uploads not finished: %s (they stay local)", pending)
+        self.lease.release()
+        self.remote.close()
+
+    # ---- the background thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        pause = 1.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._inflight = self._queue.pop(0)
+            try:
+                self._upload(job)
+            except Exception as e:  # noqa: BLE001 - a failed upload must never take the training loop down
+                self._failures += 1
+                self._last_error = f"{job.name}: {e}"
+                with self._cond:
+                    self._inflight = None
+                    superseded = any(q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
+                                     for q in self._queue)
+                    if superseded:
+                        shutil.rmtree(job.staging, ignore_errors=True)
+                    else:
+                        self._queue.insert(0, job)
+                    if self.on_error == "raise":
+                        self._raise = e
+                    self._cond.notify_all()
+                    log.warning("Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
+                                job.name, self.url, e, pause)
+                    if not self._closing:
+                        self._cond.wait(pause * (0.5 + random.random()))
+                    pause = min(pause * 2, self._max_pause)
+                    if self._closing:
+                        return
+                continue
+            pause = 1.0
+            with self._cond:
+                self._inflight = None
+                self._mirrored.append(job.name)
+                self._cond.notify_all()
+
+    def _upload(self, job: _Upload) -> None:
+        t0 = time.monotonic()
+        manifest_bytes = (job.staging / MANIFEST_NAME).read_bytes()
+        manifest = Manifest.from_bytes(manifest_bytes)
+        self.lease.check()
+        latest = self._next_latest(manifest, manifest_bytes)
+        deletions = self._plan_remote_retention(manifest)
+        self.remote.commit_checkpoint(manifest.name, job.staging, manifest, manifest_bytes, latest, deletions)
+        self._remote_manifests[manifest.name] = manifest
+        for d in deletions:
+            self._remote_manifests.pop(d, None)
+            log.info("Removed old remote checkpoint %s/%s", self.url, d)
+        if latest is not None:
+            self._latest = latest
+        shutil.rmtree(job.staging, ignore_errors=True)
+        log.info("Mirrored %s to %s (%d bytes in %.1fs)", manifest.name, self.url, manifest.total_size,
+                 time.monotonic() - t0)
+
+    def _next_latest(self, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:
+        """LATEST only moves forward: best_model (or an old epoch) never points it backwards."""
+        if self._latest is None:
+            self._latest = self.remote.read_latest()
+        new = Latest(manifest.name, manifest.global_step, sha256_hex(manifest_bytes))
+        cur = self._latest
+        if cur is not None and cur.name != manifest.name:
+            cur_ref = Ref(cur.name, _kind(cur.name), cur.global_step, 0)
+            if recency(cur_ref) > recency(Ref(manifest.name, manifest.kind, manifest.global_step, 0)):
+                return None
+        return new
+
+    def _plan_remote_retention(self, new: Manifest) -> list[str]:
+        if self._retention is None:
+            return []
+        names = set(self.remote.list_checkpoints())
+        refs = [Ref(new.name, new.kind, new.global_step, new.epoch, new.healthy)]
+        for name in names - {new.name}:
+            m = self._remote_manifests.get(name)
+            if m is None:
+                try:
+                    m, _ = self.remote.read_manifest(name)
+                except (CheckpointCorrupt, FileNotFoundError):
+                    continue  # a damaged remote checkpoint is left for a human, never guessed about
+                self._remote_manifests[name] = m
+            refs.append(Ref(name, m.kind, m.global_step, m.epoch, m.healthy))
+        return [n for n in self._retention(refs) if n != new.name]
+
+
+def _kind(name: str) -> str:
+    from .manifest import parse_checkpoint_name
+
+    parsed = parse_checkpoint_name(name)
+    return parsed[0] if parsed else "best"

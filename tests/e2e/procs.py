@@ -1,0 +1,65 @@
+"""Run training subprocesses and kill them with real signals at moments chosen from their output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TINY = Path(__file__).with_name("tiny_train.py")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[2])
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def run_to_end(args: list[str], timeout: float = 240) -> str:
+    """Run the tiny job to completion; return its output (fails the test on a non-zero exit)."""
+    p = subprocess.run([sys.executable, str(TINY), *args], capture_output=True, text=True, timeout=timeout, env=env())
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def run_and_kill(args: list[str], kill_when, sig: int = signal.SIGKILL, timeout: float = 240) -> tuple[list[str], int]:
+    """Start the job, read its output line by line, send ``sig`` as soon as ``kill_when(lines)`` is true.
+
+    Returns the lines read and the exit status. Synchronises on the process's own output, never on sleeps.
+    """
+    p = subprocess.Popen([sys.executable, str(TINY), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env())
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+            if kill_when(lines):
+                os.kill(p.pid, sig)
+                break
+        rest = p.communicate(timeout=timeout)[0] or ""
+        lines.extend(rest.splitlines())
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return lines, p.returncode
+
+
+def committed(lines: list[str]) -> list[str]:
+    """Checkpoint names the process logged as committed, in order."""
+    return [ln.split("Checkpoint committed: ", 1)[1].split(" ", 1)[0] for ln in lines if "Checkpoint committed: " in ln]
+
+
+def assert_same_tensors(a: str | Path, b: str | Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    diff = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not diff, f"tensors differ from the uninterrupted run: {diff[:10]}"
