@@ -127,6 +127,35 @@ def link_files(src: Path, dst: Path, entries: Iterable[FileEntry]) -> list[FileE
     return out
 
 
+def manifest_for_folder(path: Path, *, kind: str | None = None, global_step: int | None = None, epoch: int = 0,
+                        batch_idx: int = -1, metrics: dict | None = None, extra: dict | None = None) -> Manifest:
+    """Hash an existing, complete checkpoint folder written by another tool (a transformers ``checkpoint-N``,
+    a folder to ``syncckpt push``) and write its ``manifest.json`` last, so it can be mirrored and verified like
+    our own. Kind and step default to what the folder name says."""
+    path = Path(path)
+    parsed = parse_checkpoint_name(path.name)
+    if parsed is None:
+        raise ValueError(f"{path}: folder name is not checkpoint-step-N, checkpoint-epoch-N, checkpoint-N or best_model")
+    kind = kind or parsed[0]
+    if global_step is None:
+        global_step = parsed[1] if parsed[0] == "step" else 0
+    entries = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        rel = f.relative_to(path).as_posix()
+        h = hashlib.sha256()
+        size = 0
+        with open(f, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        entries.append(FileEntry(check_relative_path(rel), size, h.hexdigest()))
+    manifest = Manifest(name=path.name, kind=kind, global_step=global_step, epoch=epoch, batch_idx=batch_idx,
+                        files=entries, metrics=dict(metrics or {}), extra=dict(extra or {}))
+    write_file(path, MANIFEST_NAME, [manifest.to_bytes()])
+    fsync_dir(path)
+    return manifest
+
+
 def read_manifest(path: Path) -> tuple[Manifest, str]:
     """Parse ``path/manifest.json``; returns the manifest and the SHA-256 of its bytes."""
     mpath = Path(path) / MANIFEST_NAME

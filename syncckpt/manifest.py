@@ -42,7 +42,8 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_FILES = 10_000
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: no honest single checkpoint file is this large
 
-_NAME_RE = re.compile(r"^(checkpoint-step-(\d+)|checkpoint-epoch-(\d+)|best_model)$")
+# checkpoint-N is how transformers' Trainer names its folders; we mirror those as step checkpoints.
+_NAME_RE = re.compile(r"^(checkpoint-step-(\d+)|checkpoint-epoch-(\d+)|best_model|checkpoint-(\d+))$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -61,6 +62,8 @@ def parse_checkpoint_name(name: str) -> tuple[str, int] | None:
     (('step', 2000), ('epoch', 3))
     >>> parse_checkpoint_name("best_model"), parse_checkpoint_name("checkpoint-step-1e3")
     (('best', -1), None)
+    >>> parse_checkpoint_name("checkpoint-500")  # a transformers Trainer folder
+    ('step', 500)
     """
     m = _NAME_RE.match(name)
     if not m:
@@ -69,6 +72,8 @@ def parse_checkpoint_name(name: str) -> tuple[str, int] | None:
         return "step", int(m.group(2))
     if m.group(3) is not None:
         return "epoch", int(m.group(3))
+    if m.group(4) is not None:
+        return "step", int(m.group(4))
     return "best", -1
 
 
