@@ -3,7 +3,8 @@
 The first session creates ``LEASE`` at the run prefix with a conditional create (S3 If-None-Match, GCS
 ifGenerationMatch=0, Hub parent_commit, O_EXCL for plain files) and refreshes its heartbeat while it runs. A second
 session finds a live lease and refuses with :class:`~syncckpt.errors.LeaseHeld`; a lease whose heartbeat is older
-than its TTL (its session died) is taken over automatically, and ``takeover=True`` takes over a live one. A
+than its TTL (its session died), or whose holder was a process on this machine that no longer runs, is taken over
+automatically, and ``takeover=True`` takes over a live one. A
 session whose lease was taken over stops mirroring rather than interleave checkpoints with the new owner.
 
 Heartbeats compare wall clocks of different machines; TTLs are minutes, far above ordinary clock skew.
@@ -39,6 +40,16 @@ log = logging.getLogger("syncckpt")
 LEASE_NAME = "LEASE"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Lease:
     """Exclusive right to write a remote run, kept alive by a heartbeat thread."""
 
@@ -46,7 +57,7 @@ class Lease:
                  heartbeat: float | None = -1.0) -> None:
         self.remote = remote
         self.takeover = takeover
-        self.ttl = ttl if ttl is not None else getattr(remote, "lease_ttl", 120.0)
+        self.ttl = ttl if ttl is not None else getattr(remote, "lease_ttl", 60.0)
         # -1 means "the backend's default": a third of the TTL (the Hub backend asks for rare heartbeats,
         # since each one is a commit); None disables the thread (tests drive heartbeats by hand).
         self.interval = self.ttl / 3 if heartbeat == -1.0 else heartbeat
@@ -83,7 +94,10 @@ class Lease:
         age = time.time() - float(cur.get("heartbeat", 0) or 0)
         ttl = float(cur.get("ttl", self.ttl) or self.ttl)
         holder = f"{cur.get('host', '?')} pid {cur.get('pid', '?')}"
-        if age > ttl:
+        if cur.get("host") == socket.gethostname() and isinstance(cur.get("pid"), int) and not _alive(cur["pid"]):
+            log.warning("Taking over %s: the lease holder (pid %s on this machine) is no longer running",
+                        self.remote.url, cur["pid"])
+        elif age > ttl:
             log.warning("Taking over %s: the lease of %s expired (last heartbeat %.0fs ago, TTL %.0fs)",
                         self.remote.url, holder, age, ttl)
         elif self.takeover:

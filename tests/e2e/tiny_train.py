@@ -8,6 +8,7 @@ writes its final model and optimizer tensors to ``--out`` (safetensors) for bit-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -38,6 +39,9 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--save-every", type=int, default=2)
     p.add_argument("--remote", default=None)
+    p.add_argument("--storage-options", default=None, help="JSON object passed to the remote backend")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--takeover", action="store_true")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--poison-pickle", action="store_true", help="make any unpickling during resume() fail")
     args = p.parse_args()
@@ -51,9 +55,10 @@ def main() -> int:
     total = args.epochs * len(ds) // batch_size // accum
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * max(0.0, 1 - s / total))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
-    storage_options = None
-    mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=args.save_every, keep_last=2, keep_epochs=2,
-                            remote=args.remote, storage_options=storage_options, grace_period=30)
+    storage_options = json.loads(args.storage_options) if args.storage_options else None
+    mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=args.save_every, keep_last=args.keep_last, keep_epochs=2,
+                            remote=args.remote, storage_options=storage_options, grace_period=30,
+                            takeover=args.takeover)
     mgr.register(model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     info = None
     if not args.no_resume:

@@ -1,0 +1,697 @@
+"""``hf://`` runs: a prefix inside a Hugging Face Hub repository, written one commit per checkpoint.
+
+URL grammar (the Hub's own, parsed by ``huggingface_hub.parse_hf_uri``)::
+
+    hf://[datasets/]USER/REPO[@BRANCH][/PREFIX]
+
+What the Hub gives that a bucket does not, and how it is used:
+
+* **One checkpoint = one commit.** A checkpoint's data files, its manifest.json, the new LATEST and the folders
+  retention deletes travel in a single ``HfApi.create_commit``: readers see all of it or none of it.
+* **Compare-and-swap on the branch head.** Every commit names ``parent_commit``: the head this session last
+  wrote (or, before its first write, the head it found). When the Hub refuses it (HTTP 412) because someone else
+  committed meanwhile, the commit is rebased only if nobody touched the run's prefix (its git tree id is
+  unchanged); otherwise :class:`~syncckpt.errors.RemoteConflict` is raised and nothing is overwritten. A whole
+  repository used as a run (no prefix) treats every foreign commit as a conflict.
+* **Content addressing.** Large files go through huggingface_hub's upload path (Xet when ``hf_xet`` is installed
+  and enabled, else Git LFS); the Hub says which contents it already holds, so a retry after a failure does not
+  send them again. Data files reuse the manifest's SHA-256 instead of hashing them a second time.
+* **Rate limits.** The Hub allows on the order of 128 commits per hour per repository. Commits to one repository
+  from one process go one at a time, at least ``min_commit_interval`` seconds apart (default 30 s, so a long run
+  stays under 120/hour); a 429 waits as long as the Hub's ``Retry-After`` says, then retries.
+
+What it does not guarantee: ``squash_every`` rewrites the branch's history (``super_squash_history``) without a
+parent check, so a commit another writer lands in that instant is adopted silently; and every write, including a
+lease heartbeat, is a commit that counts against the rate limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import quote
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, parse_hf_uri
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HfUriError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile, RepoFolder
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, parse_ratelimit_headers
+from huggingface_hub.utils.sha import git_hash
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from ..errors import CheckpointCorrupt, ConfigError, RemoteConflict, RemoteError, UnsafeCheckpoint
+from ..manifest import LATEST_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, Latest, Manifest, check_relative_path
+from .base import CHUNK, ProgressFn, Remote, RemoteStat, _check_name
+from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_OPTIONS = ("token", "endpoint", "repo_type", "private")
+_MAX_RETRY_AFTER = 900.0  # a background uploader may wait out a throttle, but not for hours on end
+_MAX_REBASES = 5
+_MAX_RESUMES = 3  # reconnects (HTTP Range) of one streaming read before giving up
+_TIMEOUT = httpx2.Timeout(connect=30.0, read=120.0, write=120.0, pool=60.0)
+_CONFLICT_STATUS = (409, 412)
+
+
+@dataclass
+class _RepoGate:
+    """Per repository and process: one commit in flight, and when the last one was sent."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    last_commit: float | None = None
+
+
+_GATES: dict[tuple[str, str, str], _RepoGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+class _Conflict(Exception):
+    """The Hub refused a commit because its parent is no longer the head (or a deleted path vanished)."""
+
+
+class HubRemote(Remote):
+    """A run prefix inside a Hugging Face Hub repository.
+
+    ``storage_options`` may hold ``token`` (else ``HF_TOKEN`` or the saved ``hf auth login`` is used), ``endpoint``
+    (a Hub mirror or test server), ``repo_type`` ("model", the default, or "dataset") and ``private`` (whether to
+    create the repository private when it is missing; default True). The repository is created on the first
+    write, never on a read.
+
+    >>> r = HubRemote("hf://user/my-runs@dev/nli-1", {"token": "hf_secret"}, min_commit_interval=0)
+    >>> r.url, r.repo_id, r.revision, r.prefix
+    ('hf://user/my-runs@dev/nli-1', 'user/my-runs', 'dev', 'nli-1')
+    >>> "hf_secret" in repr(r) + r.url
+    False
+    """
+
+    #: Retries of transient failures (5xx, timeouts, resets, 429). Replace it to tune; 429 waits use Retry-After.
+    retry_policy: RetryPolicy = DEFAULT_POLICY
+    #: Lease TTL asked of :class:`syncckpt.lease.Lease`: every heartbeat is a commit, so beat rarely (every 10 min,
+    #: 6 commits/hour, which with checkpoints at the default interval stays under the Hub's 128/hour).
+    lease_ttl: float = 1800.0
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        min_commit_interval: float = 30.0,
+        max_workers: int = 8,
+        squash_every: int | None = None,
+    ):
+        opts = dict(storage_options or {})
+        unknown = sorted(set(opts) - set(_OPTIONS))
+        if unknown:
+            raise ConfigError(f"{url}: unknown storage_options {unknown} for hf:// (accepted: {list(_OPTIONS)})")
+        try:
+            uri = parse_hf_uri(url)
+        except HfUriError as e:
+            raise ConfigError(
+                f"{url!r} is not an hf:// run URL ({e.msg}); expected hf://USER/REPO[@BRANCH][/PREFIX]"
+            ) from None
+        if not url.startswith("hf://") or uri.is_bucket:
+            raise ConfigError(f"{url!r}: expected hf://USER/REPO[@BRANCH][/PREFIX] (Hub buckets are not supported)")
+        repo_type = opts.get("repo_type") or uri.type
+        if uri.type != "model" and repo_type != uri.type:
+            raise ConfigError(f"{url}: repo_type {repo_type!r} contradicts the URL's {uri.type!r}")
+        if repo_type not in ("model", "dataset"):
+            raise ConfigError(f"{url}: repo_type must be 'model' or 'dataset', got {repo_type!r}")
+        if squash_every is not None and squash_every < 1:
+            raise ConfigError(f"{url}: squash_every must be a positive number of commits or None")
+        self.repo_id: str = uri.id
+        self.repo_type: str = repo_type
+        self.revision: str = uri.revision or "main"
+        self.prefix: str = uri.path_in_repo.strip("/")
+        type_part = "" if repo_type == "model" else f"{repo_type}s/"
+        rev_part = f"@{quote(uri.revision, safe='')}" if uri.revision else ""  # "a/b" must stay one revision
+        self.url = f"hf://{type_part}{self.repo_id}{rev_part}" + (f"/{self.prefix}" if self.prefix else "")
+        self.max_workers = max_workers
+        self.min_commit_interval = float(min_commit_interval)
+        self.squash_every = squash_every
+        self._token = opts.get("token")  # None: huggingface_hub resolves HF_TOKEN / the saved login per request
+        self._private = bool(opts.get("private", True))
+        self._api = HfApi(endpoint=opts.get("endpoint"), token=self._token, library_name="syncckpt")
+        self._endpoint = self._api.endpoint.rstrip("/")
+        self._gate = _gate_for(self._endpoint, repo_type, self.repo_id)
+        self._head: str | None = None
+        self._repo_ready = False
+        self._since_squash = 0
+
+    def __repr__(self) -> str:
+        return f"HubRemote({self.url!r})"
+
+    # ---- reads ---------------------------------------------------------------------------------------------
+    def list_checkpoints(self) -> list[str]:
+        """Checkpoint folders under the prefix holding a manifest.json, from one recursive tree listing."""
+        try:
+            entries = self._retry(
+                lambda: list(
+                    self._api.list_repo_tree(
+                        self.repo_id, path_in_repo=self.prefix or None, recursive=True,
+                        revision=self.revision, repo_type=self.repo_type,
+                    )
+                ),
+                "list",
+            )
+        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+            return []
+        except Exception as e:
+            raise self._remote_error("list checkpoints", e) from e
+        names = set()
+        for entry in entries:
+            parts = self._rel(entry.path).split("/")
+            if isinstance(entry, RepoFile) and len(parts) == 2 and parts[1] == MANIFEST_NAME:
+                try:
+                    _check_name(parts[0])
+                except UnsafeCheckpoint:
+                    continue
+                names.add(parts[0])
+        return sorted(names)
+
+    def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
+        """Read a small object; its size is checked from the response headers before the body is read."""
+        with self._open(rel, max_size=max_size) as f:
+            data = f.read(max_size + 1)
+        if len(data) > max_size:
+            raise UnsafeCheckpoint(f"{self.url}/{rel}: larger than {max_size} bytes; refusing to read it")
+        return data
+
+    def open_read(self, rel: str) -> BinaryIO:
+        """Stream an object from the Hub's resolve endpoint (redirects followed, reconnects resume by Range)."""
+        return self._open(rel)
+
+    def stat(self, rel: str) -> RemoteStat:
+        """Size, and the SHA-256 the Hub keeps for LFS/Xet files (``git-sha1`` blob id for small ones)."""
+        info = self._paths_info([self._path(rel)], self.revision).get(self._path(rel))
+        if not isinstance(info, RepoFile):
+            raise FileNotFoundError(f"{self.url}/{rel} does not exist")
+        return _stat_of(info)
+
+    def check_uploaded(self, name: str, manifest: Manifest) -> None:
+        """Check a committed checkpoint against its manifest from one tree listing: every file present with the
+        manifest's size, and, for files the Hub stores as LFS/Xet, with the manifest's SHA-256. No download."""
+        _check_name(name)
+        folder = self._path(name)
+        try:
+            entries = self._retry(
+                lambda: list(
+                    self._api.list_repo_tree(
+                        self.repo_id, path_in_repo=folder, recursive=True, revision=self.revision,
+                        repo_type=self.repo_type,
+                    )
+                ),
+                "check",
+            )
+        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+            entries = []
+        except Exception as e:
+            raise self._remote_error(f"check {name}", e) from e
+        held = {e.path: e for e in entries if isinstance(e, RepoFile)}
+        for entry in manifest.files:
+            info = held.get(f"{folder}/{entry.path}")
+            where = f"{self.url}/{name}/{entry.path}"
+            if info is None:
+                raise RemoteError(f"{where}: missing from the Hub after the commit; upload it again")
+            if info.size != entry.size:
+                raise RemoteError(f"{where}: the Hub holds {info.size} bytes, the manifest says {entry.size}")
+            if info.lfs is not None and info.lfs.sha256 != entry.sha256:
+                raise RemoteError(
+                    f"{where}: the Hub's SHA-256 {info.lfs.sha256[:12]}... differs from the manifest's "
+                    f"{entry.sha256[:12]}...; the local file changed after its manifest was written"
+                )
+
+    # ---- writes --------------------------------------------------------------------------------------------
+    def commit_checkpoint(
+        self,
+        name: str,
+        local_dir: Path,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        latest: Latest | None,
+        delete: Iterable[str] = (),
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """One commit: the data files, manifest.json, LATEST (when given) and the removal of ``delete``'s folders.
+
+        ``progress`` is called once, with the checkpoint's size, when the commit has landed.
+        """
+        _check_name(name)
+        delete = [d for d in delete if d != name]
+        for d in delete:
+            _check_name(d)
+        local_dir = Path(local_dir)
+        for entry in manifest.files:
+            check_relative_path(entry.path)
+            size = (local_dir / entry.path).stat().st_size
+            if size != entry.size:
+                raise CheckpointCorrupt(f"{local_dir / entry.path}: {size} bytes on disk, manifest says {entry.size}")
+
+        def additions() -> list[CommitOperationAdd]:
+            ops = []
+            for entry in manifest.files:
+                op = CommitOperationAdd(self._path(f"{name}/{entry.path}"), str(local_dir / entry.path))
+                op.upload_info.sha256 = bytes.fromhex(entry.sha256)  # known: spares a second full read
+                ops.append(op)
+            ops.append(CommitOperationAdd(self._path(f"{name}/{MANIFEST_NAME}"), manifest_bytes))
+            if latest is not None:
+                ops.append(CommitOperationAdd(self._path(LATEST_NAME), latest.to_bytes()))
+            return ops
+
+        expect: dict[str, bytes | None] = {self._path(f"{name}/{MANIFEST_NAME}"): manifest_bytes}
+        if latest is not None:
+            expect[self._path(LATEST_NAME)] = latest.to_bytes()
+        expect.update({self._path(d): None for d in delete})
+        message = f"syncckpt: {name}" + (f" (delete {', '.join(delete)})" if delete else "")
+        self._commit(message, additions, [(self._path(d), True) for d in delete], expect)
+        if progress:
+            progress(manifest.total_size)
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Remove one checkpoint folder in one commit (no commit when it is already gone)."""
+        _check_name(name)
+        self._commit(f"syncckpt: delete {name}", list, [(self._path(name), True)], {self._path(name): None})
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` only if absent. True when this call created it.
+
+        Guarantee: the file was absent in head commit H, and the new commit names H as its parent, so the Hub
+        accepts it only while H is still the head; two sessions cannot both create the file. The session then
+        continues from its own commit (it adopts whatever others committed up to H).
+        """
+        path = self._path(rel)
+        with self._gate.lock:
+            self._ensure_repo()
+            for _ in range(_MAX_REBASES + 1):
+                head = self._resolve_head()
+                if path in self._paths_info([path], head):
+                    return False
+                try:
+                    self._commit(f"syncckpt: create {rel}", lambda: [CommitOperationAdd(path, data)], [],
+                                 {path: data}, parent=head)
+                    return True
+                except RemoteConflict:
+                    continue
+        raise RemoteConflict(f"{self.url}/{rel}: the branch kept moving while creating it; retry later")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Create or overwrite a small object (one commit, parent-checked like every write)."""
+        path = self._path(rel)
+        self._commit(f"syncckpt: write {rel}", lambda: [CommitOperationAdd(path, data)], [], {path: data})
+
+    def delete(self, rel: str) -> None:
+        """Delete one file (one commit; none when it is absent)."""
+        path = self._path(rel)
+        self._commit(f"syncckpt: delete {rel}", list, [(path, False)], {path: None})
+
+    def refresh_head(self) -> str:
+        """Adopt the branch's current head as the parent of the next commit, after a RemoteConflict has been
+        looked into (e.g. the other writer has stopped). Returns the head's commit id."""
+        with self._gate.lock:
+            self._head = self._resolve_head()
+            return self._head
+
+    # ---- commit machinery ----------------------------------------------------------------------------------
+    def _commit(
+        self,
+        message: str,
+        additions: Callable[[], list[CommitOperationAdd]],
+        deletions: list[tuple[str, bool]],
+        expect: dict[str, bytes | None],
+        *,
+        parent: str | None = None,
+    ) -> None:
+        """Commit ``additions()`` and ``deletions`` (path, is_folder) on top of the expected head.
+
+        ``expect`` describes the result (path -> bytes, or None for absent): when an earlier attempt's fate is
+        unknown (lost response, 5xx) and the Hub then refuses the retry, the head is checked against it, so a
+        commit that did land is not reported as a conflict. Operations are rebuilt for each attempt because
+        huggingface_hub mutates them; the Hub then tells which contents it already has.
+        """
+        with self._gate.lock:
+            self._ensure_repo()
+            state = {"maybe_applied": False}
+            for _ in range(_MAX_REBASES + 1):
+                base = parent or self._expected_parent()
+                try:
+                    oid = self._retry(partial(self._attempt, message, additions, deletions, base, state), "commit")
+                except _Conflict:
+                    if state["maybe_applied"] and self._holds(expect):
+                        self._head = self._resolve_head()
+                        log.info("%s: an earlier attempt of %r had landed", self.url, message)
+                        return
+                    head = self._resolve_head()
+                    if parent is None and self._prefix_unchanged(base, head):
+                        log.info("%s: rebasing %r onto %s (changes outside the run only)", self.url, message, head)
+                        self._head = head
+                        continue
+                    raise RemoteConflict(
+                        f"{self.url}: another writer committed to {self.repo_id}@{self.revision} since this session "
+                        f"last saw it (expected head {base[:12]}, now {head[:12]}); the Hub refused {message!r} and "
+                        "nothing was overwritten. Make sure one training run writes to this prefix (give each run "
+                        "its own prefix or branch), then resume from the remote to continue."
+                    ) from None
+                except Exception as e:
+                    raise self._remote_error(message, e) from e
+                if oid is not None:
+                    self._head = oid
+                    self._after_commit()
+                return
+            raise RemoteConflict(f"{self.url}: the branch kept moving under {message!r}; retry later")
+
+    def _attempt(
+        self,
+        message: str,
+        additions: Callable[[], list[CommitOperationAdd]],
+        deletions: list[tuple[str, bool]],
+        parent: str,
+        state: dict[str, bool],
+    ) -> str | None:
+        present = self._paths_info([p for p, _ in deletions], parent) if deletions else {}
+        dels = [
+            CommitOperationDelete(p + "/" if folder else p, is_folder=folder)
+            for p, folder in deletions
+            if isinstance(present.get(p), RepoFolder if folder else RepoFile)
+        ]
+        adds = additions()
+        if not adds and not dels:
+            return None
+        kw = {"repo_type": self.repo_type, "revision": self.revision, "num_threads": self.max_workers}
+        if adds:
+            # Upload before waiting out the commit interval: the interval limits commits, not transfers.
+            self._api.preupload_lfs_files(self.repo_id, additions=adds, free_memory=False, **kw)
+        self._wait_commit_interval()
+        try:
+            info = self._api.create_commit(
+                self.repo_id, [*adds, *dels], commit_message=message, parent_commit=parent, **kw
+            )
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in _CONFLICT_STATUS or isinstance(e, RemoteEntryNotFoundError):
+                raise _Conflict() from None
+            if status != 429 and _is_transient(e):
+                state["maybe_applied"] = True
+            raise
+        except Exception as e:
+            if _is_transient(e):
+                state["maybe_applied"] = True
+            raise
+        finally:
+            self._gate.last_commit = time.monotonic()
+        log.info("%s: committed %r as %s", self.url, message, info.oid)
+        return info.oid
+
+    def _after_commit(self) -> None:
+        self._since_squash += 1
+        if not self.squash_every or self._since_squash < self.squash_every:
+            return
+        self._since_squash = 0
+        self._wait_commit_interval()
+        try:
+            self._retry(
+                lambda: self._api.super_squash_history(
+                    self.repo_id, branch=self.revision, repo_type=self.repo_type,
+                    commit_message=f"syncckpt: squash history of {self.revision}",
+                ),
+                "squash",
+            )
+            self._head = self._resolve_head()
+        except Exception as e:  # squashing only saves storage; the checkpoint is already safe
+            log.warning("%s: could not squash the history (%s); will try again later", self.url, self._scrub(e))
+        finally:
+            self._gate.last_commit = time.monotonic()
+
+    def _wait_commit_interval(self) -> None:
+        last = self._gate.last_commit
+        if last is None or self.min_commit_interval <= 0:
+            return
+        remaining = last + self.min_commit_interval - time.monotonic()
+        if remaining > 0:
+            log.debug("%s: waiting %.1f s between commits (Hub rate limit)", self.url, remaining)
+            time.sleep(remaining)
+
+    def _ensure_repo(self) -> None:
+        if self._repo_ready:
+            return
+        try:
+            self._retry(
+                lambda: self._api.create_repo(
+                    self.repo_id, private=self._private, repo_type=self.repo_type, exist_ok=True
+                ),
+                "create repo",
+            )
+            if self.revision != "main":
+                self._retry(
+                    lambda: self._api.create_branch(
+                        self.repo_id, branch=self.revision, repo_type=self.repo_type, exist_ok=True
+                    ),
+                    "create branch",
+                )
+        except Exception as e:
+            raise self._remote_error("create the repository", e) from e
+        self._repo_ready = True
+
+    def _expected_parent(self) -> str:
+        if self._head is None:
+            self._head = self._resolve_head()
+        return self._head
+
+    def _resolve_head(self) -> str:
+        try:
+            info = self._retry(
+                lambda: self._api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type), "head"
+            )
+        except Exception as e:
+            raise self._remote_error("read the branch head", e) from e
+        return str(info.sha)
+
+    def _prefix_unchanged(self, old: str, new: str) -> bool:
+        """Whether the run's folder has the same git tree in both commits (so the commits between touched
+        only other paths). A run at the repository root has no such folder: any foreign commit conflicts."""
+        if not self.prefix:
+            return False
+        try:
+            before = self._paths_info([self.prefix], old).get(self.prefix)
+            after = self._paths_info([self.prefix], new).get(self.prefix)
+        except RemoteError:
+            return False
+        return _tree_id(before) == _tree_id(after)
+
+    def _holds(self, expect: dict[str, bytes | None]) -> bool:
+        """Whether the branch head has exactly the contents ``expect`` describes."""
+        held = self._paths_info(list(expect), self.revision)
+        for path, data in expect.items():
+            info = held.get(path)
+            if data is None:
+                if info is not None:
+                    return False
+            elif not isinstance(info, RepoFile) or not _same_content(info, data):
+                return False
+        return True
+
+    # ---- plumbing ------------------------------------------------------------------------------------------
+    def _paths_info(self, paths: list[str], revision: str) -> dict[str, RepoFile | RepoFolder]:
+        try:
+            infos = self._retry(
+                lambda: self._api.get_paths_info(
+                    self.repo_id, paths, revision=revision, repo_type=self.repo_type
+                ),
+                "paths-info",
+            )
+        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+            return {}
+        except Exception as e:
+            raise self._remote_error("read file metadata", e) from e
+        return {i.path: i for i in infos}
+
+    def _open(self, rel: str, *, max_size: int | None = None) -> io.BufferedReader:
+        path = self._path(rel)
+        prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        url = f"{self._endpoint}/{prefix}{self.repo_id}/resolve/{quote(self.revision, safe='')}/{quote(path)}"
+
+        def connect(offset: int) -> httpx2.Response:
+            headers = build_hf_headers(token=self._token, library_name="syncckpt")
+            headers["Accept-Encoding"] = "identity"  # sizes must be the stored sizes
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            client = get_session()
+            resp = client.send(client.build_request("GET", url, headers=headers, timeout=_TIMEOUT), stream=True)
+            if resp.status_code == 404:
+                resp.close()
+                raise FileNotFoundError(f"{self.url}/{rel} does not exist")
+            if resp.status_code >= 400:
+                try:
+                    hf_raise_for_status(resp)
+                finally:
+                    resp.close()
+            if offset and resp.status_code != 206:
+                resp.close()
+                raise RemoteError(f"{self.url}/{rel}: the Hub ignored a Range request; cannot resume the read")
+            return resp
+
+        try:
+            resp = self._retry(lambda: connect(0), "open")
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise self._remote_error(f"open {rel}", e) from e
+        if max_size is not None:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_size:
+                resp.close()
+                raise UnsafeCheckpoint(f"{self.url}/{rel}: {length} bytes, over the {max_size} allowed; refusing it")
+        return io.BufferedReader(_HttpStream(resp, connect, f"{self.url}/{rel}"), buffer_size=CHUNK)
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        policy = self.retry_policy
+        backoff = wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            hinted = _retry_after(exc)
+            return min(hinted, _MAX_RETRY_AFTER) if hinted is not None else backoff(state)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s: %s: transient failure (%s); retry %d of %d in %.1f s", self.url, what,
+                self._scrub(exc) if exc else "?", state.attempt_number, policy.attempts - 1,
+                state.next_action.sleep if state.next_action else 0.0,
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_total),
+            wait=wait,
+            retry=retry_if_exception(_is_transient),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def _remote_error(self, what: str, e: BaseException) -> BaseException:
+        if isinstance(e, (RemoteError, CheckpointCorrupt, FileNotFoundError)):
+            return e
+        return RemoteError(f"{self.url}: could not {what}: {self._scrub(e)}")
+
+    def _scrub(self, e: BaseException) -> str:
+        text = describe(e)
+        for secret in (self._token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+            if isinstance(secret, str) and len(secret) >= 8:
+                text = text.replace(secret, "***")
+        return text
+
+    def _path(self, rel: str) -> str:
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+            raise UnsafeCheckpoint(f"{rel!r} is not a safe relative path")
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _rel(self, path: str) -> str:
+        return path[len(self.prefix) + 1 :] if self.prefix else path
+
+
+class _HttpStream(io.RawIOBase):
+    """A streaming HTTP body as a raw file; a dropped connection is resumed with a Range request."""
+
+    def __init__(self, resp: httpx2.Response, connect: Callable[[int], httpx2.Response], where: str):
+        self._resp, self._connect, self._where = resp, connect, where
+        self._chunks = resp.iter_bytes()
+        self._pending = b""
+        self._pos = 0
+        self._resumes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+            except httpx2.TransportError as e:
+                if self._resumes >= _MAX_RESUMES:
+                    raise RemoteError(f"{self._where}: connection lost at byte {self._pos} ({describe(e)})") from e
+                self._resumes += 1
+                self._resp.close()
+                self._resp = self._connect(self._pos)
+                self._chunks = self._resp.iter_bytes()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._resp.close()
+        super().close()
+
+
+def _gate_for(endpoint: str, repo_type: str, repo_id: str) -> _RepoGate:
+    with _GATES_LOCK:
+        return _GATES.setdefault((endpoint, repo_type, repo_id), _RepoGate())
+
+
+def _is_transient(e: BaseException) -> bool:
+    # httpx2 (huggingface_hub 2.x's HTTP client) raises its own transport errors, which carry no OSError when
+    # the peer closes a connection without answering; the shared policy does not know the module yet.
+    return isinstance(e, httpx2.TransportError) or is_transient(e)
+
+
+def _retry_after(e: BaseException | None) -> float | None:
+    """Seconds the Hub asked to wait before retrying (Retry-After, or an exhausted RateLimit window)."""
+    response = getattr(e, "response", None)
+    if response is None or getattr(response, "status_code", None) not in (429, 503):
+        return None
+    info = parse_ratelimit_headers(response.headers)
+    if info is not None and info.remaining == 0:
+        return float(info.reset_in_seconds)
+    value = (response.headers.get("Retry-After") or "").strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _tree_id(info: RepoFile | RepoFolder | None) -> str | None:
+    return info.tree_id if isinstance(info, RepoFolder) else None if info is None else info.blob_id
+
+
+def _stat_of(info: RepoFile) -> RemoteStat:
+    if info.lfs is not None:
+        return RemoteStat(size=info.size, checksums={"sha256": info.lfs.sha256})
+    return RemoteStat(size=info.size, checksums={"git-sha1": info.blob_id})
+
+
+def _same_content(info: RepoFile, data: bytes) -> bool:
+    if info.size != len(data):
+        return False
+    if info.lfs is not None:
+        return info.lfs.sha256 == hashlib.sha256(data).hexdigest()
+    return info.blob_id == git_hash(data)
+

@@ -1,0 +1,108 @@
+"""A tiny ``transformers.Trainer`` job mirrored by ``SyncCheckpointCallback``, for end-to-end kill/resume tests.
+
+A 2-layer BERT built from ``BertConfig`` (hidden size 32, no download) learns a synthetic token-sum task. Every
+logged step prints ``LOG step N``; with ``--hold-at-step K`` the job waits at step K until every checkpoint saved so
+far is mirrored, prints ``HOLD step K`` and blocks until it is killed, so a test can SIGKILL it at a known point.
+``build_trainer`` is imported by the tests to run the resumed session in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from typing import Any
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+from syncckpt.integrations.transformers import SyncCheckpointCallback
+
+VOCAB, SEQ_LEN = 48, 8
+
+
+class TokenSumDataset(torch.utils.data.Dataset):
+    """Random token ids; the label says whether their sum is above the median."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, VOCAB, (n, SEQ_LEN), generator=g)
+        sums = self.ids.sum(1)
+        self.labels = (sums > sums.median()).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
+                "labels": self.labels[i]}
+
+
+class StepLog(TrainerCallback):
+    """Records (and prints) the global step of every log entry; optionally holds the job at one step."""
+
+    def __init__(self, hold_at: int | None = None, sync: SyncCheckpointCallback | None = None) -> None:
+        self.steps: list[int] = []
+        self.hold_at = hold_at
+        self.sync = sync
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.steps.append(state.global_step)
+            print(f"LOG step {state.global_step}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hold_at is not None and state.global_step == self.hold_at:
+            assert self.sync is not None and self.sync.wait(60), "checkpoints were not mirrored within 60 s"
+            print(f"HOLD step {state.global_step}", flush=True)
+            threading.Event().wait()  # until the test kills this process
+
+
+def tiny_model(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=SEQ_LEN, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def build_trainer(output_dir: str, callbacks: list[TrainerCallback], max_steps: int = 10, save_steps: int = 2,
+                  save_total_limit: int | None = 2, eval_steps: int | None = None, compute_metrics: Any = None,
+                  **extra_args: Any) -> Trainer:
+    """The same Trainer in every session: only ``output_dir`` and the callbacks differ."""
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
+        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
+        logging_strategy="steps", logging_steps=1, report_to=[], use_cpu=True, dataloader_num_workers=0,
+        seed=7, data_seed=7, disable_tqdm=True,
+        eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, per_device_eval_batch_size=16,
+        **extra_args,
+    )
+    return Trainer(model=tiny_model(), args=args, train_dataset=TokenSumDataset(64, seed=1),
+                   eval_dataset=TokenSumDataset(16, seed=2) if eval_steps else None, callbacks=callbacks,
+                   compute_metrics=compute_metrics)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--remote", required=True)
+    p.add_argument("--storage-options", default=None, help="JSON object passed as storage_options")
+    p.add_argument("--max-steps", type=int, default=10)
+    p.add_argument("--hold-at-step", type=int, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s",
+                        force=True)
+    logging.getLogger("syncckpt").setLevel(logging.INFO)
+    options = json.loads(args.storage_options) if args.storage_options else None
+    sync = SyncCheckpointCallback(args.remote, storage_options=options)
+    steps = StepLog(args.hold_at_step, sync)
+    trainer = build_trainer(args.output_dir, [sync, steps], max_steps=args.max_steps)
+    trainer.train()
+    print(f"done {trainer.state.global_step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
