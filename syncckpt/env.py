@@ -1,0 +1,161 @@
+"""Where the run lives: Kaggle and Colab detection, their checkpoint folders, and Kaggle's disk budget.
+
+Kaggle keeps at most 20 GB under ``/kaggle/working`` (everything else is lost with the session); Colab's
+``/content`` is lost on every runtime reset. Checkpoints still go to the local disk first (and to a remote with
+``remote=``), so the local folder only has to hold what retention keeps plus the one being written.
+
+The decisions are pure functions over plain values (an environ mapping, a "does this path exist" answer), so they
+are testable anywhere; :func:`detect_platform`, :func:`default_checkpoint_dir` and :func:`check_disk_budget` are
+the thin wrappers that look at the real machine.
+
+>>> platform_from(environ={"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, kaggle_dir_exists=False, colab_importable=False)
+'kaggle'
+>>> checkpoint_dir_for("colab")
+PosixPath('/content/checkpoints')
+>>> disk_budget_problem(checkpoint_bytes=6 * GB, keep=3, limit_bytes=KAGGLE_WORKING_LIMIT) is not None
+True
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger("syncckpt")
+
+GB = 1000**3
+#: Kaggle's limit on ``/kaggle/working`` (the only folder kept as the notebook's output).
+KAGGLE_WORKING_LIMIT = 20 * GB
+KAGGLE_WORKING = Path("/kaggle/working")
+COLAB_CONTENT = Path("/content")
+
+
+class DiskBudgetWarning(UserWarning):
+    """The checkpoints a run keeps locally may not fit the platform's disk limit."""
+
+
+def platform_from(environ: Mapping[str, str], kaggle_dir_exists: bool, colab_importable: bool) -> str | None:
+    """``"kaggle"``, ``"colab"`` or None, from what the machine looks like (pure; see :func:`detect_platform`).
+
+    >>> platform_from({}, kaggle_dir_exists=True, colab_importable=False)
+    'kaggle'
+    >>> platform_from({"COLAB_RELEASE_TAG": "release-colab_20240101"}, False, False)
+    'colab'
+    >>> platform_from({}, False, colab_importable=True), platform_from({}, False, False)
+    ('colab', None)
+    """
+    if environ.get("KAGGLE_KERNEL_RUN_TYPE") or kaggle_dir_exists:
+        return "kaggle"
+    if environ.get("COLAB_RELEASE_TAG") or colab_importable:
+        return "colab"
+    return None
+
+
+def detect_platform() -> str | None:
+    """The notebook platform this process runs on: ``"kaggle"``, ``"colab"`` or None (anything else).
+
+    Kaggle: ``KAGGLE_KERNEL_RUN_TYPE`` is set or ``/kaggle/working`` exists. Colab: ``COLAB_RELEASE_TAG`` is set or
+    ``google.colab`` is importable.
+
+    >>> detect_platform() in ("kaggle", "colab", None)
+    True
+    """
+    return platform_from(os.environ, KAGGLE_WORKING.is_dir(), _colab_importable())
+
+
+def _colab_importable() -> bool:
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ImportError, ValueError):  # no "google" package at all, or a broken namespace package
+        return False
+
+
+def checkpoint_dir_for(platform: str | None) -> Path:
+    """The local checkpoint folder for a platform (pure; see :func:`default_checkpoint_dir`).
+
+    >>> checkpoint_dir_for("kaggle"), checkpoint_dir_for(None)
+    (PosixPath('/kaggle/working/checkpoints'), PosixPath('checkpoints'))
+    """
+    if platform == "kaggle":
+        return KAGGLE_WORKING / "checkpoints"
+    if platform == "colab":
+        return COLAB_CONTENT / "checkpoints"
+    return Path("checkpoints")
+
+
+def default_checkpoint_dir() -> Path:
+    """``/kaggle/working/checkpoints`` on Kaggle, ``/content/checkpoints`` on Colab, else ``./checkpoints``.
+
+    >>> default_checkpoint_dir().name
+    'checkpoints'
+    """
+    return checkpoint_dir_for(detect_platform())
+
+
+def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used_bytes: int = 0) -> str | None:
+    """Explain why ``keep`` checkpoints of ``checkpoint_bytes`` each may not fit in ``limit_bytes``, or None.
+
+    While a checkpoint is written the previous ones are still there, so the peak is ``keep + 1`` checkpoints
+    (plus ``used_bytes`` already taken by other files). Pure: no I/O.
+
+    >>> disk_budget_problem(checkpoint_bytes=4 * GB, keep=3, limit_bytes=20 * GB) is None
+    True
+    >>> for part in disk_budget_problem(checkpoint_bytes=6 * GB, keep=3, limit_bytes=20 * GB).split("; "):
+    ...     print(part)
+    keeping 3 checkpoints of 6.0 GB needs up to 24.0 GB (keep + 1 while saving), over the 20.0 GB limit
+    lower keep_last/keep_epochs to 2, or mirror to a remote and keep fewer locally
+    >>> print(disk_budget_problem(checkpoint_bytes=12 * GB, keep=1, limit_bytes=20 * GB).split("; ")[1])
+    even one checkpoint does not fit beside the one being written: checkpoint to a larger disk
+    """
+    if checkpoint_bytes < 0 or keep < 0 or limit_bytes <= 0 or used_bytes < 0:
+        raise ValueError("checkpoint_bytes, keep and used_bytes must be >= 0 and limit_bytes > 0")
+    peak = (keep + 1) * checkpoint_bytes + used_bytes
+    if peak <= limit_bytes:
+        return None
+    fits = (limit_bytes - used_bytes) // checkpoint_bytes - 1 if checkpoint_bytes else keep
+    used = f" (plus {used_bytes / GB:.1f} GB already used)" if used_bytes else ""
+    msg = (f"keeping {keep} checkpoint{'s' if keep != 1 else ''} of {checkpoint_bytes / GB:.1f} GB needs up to "
+           f"{peak / GB:.1f} GB{used} (keep + 1 while saving), over the {limit_bytes / GB:.1f} GB limit; ")
+    if fits >= 1:
+        return msg + f"lower keep_last/keep_epochs to {fits}, or mirror to a remote and keep fewer locally"
+    return msg + "even one checkpoint does not fit beside the one being written: checkpoint to a larger disk"
+
+
+def check_disk_budget(directory: str | os.PathLike[str], checkpoint_bytes: int, keep: int,
+                      limit_bytes: int | None = None, used_bytes: int = 0) -> str | None:
+    """Warn (:class:`DiskBudgetWarning`) when the checkpoints kept in ``directory`` may exceed the disk limit.
+
+    The limit is ``limit_bytes`` when given, else Kaggle's 20 GB when ``directory`` is under ``/kaggle/working``;
+    elsewhere there is no known limit and nothing is checked. Returns the warning text, or None.
+
+    >>> check_disk_budget("/tmp/ckpt", checkpoint_bytes=50 * GB, keep=5) is None   # no known limit here
+    True
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     msg = check_disk_budget("/tmp/ckpt", checkpoint_bytes=3 * GB, keep=2, limit_bytes=8 * GB)
+    >>> w[0].category.__name__, msg.startswith("/tmp/ckpt: keeping 2 checkpoints")
+    ('DiskBudgetWarning', True)
+    """
+    if limit_bytes is None:
+        if not _is_under(Path(directory), KAGGLE_WORKING):
+            return None
+        limit_bytes = KAGGLE_WORKING_LIMIT
+    problem = disk_budget_problem(checkpoint_bytes, keep, limit_bytes, used_bytes)
+    if problem is None:
+        return None
+    msg = f"{directory}: {problem}"
+    warnings.warn(msg, DiskBudgetWarning, stacklevel=2)
+    log.warning("%s", msg)
+    return msg
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(root)
+    except (OSError, ValueError):
+        return False

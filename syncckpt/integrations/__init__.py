@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (``syncckpt.integrations.transformers``: the Trainer callback)."""

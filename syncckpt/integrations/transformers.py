@@ -1,0 +1,373 @@
+"""Mirror a ``transformers.Trainer``'s ``checkpoint-N`` folders to a remote, and resume from there in a new session.
+
+The Trainer keeps writing its own checkpoints (model, optimizer, scheduler, RNG, ``trainer_state.json``) exactly as
+it always does; :class:`SyncCheckpointCallback` hashes each finished folder into a SHA-256 ``manifest.json`` and
+mirrors it in the background (same manifest and ``LATEST`` protocol as :class:`syncckpt.CheckpointManager`), and
+:func:`resume_checkpoint` brings the newest verified one back into an empty ``output_dir`` after the machine is gone.
+
+Example (a Kaggle or Colab session that may be cut off at any time)::
+
+    from transformers import Trainer, TrainingArguments
+    from syncckpt.integrations.transformers import SyncCheckpointCallback, resume_checkpoint
+
+    REMOTE = "s3://my-bucket/runs/nli-1"          # or gs://..., hf://user/repo, a mounted Drive folder
+    args = TrainingArguments("out", save_strategy="steps", save_steps=500, save_total_limit=2)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                      callbacks=[SyncCheckpointCallback(REMOTE, takeover=True)])
+
+    # In every session, the first one included: None on the first run, then the newest verified checkpoint
+    # (a local one when it is at least as new as the remote's, otherwise pulled and verified).
+    path = resume_checkpoint(REMOTE, args.output_dir)
+    trainer.train(resume_from_checkpoint=path)
+
+Each mirrored checkpoint also gets its ``manifest.json`` locally, so :func:`resume_checkpoint` trusts a local
+folder only when every file matches: a folder the Trainer was still writing when the session died (the Trainer
+does not write atomically) is never resumed from. The Trainer ignores the extra file.
+
+What this does not guarantee: a checkpoint saved right before the machine vanishes is remote only once the
+upload finished (``on_train_end`` waits for it, ``callback.wait()`` does so on demand). The Trainer's own files
+are its usual ``torch.save`` pickles (optimizer, scheduler, RNG); syncckpt verifies their digests but the Trainer
+loads them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .. import local
+from ..errors import CheckpointCorrupt, CheckpointNotFound, SyncCkptError
+from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
+from ..pull import pull, pull_checkpoint_url, remote_candidates, split_checkpoint_url
+from ..remote import open_remote
+from ..retention import Ref, plan_deletions, recency
+from ..select import Candidate, order_candidates
+
+log = logging.getLogger("syncckpt")
+
+__all__ = ["SyncCheckpointCallback", "plan_rotation", "resume_checkpoint"]
+
+#: Hidden folder in ``output_dir`` holding hard-linked copies of checkpoints while they are hashed and uploaded.
+STAGE_DIR = ".syncckpt-upload"
+
+_TRAINER_NAME = re.compile(r"^checkpoint-\d+$")
+
+
+def _is_trainer_checkpoint(name: str) -> bool:
+    return bool(_TRAINER_NAME.match(name))
+
+
+def plan_rotation(refs: Iterable[Ref], save_total_limit: int | None, best_name: str | None = None) -> list[str]:
+    """Remote checkpoints to delete so the remote keeps what the Trainer's ``rotate_checkpoints`` keeps locally.
+
+    The Trainer keeps at most ``save_total_limit`` ``checkpoint-N`` folders, always including the newest one and
+    the best model's (``state.best_model_checkpoint``), which counts towards the limit. Other names (syncckpt's own
+    ``checkpoint-step-N``, ...) are never touched. Pure: plain data in, names out.
+
+    >>> refs = [Ref(f"checkpoint-{n}", "step", n, 0) for n in (2, 4, 6, 8)]
+    >>> plan_rotation(refs, 2), plan_rotation(refs, 2, best_name="checkpoint-2")
+    (['checkpoint-2', 'checkpoint-4'], ['checkpoint-4', 'checkpoint-6'])
+    >>> plan_rotation(refs, 1, best_name="checkpoint-4"), plan_rotation(refs, None)
+    (['checkpoint-2', 'checkpoint-6'], [])
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return []
+    steps = [r for r in refs if r.kind == "step" and _is_trainer_checkpoint(r.name)]
+    newest = {r.name for r in sorted(steps, key=recency, reverse=True)[:save_total_limit]}
+    keep = save_total_limit
+    best_is_old = best_name is not None and best_name not in newest and any(r.name == best_name for r in steps)
+    if best_is_old:
+        keep = max(save_total_limit - 1, 1)  # best counts towards the limit; the newest is always kept
+    return plan_deletions(steps, keep, 0, protected={best_name} if best_is_old else ())
+
+
+class SyncCheckpointCallback(TrainerCallback):
+    """A ``TrainerCallback`` that mirrors every ``checkpoint-N`` the Trainer saves to ``remote``.
+
+    On the main process only (``state.is_world_process_zero``; other ranks never touch the remote), each
+    ``on_save`` hard-links the finished folder into a hidden staging folder (instant, so the Trainer's rotation may
+    delete the original at any time), then a background thread hashes it into ``manifest.json`` and hands it to the
+    uploader: training does not wait for hashing or the network. Remote retention mirrors the Trainer's rotation
+    (see :func:`plan_rotation`); ``on_train_end`` waits up to ``flush_timeout`` seconds for the uploads.
+
+    Args:
+        remote: run URL (``s3://``, ``gs://``, ``hf://``, ``file://``, a local or mounted path, any fsspec URL).
+        storage_options: passed to the remote backend (credentials, ``endpoint_url``, ...); never logged.
+        on_upload_error: ``"warn"`` (training never stops because of the network) or ``"raise"`` (the next
+            Trainer step raises :class:`syncckpt.errors.RemoteError`).
+        takeover: take over the remote run even though another session's lease looks alive. A session killed a
+            moment ago keeps its lease until the lease TTL passes; pass True when you know it is gone.
+        keep_last: ``checkpoint-N`` folders kept on the remote; default ``args.save_total_limit`` (None keeps all).
+        flush_timeout: seconds ``on_train_end`` (and interpreter exit) waits for pending uploads.
+        remote_options: extra keyword arguments for the remote backend (e.g. ``min_commit_interval`` for hf://).
+
+    >>> cb = SyncCheckpointCallback("memory://doc-callback/run", keep_last=2)
+    >>> cb.status()
+    {'remote': 'memory://doc-callback/run', 'started': False}
+    """
+
+    def __init__(
+        self,
+        remote: str,
+        storage_options: dict[str, Any] | None = None,
+        on_upload_error: str = "warn",
+        takeover: bool = False,
+        keep_last: int | None = None,
+        *,
+        flush_timeout: float = 600.0,
+        remote_options: dict[str, Any] | None = None,
+    ) -> None:
+        if on_upload_error not in ("warn", "raise"):
+            raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        self.remote = remote
+        self.storage_options = storage_options
+        self.on_upload_error = on_upload_error
+        self.takeover = takeover
+        self.keep_last = keep_last
+        self.flush_timeout = flush_timeout
+        self.remote_options = dict(remote_options or {})
+        self._uploader: Any = None
+        self._hasher: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._stage_root: Path | None = None
+        self._rotation_limit: int | None = None
+        self._best_name: str | None = None
+        self._error: str | None = None
+        self._pid = os.getpid()
+        self_ref = weakref.ref(self)
+        self._atexit = lambda: (cb := self_ref()) is not None and cb._flush_at_exit()
+
+    # ---- Trainer events ---------------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._start(args)  # opens the remote and takes its lease now, so a LeaseHeld surfaces before step 1
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if state.is_world_process_zero and self._uploader is not None:
+            self._raise_if_failed()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Called after the Trainer finished writing (and rotating) ``output_dir/checkpoint-{global_step}``."""
+        if not state.is_world_process_zero:
+            return
+        self._start(args)
+        self._raise_if_failed()
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            log.warning("on_save: %s does not exist; nothing to mirror (hyperparameter search runs are not "
+                        "mirrored)", folder)
+            return
+        best = state.best_model_checkpoint
+        with self._lock:
+            self._best_name = os.path.basename(os.path.normpath(best)) if best else None
+            self._seq += 1
+            seq = self._seq
+        assert self._stage_root is not None
+        stage = self._stage_root / folder.name
+        shutil.rmtree(stage, ignore_errors=True)
+        rels = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.name != MANIFEST_NAME]
+        local.link_files(folder, stage, [FileEntry(r, 0, "") for r in rels])
+        last_log = state.log_history[-1] if state.log_history else {}
+        metrics = json_safe_metrics({k: v for k, v in last_log.items() if isinstance(v, (int, float))})
+        extra = {"source": "transformers.Trainer", "best_model_checkpoint": self._best_name,
+                 "best_metric": state.best_metric}
+        job = self._hasher.submit(self._hash_and_submit, seq, folder, stage,  # type: ignore[union-attr]
+                                  state.global_step, int(state.epoch or 0), metrics, extra)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()] + [job]
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if not state.is_world_process_zero or self._uploader is None:
+            return
+        t0 = time.monotonic()
+        done = self.wait(self.flush_timeout)
+        if done:
+            log.info("All checkpoints mirrored to %s (waited %.1fs)", self._uploader.url, time.monotonic() - t0)
+        else:
+            log.warning("Training ended with uploads to %s still pending after %.0fs: %s", self._uploader.url,
+                        self.flush_timeout, self._uploader.status()["pending"])
+        self.close(remove_staging=done)
+
+    # ---- public helpers ---------------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every saved checkpoint is hashed and mirrored. True when everything is done in time."""
+        if self._uploader is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            futures = list(self._futures)
+        _, pending = wait_futures(futures, timeout=timeout)
+        if pending:
+            return False
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return bool(self._uploader.wait(remaining))
+
+    def status(self) -> dict[str, Any]:
+        """What is mirrored, pending or failed (the uploader's status plus hashing errors)."""
+        if self._uploader is None:
+            return {"remote": self.remote, "started": False}
+        with self._lock:
+            hashing = sum(not f.done() for f in self._futures)
+        return {"started": True, **self._uploader.status(), "hashing": hashing, "hash_error": self._error}
+
+    def close(self, timeout: float = 0.0, remove_staging: bool = False) -> None:
+        """Stop the background threads after waiting up to ``timeout`` seconds for uploads; safe to call twice.
+
+        A later ``trainer.train()`` with the same callback starts them again."""
+        if self._uploader is None or os.getpid() != self._pid:
+            return
+        uploader, self._uploader = self._uploader, None
+        try:
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
+            uploader.close(timeout)
+        finally:
+            self._hasher = None
+            atexit.unregister(self._atexit)
+            if remove_staging and self._stage_root is not None:
+                shutil.rmtree(self._stage_root, ignore_errors=True)
+
+    # ---- internals --------------------------------------------------------------------------------------------
+    def _start(self, args: TrainingArguments) -> None:
+        if self._uploader is not None:
+            return
+        from ..uploader import Uploader
+
+        limit = self.keep_last if self.keep_last is not None else args.save_total_limit
+        self._rotation_limit = limit if limit and limit > 0 else None
+        self._stage_root = Path(args.output_dir) / STAGE_DIR
+        shutil.rmtree(self._stage_root, ignore_errors=True)  # leftovers of a session that died mid-upload
+        self._stage_root.mkdir(parents=True, exist_ok=True)
+        self._error = None
+        self._uploader = Uploader(
+            self.remote,
+            storage_options=self.storage_options,
+            on_error=self.on_upload_error,
+            takeover=self.takeover,
+            retention=self._retention if self._rotation_limit else None,
+            remote_options=self.remote_options,
+        )
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-hash")
+        self._pid = os.getpid()
+        atexit.register(self._atexit)
+        log.info("Mirroring Trainer checkpoints from %s to %s (remote keeps %s)", args.output_dir,
+                 self._uploader.url, self._rotation_limit or "all")
+
+    def _hash_and_submit(self, seq: int, folder: Path, stage: Path, global_step: int, epoch: int,
+                         metrics: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Hashing thread: manifest for the staged copy, hand-off to the uploader, manifest next to the original."""
+        try:
+            with self._lock:
+                superseded = seq != self._seq
+            if superseded:  # hashing fell behind the save interval: only the newest checkpoint is worth uploading
+                log.info("Upload of %s skipped: a newer checkpoint was saved before it was hashed", stage.name)
+                return
+            manifest = local.manifest_for_folder(stage, kind="step", global_step=global_step, epoch=epoch,
+                                                 metrics=metrics, extra=extra)
+            self._uploader.submit(self._stage_root, manifest)
+            _place_manifest(folder, (stage / MANIFEST_NAME).read_bytes())
+        except Exception as e:  # noqa: BLE001 - a failed hash or hand-off must never take training down
+            self._error = f"{stage.name}: {e}"
+            log.warning("Checkpoint %s was NOT mirrored: %s (training continues)", stage.name, e)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _retention(self, refs: list[Ref]) -> list[str]:
+        with self._lock:
+            best = self._best_name
+        return plan_rotation(refs, self._rotation_limit, best)
+
+    def _raise_if_failed(self) -> None:
+        if self.on_upload_error != "raise":
+            return
+        self._uploader.raise_if_failed()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise SyncCkptError(f"mirroring to {self.remote} failed: {err}")
+
+    def _flush_at_exit(self) -> None:
+        if self._uploader is None or os.getpid() != self._pid:
+            return
+        if not self.wait(self.flush_timeout):
+            log.warning("Exiting with uploads still pending after %.0fs: %s", self.flush_timeout, self.status())
+        self.close()
+
+
+def _place_manifest(folder: Path, data: bytes) -> None:
+    """Write manifest.json next to the Trainer's files, keeping the folder's mtime: the Trainer's rotation orders
+    checkpoints by mtime, and a late manifest must not make an old folder look newest."""
+    try:
+        st = os.stat(folder)
+        local.write_file(folder, MANIFEST_NAME, [data])
+        os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except OSError as e:  # the Trainer rotated the folder away meanwhile: the remote copy is what matters
+        log.debug("Could not place %s in %s: %s", MANIFEST_NAME, folder, e)
+
+
+def resume_checkpoint(remote: str, output_dir: str | os.PathLike[str],
+                      storage_options: dict[str, Any] | None = None) -> str | None:
+    """The ``checkpoint-N`` folder to pass to ``trainer.train(resume_from_checkpoint=...)``, or None.
+
+    Candidates are the local ``output_dir/checkpoint-N`` folders that carry a syncckpt manifest and the remote's
+    ``checkpoint-N`` checkpoints. The newest wins, a local copy on ties (nothing is downloaded then); each is
+    verified (every file against its SHA-256) before it is returned, and a damaged one is skipped for the next.
+    A remote one is pulled into ``output_dir`` first. ``remote`` may also name one checkpoint
+    (``s3://b/run/checkpoint-500``): that one is pulled. An unreachable remote falls back to local checkpoints.
+
+    >>> import tempfile
+    >>> print(resume_checkpoint("memory://doc-resume/run", tempfile.mkdtemp()))
+    None
+    """
+    out = Path(output_dir)
+    run_url, name = split_checkpoint_url(remote)
+    if name is not None:
+        _, _, path = pull_checkpoint_url(remote, out, storage_options)
+        log.info("Resuming from checkpoint: %s", path)
+        return str(path)
+    cands = [Candidate(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, "local",
+                       c.manifest_sha256, c.manifest.healthy)
+             for c in local.list_checkpoints(out) if _is_trainer_checkpoint(c.name)]
+    store = open_remote(run_url, storage_options)
+    try:
+        remote_cands, manifests = remote_candidates(store)
+        cands += [c for c in remote_cands if _is_trainer_checkpoint(c.name)]
+        for c in order_candidates(cands):
+            try:
+                if c.location == "local":
+                    local.verify(out / c.name)
+                    path = out / c.name
+                else:
+                    _, _, path = pull(store, c.name, out, manifests[c.name])
+            except (CheckpointCorrupt, FileNotFoundError) as e:
+                log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
+                continue
+            log.info("Resuming from checkpoint: %s (global step %d, %s)", path, c.global_step,
+                     "local" if c.location == "local" else f"pulled from {store.url}")
+            return str(path)
+    finally:
+        store.close()
+    if cands:
+        raise CheckpointNotFound(f"no checkpoint-N in {out} or {store.url} verified; see the warnings above")
+    log.info("No checkpoint found in %s or %s; training starts from scratch", out, store.url)
+    return None
