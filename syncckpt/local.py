@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._failpoints import failpoint
 from .errors import CheckpointCorrupt, UnsafeCheckpoint
 from .manifest import (
     MANIFEST_NAME,
@@ -97,11 +98,13 @@ def commit(
         manifest = dataclasses.replace(manifest, files=sorted(entries, key=lambda e: e.path))
         write_file(tmp, MANIFEST_NAME, [manifest.to_bytes()])
         fsync_dir(tmp)
+        failpoint("local-manifest")
         final = directory / name
         old = None
         if final.exists():
             old = directory / f".old-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
+        failpoint("local-rename")
         os.rename(tmp, final)
         fsync_dir(directory)
     except BaseException:

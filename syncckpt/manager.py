@@ -41,6 +41,8 @@ from typing import Any
 import torch
 
 from . import local, rng
+from ._failpoints import failpoint
+from .env import check_disk_budget, default_checkpoint_dir
 from .errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch, SyncCkptError
 from .format import iter_file_chunks, load_safetensors_bytes, unflatten_state
 from .manifest import Manifest, checkpoint_name, json_safe_metrics
@@ -83,7 +85,8 @@ class CheckpointManager:
     """Step, epoch and best-model checkpoints with background writing, verification and optional mirroring.
 
     Args:
-        directory: local checkpoint folder (created if missing).
+        directory: local checkpoint folder (created if missing); default ``/kaggle/working/checkpoints`` on
+            Kaggle, ``/content/checkpoints`` on Colab, ``./checkpoints`` elsewhere.
         save_every_n_steps: save a step checkpoint every N optimizer steps (``None`` disables).
         save_every_n_minutes: also save when this much wall-clock time passed since the last save.
         keep_last: step checkpoints kept (locally and remotely).
@@ -99,11 +102,13 @@ class CheckpointManager:
         save_on_sigterm: take that last checkpoint (otherwise only flush what is committed).
         grace_period: seconds a SIGTERM or interpreter exit may spend flushing.
         remote_options: extra keyword arguments for the remote backend (e.g. ``min_commit_interval`` for hf://).
+        incremental: mirror tensors as content-addressed blobs so unchanged ones (a frozen backbone, LoRA base
+            weights) are not uploaded again (fsspec remotes; on the Hub, Xet deduplicates by itself).
     """
 
     def __init__(
         self,
-        directory: str | os.PathLike[str] = "checkpoints",
+        directory: str | os.PathLike[str] | None = None,
         save_every_n_steps: int | None = 500,
         save_every_n_minutes: float | None = None,
         keep_last: int = 1,
@@ -120,6 +125,7 @@ class CheckpointManager:
         save_on_sigterm: bool = True,
         grace_period: float = 60.0,
         remote_options: dict[str, Any] | None = None,
+        incremental: bool = False,
     ) -> None:
         if save_every_n_steps is not None and save_every_n_steps < 1:
             raise ValueError(f"save_every_n_steps must be >= 1 or None, got {save_every_n_steps}")
@@ -131,7 +137,7 @@ class CheckpointManager:
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         if on_upload_error not in ("warn", "raise"):
             raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
-        self.directory = Path(directory)
+        self.directory = Path(directory) if directory is not None else default_checkpoint_dir()
         self.save_every_n_steps = save_every_n_steps
         self.save_every_n_minutes = save_every_n_minutes
         self.keep_last = keep_last
@@ -176,6 +182,7 @@ class CheckpointManager:
                 takeover=takeover,
                 retention=self._remote_retention,
                 remote_options=remote_options or {},
+                incremental=incremental,
             )
 
         self_ref = weakref.ref(self)
@@ -279,6 +286,7 @@ class CheckpointManager:
                     states[name] = {**states[name], "position": {"epoch": epoch, "batch_idx": batch_idx}}
             states["rng"] = rng.capture()
             snap = take_snapshot(states, self._arena)
+            failpoint("snapshot")
         except BaseException:
             self._arena.lock.release()
             raise
@@ -311,8 +319,10 @@ class CheckpointManager:
 
             def write_data(tmp: Path) -> list[local.FileEntry]:
                 nonlocal released
-                entries = [local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf))
-                           for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers)]
+                entries = []
+                for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers):
+                    entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf)))
+                    failpoint("serialize")
                 self._arena.lock.release()  # buffers are on disk: the next snapshot may reuse them
                 released = True
                 entries.append(local.write_file(tmp, STATE_FILE, [state_bytes]))
@@ -328,6 +338,9 @@ class CheckpointManager:
                     src = self.directory / first.name
                     committed = local.commit(self.directory, m, lambda tmp, s=src, f=first: local.link_files(
                         s, tmp, f.files))
+                if self._last_committed is None:  # sizes are known now: warn early if retention cannot fit
+                    check_disk_budget(self.directory, committed.total_size,
+                                      self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0))
                 self._last_committed = committed.name
                 if self._save_error:
                     log.warning("Checkpoints are being saved again (%s)", committed.name)
@@ -352,6 +365,7 @@ class CheckpointManager:
                 for c in local.list_checkpoints(self.directory)]
         protected = {self._resumed_from} if self._resumed_from else set()
         for name in plan_deletions(refs, self.keep_last, self.keep_epochs, protected):
+            failpoint("retention-delete")
             local.delete(self.directory, name)
             log.info("Removed old checkpoint %s", name)
 

@@ -106,11 +106,22 @@ def check_relative_path(path: str, *, where: str = "manifest") -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint: path relative to the checkpoint folder, size in bytes, SHA-256 hex."""
+    """One file of a checkpoint: path relative to the checkpoint folder, size in bytes, SHA-256 hex.
+
+    In a remote run mirrored incrementally, ``parts`` lists the content-addressed blobs ``(size, sha256)`` whose
+    concatenation is the file (see :mod:`syncckpt.blobs`); locally it is always None.
+    """
 
     path: str
     size: int
     sha256: str
+    parts: tuple[tuple[int, str], ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.parts is not None:
+            d["parts"] = [[size, digest] for size, digest in self.parts]
+        return d
 
 
 @dataclass
@@ -145,7 +156,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["files"] = [dataclasses.asdict(f) for f in self.files]
+        d["files"] = [f.to_dict() for f in self.files]
         d["created_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
         return d
 
@@ -158,8 +169,8 @@ class Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise UnsafeCheckpoint(f"{where}: {len(data)} bytes is far too large for a manifest; refusing it")
         try:
-            raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:
+            raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointCorrupt(f"{where}: not valid JSON ({e}); the checkpoint is damaged") from None
         if not isinstance(raw, dict):
             raise CheckpointCorrupt(f"{where}: expected a JSON object, got {type(raw).__name__}")
@@ -198,7 +209,7 @@ class Manifest:
             digest = fr.get("sha256")
             if not isinstance(digest, str) or not _HEX64.match(digest):
                 raise CheckpointCorrupt(f"{where}: {path}: sha256 {digest!r} is not 64 lowercase hex digits")
-            files.append(FileEntry(path, size, digest))
+            files.append(FileEntry(path, size, digest, _parse_parts(fr.get("parts"), size, f"{where}: {path}")))
         step = _get(raw, "global_step", int, where)
         epoch = _get(raw, "epoch", int, where)
         batch_idx = _get(raw, "batch_idx", int, where)
@@ -213,7 +224,7 @@ class Manifest:
         if not all(isinstance(x, dict) for x in (metrics, versions, extra)) or not isinstance(unhealthy, list):
             raise CheckpointCorrupt(f"{where}: metrics/versions/extra/unhealthy_tensors have the wrong type")
         created = raw.get("created", 0.0)
-        if not isinstance(created, (int, float)) or isinstance(created, bool):
+        if not isinstance(created, (int, float)) or isinstance(created, bool) or not _finite(created):
             raise CheckpointCorrupt(f"{where}: created {created!r} is not a number")
         healthy = raw.get("healthy", True)
         world_size = raw.get("world_size", 1)
@@ -225,6 +236,39 @@ class Manifest:
             created=float(created), versions={str(k): str(v) for k, v in versions.items()},
             world_size=world_size, extra=extra,
         )
+
+
+MAX_PARTS = 1_000_000
+
+
+def _parse_parts(raw: Any, size: int, where: str) -> tuple[tuple[int, str], ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) > MAX_PARTS:
+        raise CheckpointCorrupt(f"{where}: 'parts' must be a list of [size, sha256] pairs")
+    parts = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) and not isinstance(item[0], bool)
+                and 0 <= item[0] <= MAX_FILE_SIZE and isinstance(item[1], str) and _HEX64.match(item[1])):
+            raise CheckpointCorrupt(f"{where}: part {item!r} is not a [size, sha256] pair")
+        parts.append((item[0], item[1]))
+    if sum(p[0] for p in parts) != size:
+        raise CheckpointCorrupt(f"{where}: parts add up to {sum(p[0] for p in parts)} bytes, file has {size}")
+    return tuple(parts)
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"number {token} overflows a float")
+    return value
 
 
 def _reject_constant(token: str) -> Any:
@@ -259,7 +303,7 @@ class Latest:
         try:
             raw = json.loads(data.decode("utf-8"))
             latest = cls(str(raw["name"]), int(raw["global_step"]), str(raw["manifest_sha256"]))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError, RecursionError):
             return None
         if parse_checkpoint_name(latest.name) is None or not _HEX64.match(latest.manifest_sha256):
             return None
@@ -288,6 +332,13 @@ class HashingWriter:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
+
+
+def same_content(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests describe the same checkpoint bytes (a local manifest and its remote copy differ
+    only in how the remote stores the files)."""
+    key = lambda m: (m.name, sorted((f.path, f.size, f.sha256) for f in m.files))  # noqa: E731
+    return key(a) == key(b)
 
 
 def verify_bytes(entry: FileEntry, data: bytes | memoryview) -> None:

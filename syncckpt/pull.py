@@ -7,6 +7,7 @@ files land in a hidden ``.pull-*`` folder that becomes visible by rename only af
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
 from . import local
 from .errors import CheckpointCorrupt, CheckpointNotFound, RemoteError
@@ -78,7 +79,9 @@ def pull(remote: Remote, name: str, directory: Path, manifest: Manifest | None =
         with tqdm(total=manifest.total_size, unit="B", unit_scale=True, desc=f"pull {name}",
                   disable=not progress or None, leave=False) as bar:
             remote.download_checkpoint(name, manifest, tmp, progress=bar.update)
-        local.write_file(tmp, "manifest.json", [manifest.to_bytes()])
+        # Locally a checkpoint is plain files: drop the remote's blob layout from the manifest kept on disk.
+        local_manifest = dataclasses.replace(manifest, files=[dataclasses.replace(e, parts=None) for e in manifest.files])
+        local.write_file(tmp, "manifest.json", [local_manifest.to_bytes()])
         files = {e.path: (tmp / e.path).read_bytes() for e in manifest.files}  # verified while downloading
         local.fsync_dir(tmp)
         final = directory / name
@@ -95,7 +98,7 @@ def pull(remote: Remote, name: str, directory: Path, manifest: Manifest | None =
         raise
     log.info("Pulled %s from %s (%d files, %d bytes, digests verified)", name, remote.url, len(manifest.files),
              manifest.total_size)
-    return manifest, files, final
+    return local_manifest, files, final
 
 
 def split_checkpoint_url(url: str) -> tuple[str, str | None]:

@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -32,14 +33,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import local
+from ._failpoints import failpoint
+from .blobs import blob_rel, part_ranges
 from .errors import CheckpointCorrupt, RemoteError
 from .lease import Lease
-from .manifest import MANIFEST_NAME, Latest, Manifest, sha256_hex
+from .manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content, sha256_hex
 from .pull import pull, pull_checkpoint_url, remote_candidates
 from .remote import open_remote
 from .retention import Ref, recency
@@ -72,6 +76,7 @@ class Uploader:
         retention: Callable[[list[Ref]], list[str]] | None = None,
         remote_options: dict[str, Any] | None = None,
         max_pause: float = 60.0,
+        incremental: bool = False,
     ) -> None:
         self.storage_options = storage_options
         self.remote = open_remote(url, storage_options, **(remote_options or {}))
@@ -91,6 +96,9 @@ class Uploader:
         self._latest: Latest | None = None
         self._remote_manifests: dict[str, Manifest] = {}
         self._pid = os.getpid()
+        self.incremental = incremental
+        self._known_blobs: set[str] | None = None
+        self.bytes_uploaded = 0
         self.lease = Lease(self.remote, takeover=takeover)
         self.lease.acquire()
         self._thread = threading.Thread(target=self._run, name="syncckpt-uploader", daemon=True)
@@ -122,8 +130,8 @@ class Uploader:
         """After resuming from a local checkpoint the remote may not have it (the last session died before the
         upload finished): queue it unless the remote already holds an identical manifest."""
         try:
-            _, data = self.remote.read_manifest(manifest.name)
-            if data == (Path(directory) / manifest.name / MANIFEST_NAME).read_bytes():
+            remote_manifest, _ = self.remote.read_manifest(manifest.name)
+            if same_content(remote_manifest, manifest):
                 return
         except (FileNotFoundError, CheckpointCorrupt, OSError, RemoteError):
             pass
@@ -225,18 +233,96 @@ class Uploader:
         manifest_bytes = (job.staging / MANIFEST_NAME).read_bytes()
         manifest = Manifest.from_bytes(manifest_bytes)
         self.lease.check()
-        latest = self._next_latest(manifest, manifest_bytes)
         deletions = self._plan_remote_retention(manifest)
-        self.remote.commit_checkpoint(manifest.name, job.staging, manifest, manifest_bytes, latest, deletions)
+        if self.incremental:
+            manifest, manifest_bytes, sent = self._upload_parts(job.staging, manifest)
+            latest = self._next_latest(manifest, manifest_bytes)
+            failpoint("remote-manifest")
+            self.remote.write_bytes(f"{manifest.name}/{MANIFEST_NAME}", manifest_bytes)
+            if latest is not None:
+                failpoint("remote-latest")
+                self.remote.write_bytes(LATEST_NAME, latest.to_bytes())
+            for d in deletions:
+                failpoint("remote-delete")
+                self.remote.delete_checkpoint(d)
+        else:
+            latest = self._next_latest(manifest, manifest_bytes)
+            self.remote.commit_checkpoint(manifest.name, job.staging, manifest, manifest_bytes, latest, deletions)
+            sent = manifest.total_size + len(manifest_bytes)
+        self.bytes_uploaded += sent
         self._remote_manifests[manifest.name] = manifest
         for d in deletions:
             self._remote_manifests.pop(d, None)
             log.info("Removed old remote checkpoint %s/%s", self.url, d)
         if latest is not None:
             self._latest = latest
+        if self.incremental:
+            self._collect_garbage()
         shutil.rmtree(job.staging, ignore_errors=True)
-        log.info("Mirrored %s to %s (%d bytes in %.1fs)", manifest.name, self.url, manifest.total_size,
-                 time.monotonic() - t0)
+        log.info("Mirrored %s to %s (%d bytes sent of %d in %.1fs)", manifest.name, self.url, sent,
+                 manifest.total_size, time.monotonic() - t0)
+
+    def _upload_parts(self, folder: Path, manifest: Manifest) -> tuple[Manifest, bytes, int]:
+        """Upload the blobs of ``manifest``'s files that the remote lacks; return the remote manifest."""
+        if self._known_blobs is None:
+            self._known_blobs = set(self.remote.list_blobs())
+        known, queued, sent = self._known_blobs, {}, 0
+        slots = threading.BoundedSemaphore(self.remote.max_workers)
+
+        def put(digest: str, data: bytes) -> None:
+            try:
+                self.remote.write_bytes(blob_rel(digest), data)
+            finally:
+                slots.release()
+
+        entries, futures = [], []
+        with ThreadPoolExecutor(self.remote.max_workers, thread_name_prefix="syncckpt-blob") as ex:
+            for e in manifest.files:
+                parts = []
+                with open(folder / e.path, "rb") as f:
+                    head = f.read(min(e.size, 1 << 20))
+                    for offset, size in part_ranges(head, e.size):
+                        f.seek(offset)
+                        data = f.read(size)
+                        digest = sha256_hex(data)
+                        parts.append((size, digest))
+                        if digest not in known and digest not in queued:
+                            queued[digest] = size
+                            sent += size
+                            slots.acquire()  # bounds memory to max_workers parts in flight
+                            futures.append(ex.submit(put, digest, data))
+                entries.append(dataclasses.replace(e, parts=tuple(parts)))
+            failpoint("remote-data")
+            for fut in futures:
+                fut.result()
+        stats = self.remote._parallel(lambda d: self.remote.stat(blob_rel(d)), list(queued))
+        for (digest, size), st in zip(queued.items(), stats):  # check sizes without downloading, as for files
+            if st.size != size:
+                raise RemoteError(f"{self.url}/{blob_rel(digest)}: store holds {st.size} bytes, expected {size}")
+        known.update(queued)
+        remote_manifest = dataclasses.replace(manifest, files=entries)
+        data = remote_manifest.to_bytes()
+        return remote_manifest, data, sent + len(data)
+
+    def _collect_garbage(self) -> None:
+        """Delete blobs no remaining checkpoint refers to; skipped when any manifest cannot be read."""
+        referenced: set[str] = set()
+        for name in self.remote.list_checkpoints():
+            m = self._remote_manifests.get(name)
+            if m is None:
+                try:
+                    m, _ = self.remote.read_manifest(name)
+                except (CheckpointCorrupt, FileNotFoundError, OSError, RemoteError) as e:
+                    log.warning("Not collecting unused blobs on %s: cannot read %s (%s)", self.url, name, e)
+                    return
+                self._remote_manifests[name] = m
+            for f in m.files:
+                referenced.update(d for _, d in f.parts or ())
+        unused = sorted((self._known_blobs or set()) - referenced)
+        for digest in unused:
+            self.remote.delete(blob_rel(digest))
+        if self._known_blobs is not None:
+            self._known_blobs -= set(unused)
 
     def _next_latest(self, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:
         """LATEST only moves forward: best_model (or an old epoch) never points it backwards."""

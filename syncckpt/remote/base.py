@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..blobs import blob_rel
 from ..errors import CheckpointCorrupt, RemoteError, UnsafeCheckpoint
 from ..manifest import (
     LATEST_NAME,
@@ -111,6 +112,10 @@ class Remote(abc.ABC):
     def delete(self, rel: str) -> None:
         """Delete one object; absent objects are not an error."""
 
+    def list_blobs(self) -> list[str]:
+        """Digests of the content-addressed blobs under ``blobs/`` (incremental mirroring)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support incremental mirroring")
+
     # ---- shared logic --------------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> tuple[Manifest, bytes]:
         """Fetch and validate ``NAME/manifest.json``; raise CheckpointCorrupt (or subclass) when it is bad."""
@@ -149,12 +154,11 @@ class Remote(abc.ABC):
         dest_dir = Path(dest_dir)
         for entry in manifest.files:
             check_relative_path(entry.path)
-        stats = self._parallel(lambda e: self.stat(f"{name}/{e.path}"), manifest.files)
-        for entry, st in zip(manifest.files, stats):
-            if st.size != entry.size:
-                raise CheckpointCorrupt(
-                    f"{self.url}/{name}/{entry.path}: store holds {st.size} bytes, manifest says {entry.size}"
-                )
+        objects = [(rel, size) for entry in manifest.files for rel, size, _ in _objects(name, entry)]
+        stats = self._parallel(lambda o: self.stat(o[0]), objects)
+        for (rel, size), st in zip(objects, stats):
+            if st.size != size:
+                raise CheckpointCorrupt(f"{self.url}/{rel}: store holds {st.size} bytes, manifest says {size}")
         free = _free_bytes(dest_dir)
         if free is not None and manifest.total_size > free:
             raise CheckpointCorrupt(
@@ -167,24 +171,35 @@ class Remote(abc.ABC):
         if not target.is_relative_to(dest_dir.resolve()):
             raise UnsafeCheckpoint(f"{entry.path}: resolves outside {dest_dir}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        size = 0
-        with self.open_read(f"{name}/{entry.path}") as src, open(target, "wb") as dst:
-            while True:
-                want = min(CHUNK, entry.size - size + 1)  # +1 detects an object longer than promised
-                chunk = src.read(want)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > entry.size:
-                    raise CheckpointCorrupt(f"{self.url}/{name}/{entry.path}: longer than the manifest's {entry.size}")
-                h.update(chunk)
-                dst.write(chunk)
-                if progress:
-                    progress(len(chunk))
+        whole = hashlib.sha256()
+        total = 0
+        with open(target, "wb") as dst:
+            for rel, size, digest in _objects(name, entry):
+                part = hashlib.sha256() if digest else None
+                got = 0
+                with self.open_read(rel) as src:
+                    while True:
+                        chunk = src.read(min(CHUNK, size - got + 1))  # +1 detects an object longer than promised
+                        if not chunk:
+                            break
+                        got += len(chunk)
+                        if got > size:
+                            raise CheckpointCorrupt(f"{self.url}/{rel}: longer than the manifest's {size} bytes")
+                        whole.update(chunk)
+                        if part is not None:
+                            part.update(chunk)
+                        dst.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                if part is not None and (got != size or part.hexdigest() != digest):
+                    raise CheckpointCorrupt(f"{self.url}/{rel}: blob does not match its digest (part of {entry.path})")
+                total += got
             dst.flush()
             os.fsync(dst.fileno())
-        verify_digest(entry, size, h.hexdigest())
+        try:
+            verify_digest(entry, total, whole.hexdigest())
+        except CheckpointCorrupt as e:
+            raise CheckpointCorrupt(f"{self.url}/{name}/{e}") from None
 
     def _parallel(self, fn, items):  # type: ignore[no-untyped-def]
         items = list(items)
@@ -195,6 +210,13 @@ class Remote(abc.ABC):
 
     def close(self) -> None:
         """Release clients and pools. Safe to call twice."""
+
+
+def _objects(name: str, entry: FileEntry) -> list[tuple[str, int, str | None]]:
+    """The store objects holding one file: the file itself, or its content-addressed parts (incremental runs)."""
+    if entry.parts is None:
+        return [(f"{name}/{entry.path}", entry.size, None)]
+    return [(blob_rel(digest), size, digest) for size, digest in entry.parts]
 
 
 def _check_name(name: str) -> None:
