@@ -18,8 +18,15 @@ _hits = 0
 _lock = threading.Lock()
 
 NAMES = (
-    "snapshot", "serialize", "local-manifest", "local-rename", "retention-delete",
-    "remote-data", "remote-manifest", "remote-latest", "remote-delete",
+    "snapshot",
+    "serialize",
+    "local-manifest",
+    "local-rename",
+    "retention-delete",
+    "remote-data",
+    "remote-manifest",
+    "remote-latest",
+    "remote-delete",
 )
 
 

@@ -66,8 +66,9 @@ def _tensor_bounds(head: bytes, size: int) -> tuple[int, list[tuple[int, int]]] 
         return None
     try:
         header = json.loads(head[8 : 8 + hlen])
-        spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]))
-                       for k, v in header.items() if k != "__metadata__")
+        spans = sorted(
+            (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in header.items() if k != "__metadata__"
+        )
     except (ValueError, KeyError, TypeError, IndexError):
         return None
     return 8 + hlen, spans

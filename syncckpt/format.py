@@ -79,7 +79,9 @@ def flatten_state(state: Any, prefix: str) -> tuple[Any, list[tuple[str, torch.T
 
     def add_tensor(t: torch.Tensor, path: list[str]) -> str:
         if t.dtype not in DTYPE_CODES:
-            raise StateNotSerializable(f"{_where(prefix, path)}: tensor dtype {t.dtype} cannot be stored in safetensors")
+            raise StateNotSerializable(
+                f"{_where(prefix, path)}: tensor dtype {t.dtype} cannot be stored in safetensors"
+            )
         if t.is_sparse or t.layout != torch.strided:
             raise StateNotSerializable(f"{_where(prefix, path)}: {t.layout} tensors are not supported; densify first")
         if t.numel() > 0:
@@ -97,7 +99,7 @@ def flatten_state(state: Any, prefix: str) -> tuple[Any, list[tuple[str, torch.T
             return {"__tensor__": add_tensor(v.detach(), path)}
         if isinstance(v, np.ndarray):
             try:
-                t = torch.from_numpy(np.ascontiguousarray(v))
+                t = torch.from_numpy(np.ascontiguousarray(v).reshape(v.shape))  # keeps 0-d arrays 0-d
             except TypeError:
                 raise StateNotSerializable(f"{_where(prefix, path)}: numpy dtype {v.dtype} is not supported") from None
             return {"__ndarray__": add_tensor(t, path)}
@@ -119,7 +121,9 @@ def flatten_state(state: Any, prefix: str) -> tuple[Any, list[tuple[str, torch.T
             items = []
             for k, x in v.items():
                 if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
-                    raise StateNotSerializable(f"{_where(prefix, path)}: dict key {k!r} ({type(k).__name__}) is not JSON-able")
+                    raise StateNotSerializable(
+                        f"{_where(prefix, path)}: dict key {k!r} ({type(k).__name__}) is not JSON-able"
+                    )
                 items.append([enc(k, path), enc(x, path + [str(k)])])
             return {"__dict__": items}
         raise StateNotSerializable(
@@ -143,7 +147,7 @@ def unflatten_state(structure: Any, tensors: dict[str, torch.Tensor], *, where: 
         if not isinstance(v, dict):
             return v
         if len(v) == 1:
-            (k, x), = v.items()
+            ((k, x),) = v.items()
             if k in ("__tensor__", "__ndarray__"):
                 if not isinstance(x, str) or x not in tensors:
                     raise StateMismatch(f"{where}: tensor {x!r} is referenced but missing from the checkpoint files")
@@ -193,7 +197,9 @@ class FileLayout:
         return len(self.header) + self.data_size
 
 
-def plan_layout(filename: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> FileLayout:
+def plan_layout(
+    filename: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> FileLayout:
     """Lay tensors out back to back, widest elements first, so every slot is naturally aligned in the buffer."""
     order = sorted(tensors, key=lambda nt: -nt[1].element_size())
     slots, header_map, off = [], {}, 0
@@ -237,8 +243,10 @@ def load_safetensors_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor
         raise UnsafeCheckpoint(f"{where}: safetensors header claims {hlen} bytes, file has {len(data)}")
     try:
         header = json.loads(data[8 : 8 + hlen])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UnsafeCheckpoint(f"{where}: safetensors header is not JSON (not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise UnsafeCheckpoint(f"{where}: safetensors header is not a JSON object")
     for name, info in header.items():
         if name == "__metadata__":
             continue

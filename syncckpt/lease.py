@@ -53,8 +53,9 @@ def _alive(pid: int) -> bool:
 class Lease:
     """Exclusive right to write a remote run, kept alive by a heartbeat thread."""
 
-    def __init__(self, remote: Remote, takeover: bool = False, ttl: float | None = None,
-                 heartbeat: float | None = -1.0) -> None:
+    def __init__(
+        self, remote: Remote, takeover: bool = False, ttl: float | None = None, heartbeat: float | None = -1.0
+    ) -> None:
         self.remote = remote
         self.takeover = takeover
         self.ttl = ttl if ttl is not None else getattr(remote, "lease_ttl", 60.0)
@@ -68,8 +69,15 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"session": self.session, "host": socket.gethostname(), "pid": os.getpid(),
-                           "heartbeat": time.time(), "ttl": self.ttl}).encode()
+        return json.dumps(
+            {
+                "session": self.session,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat": time.time(),
+                "ttl": self.ttl,
+            }
+        ).encode()
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -95,11 +103,19 @@ class Lease:
         ttl = float(cur.get("ttl", self.ttl) or self.ttl)
         holder = f"{cur.get('host', '?')} pid {cur.get('pid', '?')}"
         if cur.get("host") == socket.gethostname() and isinstance(cur.get("pid"), int) and not _alive(cur["pid"]):
-            log.warning("Taking over %s: the lease holder (pid %s on this machine) is no longer running",
-                        self.remote.url, cur["pid"])
+            log.warning(
+                "Taking over %s: the lease holder (pid %s on this machine) is no longer running",
+                self.remote.url,
+                cur["pid"],
+            )
         elif age > ttl:
-            log.warning("Taking over %s: the lease of %s expired (last heartbeat %.0fs ago, TTL %.0fs)",
-                        self.remote.url, holder, age, ttl)
+            log.warning(
+                "Taking over %s: the lease of %s expired (last heartbeat %.0fs ago, TTL %.0fs)",
+                self.remote.url,
+                holder,
+                age,
+                ttl,
+            )
         elif self.takeover:
             log.warning("Taking over %s from live session %s (takeover=True)", self.remote.url, holder)
         else:

@@ -78,9 +78,7 @@ def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview]) -> 
     return FileEntry(rel, w.size, w.hexdigest())
 
 
-def commit(
-    directory: Path, manifest: Manifest, write: Callable[[Path], list[FileEntry]]
-) -> Manifest:
+def commit(directory: Path, manifest: Manifest, write: Callable[[Path], list[FileEntry]]) -> Manifest:
     """Atomically create ``directory/manifest.name``.
 
     ``write(tmp)`` writes the data files into the temporary folder and returns their entries. The manifest is
@@ -130,15 +128,25 @@ def link_files(src: Path, dst: Path, entries: Iterable[FileEntry]) -> list[FileE
     return out
 
 
-def manifest_for_folder(path: Path, *, kind: str | None = None, global_step: int | None = None, epoch: int = 0,
-                        batch_idx: int = -1, metrics: dict | None = None, extra: dict | None = None) -> Manifest:
+def manifest_for_folder(
+    path: Path,
+    *,
+    kind: str | None = None,
+    global_step: int | None = None,
+    epoch: int = 0,
+    batch_idx: int = -1,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Manifest:
     """Hash an existing, complete checkpoint folder written by another tool (a transformers ``checkpoint-N``,
     a folder to ``syncckpt push``) and write its ``manifest.json`` last, so it can be mirrored and verified like
     our own. Kind and step default to what the folder name says."""
     path = Path(path)
     parsed = parse_checkpoint_name(path.name)
     if parsed is None:
-        raise ValueError(f"{path}: folder name is not checkpoint-step-N, checkpoint-epoch-N, checkpoint-N or best_model")
+        raise ValueError(
+            f"{path}: folder name is not checkpoint-step-N, checkpoint-epoch-N, checkpoint-N or best_model"
+        )
     kind = kind or parsed[0]
     if global_step is None:
         global_step = parsed[1] if parsed[0] == "step" else 0
@@ -152,8 +160,16 @@ def manifest_for_folder(path: Path, *, kind: str | None = None, global_step: int
                 h.update(chunk)
                 size += len(chunk)
         entries.append(FileEntry(check_relative_path(rel), size, h.hexdigest()))
-    manifest = Manifest(name=path.name, kind=kind, global_step=global_step, epoch=epoch, batch_idx=batch_idx,
-                        files=entries, metrics=dict(metrics or {}), extra=dict(extra or {}))
+    manifest = Manifest(
+        name=path.name,
+        kind=kind,
+        global_step=global_step,
+        epoch=epoch,
+        batch_idx=batch_idx,
+        files=entries,
+        metrics=dict(metrics or {}),
+        extra=dict(extra or {}),
+    )
     write_file(path, MANIFEST_NAME, [manifest.to_bytes()])
     fsync_dir(path)
     return manifest
@@ -205,11 +221,15 @@ def read_verified(path: Path, manifest: Manifest) -> dict[str, bytes]:
             raise UnsafeCheckpoint(f"{path / e.path}: resolves outside the checkpoint folder {path}")
         try:
             size = f.stat().st_size
+            if size != e.size:
+                raise CheckpointCorrupt(
+                    f"{path / e.path}: size {size} bytes, manifest says {e.size} (truncated or altered)"
+                )
+            data = f.read_bytes()
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{path / e.path}: missing (listed in the manifest)") from None
-        if size != e.size:
-            raise CheckpointCorrupt(f"{path / e.path}: size {size} bytes, manifest says {e.size} (truncated or altered)")
-        data = f.read_bytes()
+        except OSError as err:
+            raise CheckpointCorrupt(f"{path / e.path}: cannot be read ({err.strerror or err})") from None
         try:
             verify_digest(e, len(data), hashlib.sha256(data).hexdigest())
         except CheckpointCorrupt as err:
@@ -250,10 +270,10 @@ def cleanup_leftovers(directory: Path) -> list[str]:
             final = directory / name
             if not final.exists() and parse_checkpoint_name(name) is not None:
                 try:
-                    read_manifest(p)
-                except CheckpointCorrupt:
-                    pass
-                else:
+                    ok = Manifest.from_bytes((p / MANIFEST_NAME).read_bytes(), where=str(p)).name == name
+                except (OSError, CheckpointCorrupt):
+                    ok = False
+                if ok:
                     os.rename(p, final)  # crash between the two renames of a replace: keep the old one
                     done.append(f"restored {name} from an interrupted replace")
                     continue

@@ -158,6 +158,8 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
         self._best: float | None = None
+        self._best_candidate: float | None = None
+        self._warned_no_batch = False
         self._best_warned = False
         self._resumed_from: str | None = None
         self._last_committed: str | None = None
@@ -229,8 +231,19 @@ class CheckpointManager:
         # If the previous checkpoint is still being written from the staging buffers, wait for it: memory stays
         # bounded to one set of buffers, and with saves minutes apart this never blocks in practice.
         self._arena.lock.acquire()
-        self._start_save("step", global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
+        self._start_save("step", global_step, epoch, self._batch(batch_idx), metrics)
         return True
+
+    def _batch(self, batch_idx: int | None) -> int:
+        if batch_idx is None:
+            if not self._warned_no_batch:
+                log.warning(
+                    "step()/save() without batch_idx: resuming from such a checkpoint restarts its epoch from "
+                    "the first batch; pass batch_idx for an exact mid-epoch resume"
+                )
+                self._warned_no_batch = True
+            return -1
+        return batch_idx
 
     def save(
         self, global_step: int, *, epoch: int = 0, batch_idx: int | None = None, metrics: dict[str, Any] | None = None
@@ -238,7 +251,7 @@ class CheckpointManager:
         """Take a step checkpoint now (waits only for a previous save still reading the staging buffers)."""
         self._check_usable()
         self._arena.lock.acquire()
-        self._start_save("step", global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
+        self._start_save("step", global_step, epoch, self._batch(batch_idx), metrics)
 
     def save_epoch(self, epoch: int, *, global_step: int, metrics: dict[str, Any] | None = None) -> bool:
         """Call at the end of every epoch: writes ``checkpoint-epoch-E`` (every ``save_every_n_epochs``) and
@@ -263,20 +276,25 @@ class CheckpointManager:
         value = (metrics or {}).get(self.metric_for_best)
         if value is None:
             if not self._best_warned:
-                log.warning("metric_for_best %r is not in the metrics passed to save_epoch (%s); best_model is not "
-                            "updated", self.metric_for_best, sorted(metrics or {}))
+                log.warning(
+                    "metric_for_best %r is not in the metrics passed to save_epoch (%s); best_model is not updated",
+                    self.metric_for_best,
+                    sorted(metrics or {}),
+                )
                 self._best_warned = True
             return False
         value = float(value.item() if hasattr(value, "item") else value)
         if value != value:  # NaN never improves
             return False
-        better = self._best is None or (value > self._best if self.mode == "max" else value < self._best)
+        bar = self._best_candidate if self._best_candidate is not None else self._best
+        better = bar is None or (value > bar if self.mode == "max" else value < bar)
         if better:
-            self._best = value
+            self._best_candidate = value  # becomes the bar only once best_model is committed
         return better
 
-    def _start_save(self, kinds: str | list[str], global_step: int, epoch: int, batch_idx: int,
-                    metrics: dict[str, Any] | None) -> None:
+    def _start_save(
+        self, kinds: str | list[str], global_step: int, epoch: int, batch_idx: int, metrics: dict[str, Any] | None
+    ) -> None:
         """Snapshot on the caller's thread (arena lock already held), then hand off to the writer."""
         kinds = [kinds] if isinstance(kinds, str) else kinds
         try:
@@ -293,16 +311,30 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._last_saved_step = global_step
         safe_metrics = json_safe_metrics(metrics)
-        trainer = {"global_step": global_step, "epoch": epoch, "batch_idx": batch_idx, "metrics": safe_metrics,
-                   "best_metric": self._best}
+        best = self._best_candidate if "best" in kinds else self._best
+        trainer = {
+            "global_step": global_step,
+            "epoch": epoch,
+            "batch_idx": batch_idx,
+            "metrics": safe_metrics,
+            "best_metric": best,
+        }
         commits = []
         for kind in kinds:
             name = checkpoint_name(kind, global_step if kind == "step" else epoch)
-            commits.append(Manifest(
-                name=name, kind=kind, global_step=global_step, epoch=epoch, batch_idx=batch_idx, files=[],
-                metrics=safe_metrics, versions=_versions(),
-                extra={"best_metric": self._best, "metric_for_best": self.metric_for_best},
-            ))
+            commits.append(
+                Manifest(
+                    name=name,
+                    kind=kind,
+                    global_step=global_step,
+                    epoch=epoch,
+                    batch_idx=batch_idx,
+                    files=[],
+                    metrics=safe_metrics,
+                    versions=_versions(),
+                    extra={"best_metric": best, "metric_for_best": self.metric_for_best},
+                )
+            )
         fut = self._executor.submit(self._write, _Job(snap, trainer, commits))
         with self._futures_lock:
             self._futures = [f for f in self._futures if not f.done()] + [fut]
@@ -313,14 +345,17 @@ class CheckpointManager:
         try:
             bad = job.snapshot.nonfinite_tensors()
             if bad:
-                log.warning("Non-finite values in %s; %s is marked unhealthy and will not replace the last healthy "
-                            "checkpoint", ", ".join(bad[:5]), job.commits[0].name)
+                log.warning(
+                    "Non-finite values in %s; %s is marked unhealthy and will not replace the last healthy checkpoint",
+                    ", ".join(bad[:5]),
+                    job.commits[0].name,
+                )
             state_bytes = _state_json(job.snapshot.structure, job.trainer)
 
             def write_data(tmp: Path) -> list[local.FileEntry]:
                 nonlocal released
                 entries = []
-                for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers):
+                for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers, strict=True):
                     entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf)))
                     failpoint("serialize")
                 self._arena.lock.release()  # buffers are on disk: the next snapshot may reuse them
@@ -336,33 +371,51 @@ class CheckpointManager:
                     committed = first
                 else:
                     src = self.directory / first.name
-                    committed = local.commit(self.directory, m, lambda tmp, s=src, f=first: local.link_files(
-                        s, tmp, f.files))
+                    committed = local.commit(
+                        self.directory, m, lambda tmp, s=src, f=first: local.link_files(s, tmp, f.files)
+                    )
                 if self._last_committed is None:  # sizes are known now: warn early if retention cannot fit
-                    check_disk_budget(self.directory, committed.total_size,
-                                      self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0))
+                    check_disk_budget(
+                        self.directory,
+                        committed.total_size,
+                        self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0),
+                    )
                 self._last_committed = committed.name
                 if self._save_error:
                     log.warning("Checkpoints are being saved again (%s)", committed.name)
                     self._save_error = None
-                log.info("Checkpoint committed: %s (global step %d%s)", committed.name, committed.global_step,
-                         "" if committed.healthy else ", UNHEALTHY")
+                log.info(
+                    "Checkpoint committed: %s (global step %d%s)",
+                    committed.name,
+                    committed.global_step,
+                    "" if committed.healthy else ", UNHEALTHY",
+                )
+                if committed.kind == "best":
+                    self._best = committed.extra.get("best_metric")
                 if self._uploader is not None:
                     self._uploader.submit(self.directory, committed)
             if self._resumed_from is not None:
                 self._resumed_from = None  # a newer checkpoint exists now
             self._apply_local_retention()
         except Exception as e:  # noqa: BLE001 - the training loop must survive a failed save (full disk, ...)
+            if any(m.kind == "best" for m in job.commits) and self._best != job.trainer["best_metric"]:
+                self._best_candidate = self._best  # a best_model that never landed does not raise the bar
             self._save_error = f"{job.commits[0].name}: {e}"
-            log.warning("Checkpoint %s was NOT saved: %s. Checkpoints are not being saved until this is fixed; "
-                        "training continues and the previous checkpoint is intact.", job.commits[0].name, e)
+            log.warning(
+                "Checkpoint %s was NOT saved: %s. Checkpoints are not being saved until this is fixed; "
+                "training continues and the previous checkpoint is intact.",
+                job.commits[0].name,
+                e,
+            )
         finally:
             if not released:
                 self._arena.lock.release()
 
     def _apply_local_retention(self) -> None:
-        refs = [Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, c.manifest.healthy)
-                for c in local.list_checkpoints(self.directory)]
+        refs = [
+            Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, c.manifest.healthy)
+            for c in local.list_checkpoints(self.directory)
+        ]
         protected = {self._resumed_from} if self._resumed_from else set()
         for name in plan_deletions(refs, self.keep_last, self.keep_epochs, protected):
             failpoint("retention-delete")
@@ -460,8 +513,7 @@ class CheckpointManager:
         if self._closed or os.getpid() != self._pid:
             return
         if not self.wait(self.grace_period):
-            log.warning("Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period,
-                        self.status())
+            log.warning("Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period, self.status())
         self.close(timeout=0)
 
     # ---- SIGTERM ------------------------------------------------------------------------------------------------
@@ -469,12 +521,21 @@ class CheckpointManager:
         if self._term_at is not None or os.getpid() != self._pid:
             return
         self._term_at = time.monotonic()
-        log.warning("SIGTERM received: %s at the next step, then flushing uploads (grace period %.0fs)",
-                    "saving a last checkpoint" if self.save_on_sigterm else "stopping", self.grace_period)
+        log.warning(
+            "SIGTERM received: %s at the next step, then flushing uploads (grace period %.0fs)",
+            "saving a last checkpoint" if self.save_on_sigterm else "stopping",
+            self.grace_period,
+        )
         threading.Thread(target=self._sigterm_watchdog, name="syncckpt-sigterm", daemon=True).start()
 
-    def _finish_sigterm(self, global_step: int, epoch: int, batch_idx: int | None, metrics: dict[str, Any] | None,
-                        epoch_done: bool = False) -> None:
+    def _finish_sigterm(
+        self,
+        global_step: int,
+        epoch: int,
+        batch_idx: int | None,
+        metrics: dict[str, Any] | None,
+        epoch_done: bool = False,
+    ) -> None:
         """Called from step()/save_epoch() after SIGTERM, at a consistent point of the training loop."""
         if self._term_done.is_set():
             return
@@ -498,8 +559,10 @@ class CheckpointManager:
             return
         remaining = max(0.0, self._term_at + self.grace_period - time.monotonic())  # type: ignore[operator]
         ok = self.wait(remaining)
-        log.warning("SIGTERM: training did not reach a step boundary in time; %s; exiting",
-                    "committed checkpoints are mirrored" if ok else "flush incomplete")
+        log.warning(
+            "SIGTERM: training did not reach a step boundary in time; %s; exiting",
+            "committed checkpoints are mirrored" if ok else "flush incomplete",
+        )
         logging.shutdown()
         os._exit(143)
 
@@ -524,16 +587,27 @@ class CheckpointManager:
                 return None
         manifest, files, ckpt_path, source = loaded
         self._restore(manifest, files, ckpt_path)
-        if manifest.kind == "step" and manifest.batch_idx >= 0:
+        if manifest.kind == "step":  # batch_idx -1: saved without a batch index, the epoch restarts
             epoch, batch_idx = manifest.epoch, manifest.batch_idx
         else:
             epoch, batch_idx = manifest.epoch + 1, -1
-        info = ResumeInfo(manifest.global_step, epoch, batch_idx, str(ckpt_path), dict(manifest.metrics),
-                          manifest.name, manifest.kind, source)
+        info = ResumeInfo(
+            manifest.global_step,
+            epoch,
+            batch_idx,
+            str(ckpt_path),
+            dict(manifest.metrics),
+            manifest.name,
+            manifest.kind,
+            source,
+        )
         log.info("Resuming from checkpoint: %s", ckpt_path)
         log.info("Resuming from global step %d", manifest.global_step)
-        log.info("Checkpoint epoch: %d, batch: %s", manifest.epoch,
-                 manifest.batch_idx if manifest.batch_idx >= 0 else "end of epoch")
+        log.info(
+            "Checkpoint epoch: %d, batch: %s",
+            manifest.epoch,
+            manifest.batch_idx if manifest.batch_idx >= 0 else ("none" if manifest.kind == "step" else "end of epoch"),
+        )
         if batch_idx >= 0:
             log.info("Resuming mid-epoch from epoch %d", epoch + 1)
         else:
@@ -561,12 +635,24 @@ class CheckpointManager:
             loaded = self._try_candidates(self._local_candidates(p), p, remote=None)
             if loaded is not None:
                 return loaded
-        raise CheckpointNotFound(f"{p}: no valid checkpoint there (expected a checkpoint folder with manifest.json "
-                                 "or a folder of checkpoint-* folders)")
+        raise CheckpointNotFound(
+            f"{p}: no valid checkpoint there (expected a checkpoint folder with manifest.json "
+            "or a folder of checkpoint-* folders)"
+        )
 
     def _local_candidates(self, directory: Path) -> list[Candidate]:
-        return [Candidate(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, "local",
-                          c.manifest_sha256, c.manifest.healthy) for c in local.list_checkpoints(directory)]
+        return [
+            Candidate(
+                c.name,
+                c.manifest.kind,
+                c.manifest.global_step,
+                c.manifest.epoch,
+                "local",
+                c.manifest_sha256,
+                c.manifest.healthy,
+            )
+            for c in local.list_checkpoints(directory)
+        ]
 
     def _load_newest(self) -> tuple[Manifest, dict[str, bytes], Path, str] | None:
         cands = self._local_candidates(self.directory)
@@ -591,8 +677,9 @@ class CheckpointManager:
                 log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
                 continue
             if c.healthy and newest is not None and any(not x.healthy and x.global_step > c.global_step for x in cands):
-                log.warning("Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights",
-                            c.name)
+                log.warning(
+                    "Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights", c.name
+                )
             return manifest, files, path, source
         return None
 
@@ -613,12 +700,15 @@ class CheckpointManager:
         for rel, data in files.items():
             if rel.endswith(".safetensors"):
                 tensors[rel.removesuffix(".safetensors")] = load_safetensors_bytes(data, where=f"{path}/{rel}")
-        states = {name: unflatten_state(s, tensors.get(name, {}), where=f"{path}: {name}")
-                  for name, s in structures.items()}
+        states = {
+            name: unflatten_state(s, tensors.get(name, {}), where=f"{path}: {name}") for name, s in structures.items()
+        }
         missing = [n for n in self._objects if n not in states]
         if missing:
-            raise StateMismatch(f"{path}: holds no state for {missing} (it has {sorted(set(states) - {'rng'})}); "
-                                "register the same objects as the run that saved it")
+            raise StateMismatch(
+                f"{path}: holds no state for {missing} (it has {sorted(set(states) - {'rng'})}); "
+                "register the same objects as the run that saved it"
+            )
         extra = sorted(set(states) - set(self._objects) - {"rng"})
         if extra:
             log.warning("%s: state for %s is not restored (not registered)", path, extra)
@@ -649,8 +739,11 @@ def _check_module_fits(name: str, module: torch.nn.Module, state: dict[str, Any]
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -679,6 +772,10 @@ def _versions() -> dict[str, str]:
 
         from . import __version__
 
-        _VERSIONS.update(syncckpt=__version__, torch=torch.__version__, safetensors=safetensors.__version__,
-                         python=platform.python_version())
+        _VERSIONS.update(
+            syncckpt=__version__,
+            torch=torch.__version__,
+            safetensors=safetensors.__version__,
+            python=platform.python_version(),
+        )
     return dict(_VERSIONS)

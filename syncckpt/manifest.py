@@ -231,10 +231,19 @@ class Manifest:
         if not isinstance(healthy, bool) or not isinstance(world_size, int) or world_size < 1:
             raise CheckpointCorrupt(f"{where}: healthy/world_size have the wrong type")
         return cls(
-            name=name, kind=kind, global_step=step, epoch=epoch, batch_idx=batch_idx, files=files,
-            healthy=healthy, unhealthy_tensors=[str(x) for x in unhealthy], metrics=metrics,
-            created=float(created), versions={str(k): str(v) for k, v in versions.items()},
-            world_size=world_size, extra=extra,
+            name=name,
+            kind=kind,
+            global_step=step,
+            epoch=epoch,
+            batch_idx=batch_idx,
+            files=files,
+            healthy=healthy,
+            unhealthy_tensors=[str(x) for x in unhealthy],
+            metrics=metrics,
+            created=float(created),
+            versions={str(k): str(v) for k, v in versions.items()},
+            world_size=world_size,
+            extra=extra,
         )
 
 
@@ -248,8 +257,15 @@ def _parse_parts(raw: Any, size: int, where: str) -> tuple[tuple[int, str], ...]
         raise CheckpointCorrupt(f"{where}: 'parts' must be a list of [size, sha256] pairs")
     parts = []
     for item in raw:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) and not isinstance(item[0], bool)
-                and 0 <= item[0] <= MAX_FILE_SIZE and isinstance(item[1], str) and _HEX64.match(item[1])):
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], int)
+            and not isinstance(item[0], bool)
+            and 0 <= item[0] <= MAX_FILE_SIZE
+            and isinstance(item[1], str)
+            and _HEX64.match(item[1])
+        ):
             raise CheckpointCorrupt(f"{where}: part {item!r} is not a [size, sha256] pair")
         parts.append((item[0], item[1]))
     if sum(p[0] for p in parts) != size:

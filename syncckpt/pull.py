@@ -58,16 +58,23 @@ def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manife
         else:
             match = [c for c in cands if c.name == latest.name]
             if not match:
-                log.warning("%s/LATEST points at %s, which is missing or incomplete; found checkpoints by listing",
-                            remote.url, latest.name)
+                log.warning(
+                    "%s/LATEST points at %s, which is missing or incomplete; found checkpoints by listing",
+                    remote.url,
+                    latest.name,
+                )
             elif match[0].manifest_sha256 != latest.manifest_sha256:
-                log.warning("%s/LATEST does not match the manifest of %s (wrong digest); trusting the manifest",
-                            remote.url, latest.name)
+                log.warning(
+                    "%s/LATEST does not match the manifest of %s (wrong digest); trusting the manifest",
+                    remote.url,
+                    latest.name,
+                )
     return cands, manifests
 
 
-def pull(remote: Remote, name: str, directory: Path, manifest: Manifest | None = None,
-         progress: bool = True) -> tuple[Manifest, dict[str, bytes], Path]:
+def pull(
+    remote: Remote, name: str, directory: Path, manifest: Manifest | None = None, progress: bool = True
+) -> tuple[Manifest, dict[str, bytes], Path]:
     """Download checkpoint ``name`` into ``directory/name``, verified while streaming; returns its bytes too."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,11 +83,19 @@ def pull(remote: Remote, name: str, directory: Path, manifest: Manifest | None =
     tmp = directory / f".pull-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with tqdm(total=manifest.total_size, unit="B", unit_scale=True, desc=f"pull {name}",
-                  disable=not progress or None, leave=False) as bar:
+        with tqdm(
+            total=manifest.total_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"pull {name}",
+            disable=not progress or None,
+            leave=False,
+        ) as bar:
             remote.download_checkpoint(name, manifest, tmp, progress=bar.update)
         # Locally a checkpoint is plain files: drop the remote's blob layout from the manifest kept on disk.
-        local_manifest = dataclasses.replace(manifest, files=[dataclasses.replace(e, parts=None) for e in manifest.files])
+        local_manifest = dataclasses.replace(
+            manifest, files=[dataclasses.replace(e, parts=None) for e in manifest.files]
+        )
         local.write_file(tmp, "manifest.json", [local_manifest.to_bytes()])
         files = {e.path: (tmp / e.path).read_bytes() for e in manifest.files}  # verified while downloading
         local.fsync_dir(tmp)
@@ -96,8 +111,13 @@ def pull(remote: Remote, name: str, directory: Path, manifest: Manifest | None =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("Pulled %s from %s (%d files, %d bytes, digests verified)", name, remote.url, len(manifest.files),
-             manifest.total_size)
+    log.info(
+        "Pulled %s from %s (%d files, %d bytes, digests verified)",
+        name,
+        remote.url,
+        len(manifest.files),
+        manifest.total_size,
+    )
     return local_manifest, files, final
 
 
@@ -116,8 +136,11 @@ def split_checkpoint_url(url: str) -> tuple[str, str | None]:
     return stripped, None
 
 
-def pull_checkpoint_url(url: str, directory: Path, storage_options: dict[str, Any] | None = None,
-                        ) -> tuple[Manifest, dict[str, bytes], Path]:
+def pull_checkpoint_url(
+    url: str,
+    directory: Path,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[Manifest, dict[str, bytes], Path]:
     """Resolve a remote checkpoint URL (or a run URL: its newest valid checkpoint) and pull it."""
     run_url, name = split_checkpoint_url(url)
     remote = open_remote(run_url, storage_options)

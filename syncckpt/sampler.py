@@ -132,14 +132,19 @@ class ResumableSampler(Sampler[int]):
         if n is not None and n != len(self.data_source):
             log.warning(
                 "ResumableSampler: the checkpoint was taken over %d samples, the dataset now has %d; "
-                "the resumed order is not the original one", n, len(self.data_source),
+                "the resumed order is not the original one",
+                n,
+                len(self.data_source),
             )
         for key in ("seed", "shuffle", "drop_last"):
             if key in state:
                 setattr(self, key, state[key])
         if state.get("batch_size", self.batch_size) != self.batch_size:
-            log.warning("ResumableSampler: batch_size changed from %s to %s; the skip uses the saved one",
-                        state["batch_size"], self.batch_size)
+            log.warning(
+                "ResumableSampler: batch_size changed from %s to %s; the skip uses the saved one",
+                state["batch_size"],
+                self.batch_size,
+            )
         self.epoch = int(state.get("epoch", self.epoch))
         pos = state.get("position")
         if pos and pos.get("batch_idx", -1) >= 0:

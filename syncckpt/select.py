@@ -8,8 +8,12 @@ step, then the seed's priority (step > epoch > best), and a local copy before a 
 ...      Candidate("checkpoint-epoch-0", "epoch", 500, 0, "local", "bb"),
 ...      Candidate("checkpoint-step-500", "step", 500, 0, "local", "aa"),
 ...      Candidate("checkpoint-step-600", "step", 600, 0, "local", "cc", healthy=False)]
->>> [(x.name, x.location) for x in order_candidates(c)]
-[('checkpoint-step-500', 'local'), ('checkpoint-step-500', 'remote'), ('checkpoint-epoch-0', 'local'), ('checkpoint-step-600', 'local')]
+>>> for x in order_candidates(c):
+...     print(x.name, x.location)
+checkpoint-step-500 local
+checkpoint-step-500 remote
+checkpoint-epoch-0 local
+checkpoint-step-600 local
 """
 
 from __future__ import annotations

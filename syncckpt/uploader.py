@@ -205,8 +205,10 @@ class Uploader:
                 self._last_error = f"{job.name}: {e}"
                 with self._cond:
                     self._inflight = None
-                    superseded = any(q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
-                                     for q in self._queue)
+                    superseded = any(
+                        q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
+                        for q in self._queue
+                    )
                     if superseded:
                         shutil.rmtree(job.staging, ignore_errors=True)
                     else:
@@ -214,8 +216,13 @@ class Uploader:
                     if self.on_error == "raise":
                         self._raise = e
                     self._cond.notify_all()
-                    log.warning("Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
-                                job.name, self.url, e, pause)
+                    log.warning(
+                        "Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
+                        job.name,
+                        self.url,
+                        e,
+                        pause,
+                    )
                     if not self._closing:
                         self._cond.wait(pause * (0.5 + random.random()))
                     pause = min(pause * 2, self._max_pause)
@@ -259,8 +266,14 @@ class Uploader:
         if self.incremental:
             self._collect_garbage()
         shutil.rmtree(job.staging, ignore_errors=True)
-        log.info("Mirrored %s to %s (%d bytes sent of %d in %.1fs)", manifest.name, self.url, sent,
-                 manifest.total_size, time.monotonic() - t0)
+        log.info(
+            "Mirrored %s to %s (%d bytes sent of %d in %.1fs)",
+            manifest.name,
+            self.url,
+            sent,
+            manifest.total_size,
+            time.monotonic() - t0,
+        )
 
     def _upload_parts(self, folder: Path, manifest: Manifest) -> tuple[Manifest, bytes, int]:
         """Upload the blobs of ``manifest``'s files that the remote lacks; return the remote manifest."""
@@ -296,7 +309,9 @@ class Uploader:
             for fut in futures:
                 fut.result()
         stats = self.remote._parallel(lambda d: self.remote.stat(blob_rel(d)), list(queued))
-        for (digest, size), st in zip(queued.items(), stats):  # check sizes without downloading, as for files
+        for (digest, size), st in zip(
+            queued.items(), stats, strict=True
+        ):  # check sizes without downloading, as for files
             if st.size != size:
                 raise RemoteError(f"{self.url}/{blob_rel(digest)}: store holds {st.size} bytes, expected {size}")
         known.update(queued)

@@ -156,7 +156,7 @@ class Remote(abc.ABC):
             check_relative_path(entry.path)
         objects = [(rel, size) for entry in manifest.files for rel, size, _ in _objects(name, entry)]
         stats = self._parallel(lambda o: self.stat(o[0]), objects)
-        for (rel, size), st in zip(objects, stats):
+        for (rel, size), st in zip(objects, stats, strict=True):
             if st.size != size:
                 raise CheckpointCorrupt(f"{self.url}/{rel}: store holds {st.size} bytes, manifest says {size}")
         free = _free_bytes(dest_dir)
@@ -205,10 +205,12 @@ class Remote(abc.ABC):
         items = list(items)
         if len(items) <= 1:
             return [fn(i) for i in items]
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items)), thread_name_prefix="syncckpt-xfer") as ex:
+        with ThreadPoolExecutor(
+            max_workers=min(self.max_workers, len(items)), thread_name_prefix="syncckpt-xfer"
+        ) as ex:
             return list(ex.map(fn, items))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients and pools. Safe to call twice."""
 
 
@@ -233,4 +235,3 @@ def _free_bytes(path: Path) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
-

@@ -40,6 +40,7 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=2)
     p.add_argument("--remote", default=None)
     p.add_argument("--storage-options", default=None, help="JSON object passed to the remote backend")
+    p.add_argument("--remote-options", default=None, help="JSON object of backend keyword arguments")
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--takeover", action="store_true")
     p.add_argument("--no-resume", action="store_true")
@@ -58,7 +59,8 @@ def main() -> int:
     storage_options = json.loads(args.storage_options) if args.storage_options else None
     mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=args.save_every, keep_last=args.keep_last, keep_epochs=2,
                             remote=args.remote, storage_options=storage_options, grace_period=30,
-                            takeover=args.takeover)
+                            takeover=args.takeover,
+                            remote_options=json.loads(args.remote_options) if args.remote_options else None)
     mgr.register(model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     info = None
     if not args.no_resume:

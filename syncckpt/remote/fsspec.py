@@ -1,0 +1,736 @@
+"""s3://, gs://, file://, plain paths, memory:// and any other fsspec protocol behind the :class:`Remote` interface.
+
+Options go to the fsspec backend unchanged, as ``storage_options`` (``key``/``secret``/``client_kwargs`` for s3fs,
+``token``/``endpoint_url`` for gcsfs, ...). A mounted Google Drive or NFS share is just a local path.
+
+>>> import pathlib, tempfile
+>>> from syncckpt.manifest import FileEntry, Latest, Manifest, sha256_hex
+>>> src = pathlib.Path(tempfile.mkdtemp())
+>>> _ = (src / "model.safetensors").write_bytes(b"weights")
+>>> m = Manifest(name="checkpoint-step-10", kind="step", global_step=10, epoch=0, batch_idx=9,
+...              files=[FileEntry("model.safetensors", 7, sha256_hex(b"weights"))])
+>>> r = FsspecRemote("memory://fsspec-doc/run")
+>>> r.commit_checkpoint(m.name, src, m, m.to_bytes(), Latest(m.name, 10, sha256_hex(m.to_bytes())))
+>>> r.list_checkpoints(), r.read_latest().name
+(['checkpoint-step-10'], 'checkpoint-step-10')
+>>> r.create_exclusive(".lease", b"session-a"), r.create_exclusive(".lease", b"session-b")
+(True, False)
+>>> r.delete_checkpoint("checkpoint-step-10"); r.list_checkpoints()
+[]
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlsplit
+
+from fsspec.asyn import AsyncFileSystem
+from fsspec.callbacks import Callback
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.spec import AbstractFileSystem
+
+from .._failpoints import failpoint
+from ..blobs import BLOB_DIR
+from ..errors import RemoteError, SyncCkptError, UnsafeCheckpoint
+from ..manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Latest,
+    Manifest,
+    check_relative_path,
+    parse_checkpoint_name,
+)
+from .base import CHUNK, ProgressFn, Remote, RemoteStat, _check_name
+from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+# memory:// lives in this process; one lock makes its check-then-create atomic for every remote in it.
+_MEMORY_CREATE_LOCK = threading.Lock()
+
+# Keys of storage_options whose string values are credentials, and values under them that are not secret.
+_SECRET_KEY_HINTS = ("key", "secret", "token", "password", "passwd", "credential", "sas", "signature", "auth")
+_NOT_SECRET = {"anon", "google_default", "cache", "cloud", "browser"}
+
+
+class FsspecRemote(Remote):
+    """A run prefix in any fsspec filesystem.
+
+    ``url`` is the run prefix (``s3://bucket/runs/nli-1``, ``gs://...``, ``/content/drive/MyDrive/run``,
+    ``memory://name``); ``storage_options`` go to the backend; ``max_workers`` files move at once (s3fs and gcsfs
+    also split large files into parallel parts); ``retry`` says how hard to retry transient failures.
+
+    Every relative path is checked with ``check_relative_path`` and every checkpoint name with
+    ``parse_checkpoint_name`` before it is joined to the prefix, so nothing outside the prefix is ever touched.
+    The backend is rebuilt in a forked child, whose copy of the parent's event loop and sessions is unusable.
+
+    >>> r = FsspecRemote("memory://fsspec-doc-2/run")
+    >>> r.write_bytes("notes/a.txt", b"hi"); r.read_bytes("notes/a.txt"), r.stat("notes/a.txt").size
+    (b'hi', 2)
+    >>> r.read_bytes("../outside")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    syncckpt.errors.UnsafeCheckpoint: memory://fsspec-doc-2/run: file path '../outside' escapes ...
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        max_workers: int = 8,
+        *,
+        retry: RetryPolicy | None = None,
+    ):
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self.url = safe_url(url)
+        self.max_workers = max_workers
+        self.retry = retry or DEFAULT_POLICY
+        self._raw_url = url
+        self._options = dict(storage_options or {})
+        self._secrets = _secret_strings(self._options, url)
+        self._lock = threading.Lock()
+        self._fs: AbstractFileSystem | None = None
+        self._pid = -1
+        self._root = ""
+        self._warned_not_atomic = False
+        self._filesystem()
+
+    def __repr__(self) -> str:
+        return f"FsspecRemote({self.url!r})"
+
+    # ---- the backend, rebuilt after fork ---------------------------------------------------------------------
+    def _filesystem(self) -> AbstractFileSystem:
+        if self._fs is not None and self._pid == os.getpid():
+            return self._fs
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # a lock copied by fork may be held by a thread that no longer exists
+        with self._lock:
+            if self._fs is None or self._pid != os.getpid():
+                try:
+                    # skip_instance_cache: this remote's sessions and listing cache are its own, and a child
+                    # process never reuses an instance (with its event loop) inherited from its parent.
+                    fs, root = url_to_fs(self._raw_url, skip_instance_cache=True, **self._options)
+                except Exception as e:
+                    raise RemoteError(f"{self.url}: cannot open the store: {self._scrub(describe(e))}") from None
+                root = root.rstrip("/")
+                if not root and not isinstance(fs, LocalFileSystem):
+                    raise RemoteError(f"{self.url}: the URL names no bucket or folder")
+                self._fs, self._root, self._pid = fs, root, os.getpid()
+        return self._fs
+
+    @property
+    def _kind(self) -> str:
+        fs = self._filesystem()
+        if isinstance(fs, LocalFileSystem):
+            return "local"
+        if isinstance(fs, MemoryFileSystem):
+            return "memory"
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if protocols & {"s3", "s3a"}:
+            return "s3"
+        if protocols & {"gs", "gcs"}:
+            return "gcs"
+        return "other"
+
+    def close(self) -> None:
+        """Drop the backend instance; the next call builds a fresh one."""
+        with self._lock:
+            self._fs = None
+
+    # ---- paths ----------------------------------------------------------------------------------------------
+    def _path(self, rel: str) -> str:
+        _check_rel(rel, self.url)
+        self._filesystem()
+        return f"{self._root}/{rel}"
+
+    # ---- Remote primitives ------------------------------------------------------------------------------------
+    def list_checkpoints(self) -> list[str]:
+        """Checkpoint folders that hold a manifest.json; listing caches are dropped first (others may write)."""
+        fs = self._filesystem()
+        fs.invalidate_cache()
+        try:
+            entries = self._run("list", "", fs.ls, self._root, detail=True, not_found=True)
+        except FileNotFoundError:
+            missing = self._missing_bucket_error("list")
+            if missing is not None:
+                raise missing from None
+            return []
+        names = []
+        for entry in entries:
+            base = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "directory" and parse_checkpoint_name(base) is not None:
+                names.append(base)
+        complete = self._parallel(lambda n: self._exists(f"{n}/{MANIFEST_NAME}"), names)
+        return [n for n, ok in zip(names, complete, strict=True) if ok]
+
+    def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
+        """Read a small object whole; FileNotFoundError when absent, UnsafeCheckpoint when over ``max_size``."""
+        path = self._path(rel)
+        size = self.stat(rel).size
+        if size > max_size:
+            raise UnsafeCheckpoint(f"{self.url}/{rel}: {size} bytes is over the {max_size}-byte limit; refusing it")
+        if size == 0:
+            return b""  # a ranged read of an empty S3 object is answered 416
+        # max_size + 1 bytes at most: an object replaced by a larger one after stat is still caught.
+        data = self._run("read", rel, self._filesystem().cat_file, path, start=0, end=max_size + 1, not_found=True)
+        if len(data) > max_size:
+            raise UnsafeCheckpoint(f"{self.url}/{rel}: grew over the {max_size}-byte limit while read; refusing it")
+        return data
+
+    def open_read(self, rel: str) -> BinaryIO:
+        """A sequential reader that reopens at its offset and carries on after a transient failure."""
+        return _RetryingReader(self, rel, self._path(rel))  # type: ignore[return-value]
+
+    def stat(self, rel: str) -> RemoteStat:
+        """Size and the checksums the store keeps: GCS ``md5`` (hex) and ``crc32c`` (base64); S3 ``etag``
+        (the MD5 hex only for single-part unencrypted uploads) and any ``Checksum*`` it reports (``sha256`` as hex,
+        CRCs as base64). Local files and memory:// report none."""
+        path = self._path(rel)
+        info = self._run("stat", rel, self._info, path, not_found=True)
+        if info.get("type") == "directory":
+            raise FileNotFoundError(f"{self.url}/{rel}: is a folder, not an object")
+        return RemoteStat(size=int(info.get("size") or 0), checksums=_checksums(info))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Create or overwrite a small object; on a local path the replacement is atomic (rename)."""
+        path = self._path(rel)
+        if self._kind == "local":
+            self._run("write", rel, _write_local_atomic, path, data)
+            return
+        fs = self._filesystem()
+        if not isinstance(fs, AsyncFileSystem):
+            # Object stores have no folders; sync backends (sftp, smb, ...) want the parent to exist. Never done
+            # for object stores: s3fs.makedirs would create a missing bucket instead of failing.
+            self._run("mkdir", rel, fs.makedirs, fs._parent(path), exist_ok=True)
+        self._run("write", rel, fs.pipe_file, path, data)
+
+    def delete(self, rel: str) -> None:
+        """Delete one object; absent is fine."""
+        self._delete_path(rel, self._path(rel))
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Delete ``NAME/manifest.json`` first, so the folder stops counting as a checkpoint, then the rest."""
+        _check_name(name)
+        self.delete(f"{name}/{MANIFEST_NAME}")
+        folder = self._path(name)
+        if self._kind == "local":
+            self._run("delete", name, _rmtree_quiet, folder)
+            return
+        fs = self._filesystem()
+        fs.invalidate_cache(folder)
+        paths = self._run("list", name, _find_quiet, fs, folder)
+        # Only exact descendants of the folder: checkpoint-step-1 must never take checkpoint-step-10 with it.
+        inside = [p for p in paths if fs._strip_protocol(p).startswith(folder + "/")]
+        self._parallel(lambda p: self._delete_path(name, p), inside)
+        if not isinstance(fs, AsyncFileSystem):
+            self._run("delete", name, _rmdir_quiet, fs, folder)
+
+    def commit_checkpoint(
+        self,
+        name: str,
+        local_dir: Path,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        latest: Latest | None,
+        delete: Iterable[str] = (),
+        progress: ProgressFn | None = None,
+    ) -> None:
+        """Upload the data files (``max_workers`` at once), check their sizes in the store, then write
+        manifest.json, then LATEST, then delete the checkpoints in ``delete``.
+
+        A checkpoint of the same name already in the store (``best_model`` saved again) is deleted first, so its
+        old manifest never describes a mix of old and new files. ``progress(nbytes)`` is called as bytes go, from
+        worker threads but never two at once; retried bytes are not counted twice.
+        """
+        _check_name(name)
+        if manifest.name != name:
+            raise ValueError(f"manifest describes {manifest.name!r} but the checkpoint is committed as {name!r}")
+        for entry in manifest.files:
+            check_relative_path(entry.path, where=f"{self.url}/{name}/{MANIFEST_NAME}")
+        doomed = list(delete)
+        for old in doomed:
+            _check_name(old)
+            if old == name:
+                raise ValueError(f"{name!r} is both committed and deleted; refusing the commit")
+        if latest is not None:
+            _check_name(latest.name)
+        local_dir = Path(local_dir)
+        missing = [e.path for e in manifest.files if not (local_dir / e.path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{local_dir}: missing {missing[:5]} listed in the manifest of {name}")
+        report = _one_at_a_time(progress)
+
+        self.delete_checkpoint(name)
+        self._parallel(lambda e: self._upload(local_dir / e.path, f"{name}/{e.path}", e.size, report), manifest.files)
+        failpoint("remote-data")
+        self.check_uploaded(name, manifest)
+        failpoint("remote-manifest")
+        self.write_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)
+        if latest is not None:
+            failpoint("remote-latest")
+            self.write_bytes(LATEST_NAME, latest.to_bytes())
+        for old in doomed:
+            failpoint("remote-delete")
+            self.delete_checkpoint(old)
+
+    def list_blobs(self) -> list[str]:
+        """Digests of the blobs under ``blobs/`` (incremental mirroring), bypassing listing caches."""
+        fs = self._filesystem()
+        root = self._path(BLOB_DIR)
+        fs.invalidate_cache(root)
+        found = self._run("list", BLOB_DIR, _find_quiet, fs, root)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in found if _HEX64.match(p.rstrip("/").rsplit("/", 1)[-1])]
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist yet. True when created.
+
+        What each store guarantees:
+
+        - ``s3://``: ``PUT`` with ``If-None-Match: *`` (AWS S3 since 2024, MinIO, R2; moto enforces it). A store
+          that ignores the header silently overwrites: check your S3-compatible store supports it.
+        - ``gs://``: upload with ``ifGenerationMatch=0``: atomic.
+        - local paths: the bytes go to a temporary file that is hard-linked into place, so the object appears
+          atomically and complete; where links are unsupported (some FUSE mounts) ``O_CREAT | O_EXCL`` is used,
+          which is atomic but lets a reader see a partly written file.
+        - ``memory://``: a process-wide lock around check-and-create.
+        - anything else: check, then write, with a warning: two writers can both succeed.
+
+        On s3:// and gs://, a create whose reply was lost may be retried (by this policy or by the client) and
+        then answered "exists" although it was ours; the object is then read back and True returned when it holds
+        exactly ``data``. Put something unique in ``data`` (a session id) so another writer's object never
+        compares equal.
+        """
+        path = self._path(rel)
+        kind = self._kind
+        if kind == "local":
+            return self._run("create", rel, _create_local, path, data)
+        fs = self._filesystem()
+        if kind == "memory":
+            with _MEMORY_CREATE_LOCK:
+                if fs.exists(path):
+                    return False
+                fs.pipe_file(path, data)
+                return True
+        if kind in ("s3", "gcs"):
+            try:
+                self._run("create", rel, fs.pipe_file, path, data, mode="create")
+                return True
+            except FileExistsError:
+                return self._holds(rel, data)
+        if not self._warned_not_atomic:
+            self._warned_not_atomic = True
+            log.warning(
+                "%s: this store offers no conditional create; create_exclusive checks then writes, "
+                "so two writers racing can both believe they created the object",
+                self.url,
+            )
+        if self._exists(rel):
+            return False
+        self.write_bytes(rel, data)
+        return True
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def _upload(self, local: Path, rel: str, size: int, report: ProgressFn | None) -> None:
+        path = self._path(rel)
+        counter = _Progress(report, size)
+
+        def once() -> None:
+            counter.restart()
+            if self._kind == "local":
+                _copy_local(local, path, counter)
+            else:
+                # put_file streams from disk and switches to multipart/resumable uploads for large files.
+                self._filesystem().put_file(str(local), path, callback=counter)
+
+        self._run("upload", rel, once)
+        counter.finish()
+
+    def _info(self, path: str) -> dict[str, Any]:
+        fs = self._filesystem()
+        fs.invalidate_cache(path)  # a listing cached earlier may hold an old size
+        return fs.info(path)
+
+    def _exists(self, rel: str) -> bool:
+        try:
+            self.stat(rel)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(rel, max_size=len(data)) == data
+        except (FileNotFoundError, UnsafeCheckpoint):
+            return False
+
+    def _delete_path(self, rel: str, path: str) -> None:
+        fs = self._filesystem()
+
+        def rm() -> None:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        self._run("delete", rel, rm)
+
+    def _run(self, op: str, rel: str, fn: Callable[..., T], *args: Any, not_found: bool = False, **kwargs: Any) -> T:
+        """Call ``fn`` under the retry policy and turn what escapes into errors that name the URL, never secrets.
+
+        ``not_found``: a FileNotFoundError means "no such object" and is raised as one; otherwise it means a
+        missing bucket or folder and becomes a RemoteError.
+        """
+        where = f"{self.url}/{rel}" if rel else self.url
+        err: BaseException
+        try:
+            return self.retry.call(fn, *args, what=f"{op} {where}", scrub=self._scrub, **kwargs)
+        except (SyncCkptError, FileExistsError):
+            raise
+        except FileNotFoundError as e:
+            if _no_such_bucket(e):
+                bucket = self._root.split("/")[0]
+                err = RemoteError(f"{where}: {op} failed: bucket {bucket!r} does not exist; create it or fix the URL")
+                cause = None
+            elif not_found:
+                err, cause = FileNotFoundError(f"{where}: no such object"), None
+            else:
+                err = self._missing_bucket_error(op) or self._error(op, where, e)
+                cause = self._safe_cause(e)
+        except Exception as e:
+            err, cause = self._error(op, where, e), self._safe_cause(e)
+        # Raised outside the handler, so Python does not attach the store's exception as __context__: one that
+        # carries a secret must not travel with ours; a clean one is chained explicitly.
+        raise err from cause
+
+    def _error(self, op: str, where: str, e: BaseException) -> RemoteError:
+        if is_transient(e):
+            hint = "the store or the network kept failing; check connectivity and try again later"
+            return RemoteError(f"{where}: {op} gave up after retries: {self._scrub(describe(e))}; {hint}")
+        if isinstance(e, PermissionError):
+            hint = "access denied: check the credentials in storage_options and the bucket's permissions"
+            return RemoteError(f"{where}: {op} failed: {self._scrub(describe(e))}; {hint}")
+        return RemoteError(f"{where}: {op} failed: {self._scrub(describe(e))}")
+
+    def _missing_bucket_error(self, op: str) -> RemoteError | None:
+        """Stores like GCS answer a bare 404 for a missing bucket too; ask about the bucket itself."""
+        fs = self._filesystem()
+        split = getattr(fs, "split_path", None)
+        if split is None:
+            return None
+        bucket = split(self._root)[0]
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            return RemoteError(f"{self.url}: {op} failed: bucket {bucket!r} does not exist; create it or fix the URL")
+        except Exception:
+            pass  # no permission to look at the bucket, or a hiccup: not evidence it is missing
+        return None
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return _USERINFO.sub("://", text)
+
+    def _safe_cause(self, e: BaseException) -> BaseException | None:
+        """The exception to chain under ours, or None when any message in its chain carries a secret."""
+        seen: set[int] = set()
+        cur: BaseException | None = e
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            text = str(cur) + repr(cur.args)
+            if self._scrub(text) != text:
+                return None
+            cur = cur.__cause__ or cur.__context__
+        return e
+
+
+class _RetryingReader:
+    """File-like sequential reader: a transient failure mid-stream reopens the object at the same offset."""
+
+    def __init__(self, remote: FsspecRemote, rel: str, path: str):
+        self._remote, self._rel, self._path = remote, rel, path
+        self._pos = 0
+        self._f: Any = None
+        remote._run("open", rel, self._ensure_open, not_found=True)
+
+    def _ensure_open(self) -> None:
+        if self._f is None:
+            f = self._remote._filesystem().open(self._path, "rb", block_size=CHUNK)
+            if self._pos:
+                f.seek(self._pos)
+            self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        def once() -> bytes:
+            self._ensure_open()
+            try:
+                return self._f.read(n)
+            except BaseException:
+                self._discard()
+                raise
+
+        data = self._remote._run("read", self._rel, once, not_found=True)
+        self._pos += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _discard(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._discard()
+
+    def __enter__(self) -> _RetryingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Progress(Callback):
+    """fsspec callback that forwards byte counts, clamped to the file size and never repeated by a retry."""
+
+    def __init__(self, report: ProgressFn | None, size: int):
+        super().__init__(size=size)
+        self._report = report
+        self._total = size
+        self._sent = 0
+
+    def restart(self) -> None:
+        self.value = 0
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        done = min(self.value, self._total)
+        if done > self._sent:
+            if self._report is not None:
+                self._report(done - self._sent)
+            self._sent = done
+
+    def finish(self) -> None:
+        # Some backends (local copies, sync filesystems) report nothing; the file is complete either way.
+        self.value = self._total
+        self.call()
+
+
+def _one_at_a_time(progress: ProgressFn | None) -> ProgressFn | None:
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def report(n: int) -> None:
+        with lock:
+            progress(n)
+
+    return report
+
+
+# ---- local files ------------------------------------------------------------------------------------------------
+def _tmp_name(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network and FUSE filesystems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(path: str, data: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    tmp = _write_tmp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def _create_local(path: str, data: bytes) -> bool:
+    tmp = _write_tmp(path, data)
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            # No hard links here (some FUSE mounts): O_EXCL is still atomic, but the content lands after.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        _unlink_quiet(tmp)
+    _fsync_dir(os.path.dirname(path))
+    return True
+
+
+def _copy_local(src: Path, dst: str, counter: _Progress) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while chunk := fi.read(CHUNK):
+            fo.write(chunk)
+            counter.relative_update(len(chunk))
+        fo.flush()
+        os.fsync(fo.fileno())  # durable before the manifest that vouches for it is written
+    _fsync_dir(os.path.dirname(dst))
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _rmtree_quiet(path: str) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---- any filesystem ---------------------------------------------------------------------------------------------
+def _find_quiet(fs: AbstractFileSystem, path: str) -> list[str]:
+    try:
+        return list(fs.find(path))
+    except FileNotFoundError:
+        return []
+
+
+def _rmdir_quiet(fs: AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def _check_rel(rel: str, url: str) -> None:
+    """check_relative_path, plus dot-files at the run root (``.lease``)."""
+    if isinstance(rel, str) and rel.startswith(".") and "/" not in rel and rel not in (".", ".."):
+        check_relative_path(rel[1:], where=url)
+    else:
+        check_relative_path(rel, where=url)
+
+
+def _no_such_bucket(e: BaseException) -> bool:
+    """S3 names a missing bucket in the error code (s3fs keeps the botocore error as the cause)."""
+    cur: BaseException | None = e
+    seen: set[int] = set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _checksums(info: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        if info.get("md5Hash"):  # GCS, base64
+            out["md5"] = base64.b64decode(info["md5Hash"]).hex()
+        if info.get("crc32c"):  # GCS, base64 big-endian
+            out["crc32c"] = str(info["crc32c"])
+        if info.get("ETag"):  # S3
+            out["etag"] = str(info["ETag"]).strip('"')
+        for key, value in info.items():
+            # S3 additional checksums; composite ones ("...-3", multipart) cannot be compared with a whole-file hash
+            if key.startswith("Checksum") and key != "ChecksumType" and isinstance(value, str) and "-" not in value:
+                algo = key[len("Checksum") :].lower()
+                out[algo] = base64.b64decode(value).hex() if algo == "sha256" else value
+    except (ValueError, TypeError):
+        pass  # a checksum we cannot decode is only a missed shortcut; sizes and SHA-256 still protect the data
+    return out
+
+
+# ---- credentials never leave ---------------------------------------------------------------------------------------
+_USERINFO = re.compile(r"://[^/\s@]*@")
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials: no userinfo, no query string (SAS tokens), no fragment, no trailing slash.
+
+    >>> safe_url("s3://AKIA:SECRET-DO-NOT-LOG@bucket/runs/a/?X-Amz-Signature=abc")
+    's3://bucket/runs/a'
+    >>> safe_url("/content/drive/MyDrive/run/"), safe_url("simplecache::s3://u:p@b/x")
+    ('/content/drive/MyDrive/run', 'simplecache::s3://b/x')
+    """
+    parts = []
+    for piece in url.split("::"):
+        s = urlsplit(piece)
+        if s.scheme and "://" in piece:
+            piece = f"{s.scheme}://{s.netloc.rsplit('@', 1)[-1]}{s.path}"
+        parts.append(piece.rstrip("/") or piece)
+    return "::".join(parts)
+
+
+def _secret_strings(options: dict[str, Any], url: str) -> tuple[str, ...]:
+    found: set[str] = set()
+
+    def walk(obj: Any, secret: bool) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, secret or any(h in str(k).lower() for h in _SECRET_KEY_HINTS))
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, secret)
+        elif isinstance(obj, str) and secret and len(obj) >= 4 and obj not in _NOT_SECRET:
+            found.add(obj)
+
+    walk(options, False)
+    for piece in url.split("::"):
+        s = urlsplit(piece)
+        for value in (s.password, s.username, s.query):
+            if value and len(value) >= 4:
+                found.add(value)
+    return tuple(sorted(found, key=len, reverse=True))  # longest first, so no secret is left half-replaced

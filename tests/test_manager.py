@@ -1,0 +1,817 @@
+"""CheckpointManager: triggers, best/epoch/retention, resume selection and fallback, exact state, failure modes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pickle
+import random
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import syncckpt.manager as manager_mod
+from syncckpt import (
+    CheckpointManager,
+    CheckpointNotFound,
+    ResumableSampler,
+    StateMismatch,
+    StateNotSerializable,
+    SyncCkptError,
+)
+from syncckpt import local as local_mod
+
+
+def make_model(seed: int = 0, out: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, out)).to(dtype)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    model(torch.randn(5, 4)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def new_mgr(directory: Path, **kw: Any) -> CheckpointManager:
+    kw.setdefault("handle_sigterm", False)
+    return CheckpointManager(directory, **kw)
+
+
+def folders(directory: Path) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir())
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "manifest.json").read_bytes())
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def warnings_text(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class Custom:
+    """A user object with its own state_dict."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+# ---- triggers -----------------------------------------------------------------------------------------------------
+
+
+def test_step_saves_every_n_steps_and_returns_whether_it_saved(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    with new_mgr(tmp_path, save_every_n_steps=3, keep_last=2) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        started = []
+        for g in range(1, 8):
+            train_step(model, opt)
+            started.append(mgr.step(g, epoch=0, batch_idx=g - 1))
+        assert started == [False, False, True, False, False, True, False]
+        assert mgr.step(6, epoch=0, batch_idx=5) is False  # the same step is never saved twice
+        assert mgr.wait(30) is True
+    assert folders(tmp_path) == ["checkpoint-step-3", "checkpoint-step-6"]
+
+
+def test_save_every_n_minutes_uses_the_monotonic_clock(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(manager_mod, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=lambda: 0.0))
+    with new_mgr(tmp_path, save_every_n_steps=None, save_every_n_minutes=5) as mgr:
+        mgr.register(model=make_model())
+        results = []
+        for g, t in [(1, 1000), (2, 1299), (3, 1300), (4, 1301), (5, 1599), (6, 1600), (7, 1601)]:
+            clock[0] = float(t)
+            results.append(mgr.step(g))
+        assert results == [False, False, True, False, False, True, False]
+        assert mgr.wait(30)
+    assert folders(tmp_path) == ["checkpoint-step-6"]
+
+
+def test_steps_and_minutes_combine(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(manager_mod, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=lambda: 0.0))
+    with new_mgr(tmp_path, save_every_n_steps=10, save_every_n_minutes=1, keep_last=5) as mgr:
+        mgr.register(model=make_model())
+        assert mgr.step(10) is True
+        clock[0] = 61.0
+        assert mgr.step(11) is True
+        assert mgr.step(12) is False  # the minutes timer restarted at the last save
+        assert mgr.step(20) is True
+        mgr.wait(30)
+    assert folders(tmp_path) == ["checkpoint-step-10", "checkpoint-step-11", "checkpoint-step-20"]
+
+
+def test_save_writes_a_step_checkpoint_now(tmp_path):
+    with new_mgr(tmp_path, save_every_n_steps=None) as mgr:
+        mgr.register(model=make_model())
+        assert mgr.step(5) is False
+        mgr.save(7, epoch=1, batch_idx=2, metrics={"loss": torch.tensor(0.25)})
+        assert mgr.wait(30)
+        assert mgr.status()["last_committed"] == "checkpoint-step-7"
+    m = read_manifest(tmp_path / "checkpoint-step-7")
+    assert (m["global_step"], m["epoch"], m["batch_idx"], m["metrics"]) == (7, 1, 2, {"loss": 0.25})
+
+
+# ---- epochs, best, retention ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode,metric,values,best_epochs",
+    [
+        ("max", "acc", [0.5, 0.4, 0.7, 0.7], [0, 0, 2, 2]),
+        ("min", "loss", [0.5, 0.6, 0.3, 0.3], [0, 0, 2, 2]),
+    ],
+)
+def test_save_epoch_writes_epoch_checkpoints_and_best_only_on_improvement(tmp_path, mode, metric, values, best_epochs):
+    with new_mgr(tmp_path, metric_for_best=metric, mode=mode, keep_epochs=10) as mgr:
+        mgr.register(model=make_model())
+        for epoch, (value, best_epoch) in enumerate(zip(values, best_epochs, strict=True)):
+            assert mgr.save_epoch(epoch, global_step=10 * (epoch + 1), metrics={metric: value}) is True
+            assert mgr.wait(30)
+            best = read_manifest(tmp_path / "best_model")
+            assert (best["kind"], best["epoch"], best["metrics"][metric]) == ("best", best_epoch, values[best_epoch])
+            ep = read_manifest(tmp_path / f"checkpoint-epoch-{epoch}")
+            assert (ep["kind"], ep["global_step"], ep["metrics"][metric]) == ("epoch", 10 * (epoch + 1), value)
+        local_mod.verify(tmp_path / "best_model")
+    assert folders(tmp_path) == ["best_model"] + [f"checkpoint-epoch-{e}" for e in range(4)]
+
+
+def test_save_epoch_returns_false_when_nothing_is_due(tmp_path, caplog):
+    with new_mgr(tmp_path, metric_for_best="acc", save_every_n_epochs=2) as mgr:
+        mgr.register(model=make_model())
+        assert mgr.save_epoch(0, global_step=5, metrics={"acc": 0.5}) is True  # best only
+        assert mgr.save_epoch(1, global_step=10, metrics={"acc": 0.1}) is True  # epoch only
+        assert mgr.save_epoch(2, global_step=15, metrics={"acc": 0.2}) is False
+        assert mgr.save_epoch(3, global_step=20, metrics={"acc": float("nan")}) is True  # NaN never improves
+        assert mgr.save_epoch(4, global_step=25, metrics={"other": 1.0}) is False
+        mgr.wait(30)
+    assert folders(tmp_path) == ["best_model", "checkpoint-epoch-1", "checkpoint-epoch-3"]
+    assert read_manifest(tmp_path / "best_model")["epoch"] == 0
+    assert "metric_for_best 'acc' is not in the metrics" in warnings_text(caplog)
+
+
+def test_best_survives_a_resume(tmp_path):
+    with new_mgr(tmp_path, metric_for_best="acc") as mgr:
+        mgr.register(model=make_model())
+        mgr.save_epoch(0, global_step=10, metrics={"acc": 0.8})
+    with new_mgr(tmp_path, metric_for_best="acc") as mgr:
+        mgr.register(model=make_model(1))
+        assert mgr.resume().name == "checkpoint-epoch-0"
+        assert mgr.save_epoch(1, global_step=20, metrics={"acc": 0.6}) is True
+        mgr.wait(30)
+        best = read_manifest(tmp_path / "best_model")
+        assert (best["epoch"], best["metrics"]["acc"]) == (0, 0.8)
+        mgr.save_epoch(2, global_step=30, metrics={"acc": 0.9})
+        mgr.wait(30)
+    best = read_manifest(tmp_path / "best_model")
+    assert (best["epoch"], best["metrics"]["acc"]) == (2, 0.9)
+
+
+def test_retention_on_disk_keep_last_1_keep_epochs_2(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with new_mgr(tmp_path, save_every_n_steps=2, keep_last=1, keep_epochs=2, metric_for_best="acc") as mgr:
+        mgr.register(model=model, optimizer=opt)
+        for g in range(1, 16):
+            epoch, batch_idx = divmod(g - 1, 5)
+            train_step(model, opt)
+            mgr.step(g, epoch=epoch, batch_idx=batch_idx)
+            if batch_idx == 4:
+                mgr.save_epoch(epoch, global_step=g, metrics={"acc": [0.5, 0.9, 0.7][epoch]})
+        assert mgr.wait(30)
+        assert sorted(mgr.list_local()) == mgr.status()["local"]
+    assert folders(tmp_path) == ["best_model", "checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-step-14"]
+    assert read_manifest(tmp_path / "best_model")["epoch"] == 1
+
+
+# ---- resume --------------------------------------------------------------------------------------------------------
+
+
+def test_resume_prefers_step_then_epoch_then_best_on_equal_steps(tmp_path):
+    with new_mgr(tmp_path, metric_for_best="acc") as mgr:
+        mgr.register(model=make_model())
+        mgr.save(10, epoch=0, batch_idx=9)
+        mgr.save_epoch(0, global_step=10, metrics={"acc": 1.0})
+    assert folders(tmp_path) == ["best_model", "checkpoint-epoch-0", "checkpoint-step-10"]
+    for expected in ("checkpoint-step-10", "checkpoint-epoch-0", "best_model"):
+        with new_mgr(tmp_path) as mgr:
+            mgr.register(model=make_model(1))
+            info = mgr.resume()
+        assert info.name == expected
+        local_mod.delete(tmp_path, expected)
+
+
+def test_resume_prefers_the_newest_global_step(tmp_path):
+    with new_mgr(tmp_path, metric_for_best="acc", keep_last=3) as mgr:
+        mgr.register(model=make_model())
+        mgr.save_epoch(0, global_step=8, metrics={"acc": 1.0})
+        mgr.save(9, epoch=1, batch_idx=0)
+        mgr.save_epoch(1, global_step=12, metrics={"acc": 0.0})
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(1))
+        assert mgr.resume().name == "checkpoint-epoch-1"
+
+
+def test_resume_info_for_a_step_checkpoint(tmp_path):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model())
+        mgr.save(7, epoch=2, batch_idx=3, metrics={"loss": 1.5})
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(1))
+        info = mgr.resume()
+    assert (info.global_step, info.epoch, info.batch_idx, info.name, info.kind, info.source) == (
+        7,
+        2,
+        3,
+        "checkpoint-step-7",
+        "step",
+        "local",
+    )
+    assert Path(info.path) == tmp_path / "checkpoint-step-7"
+    assert info.metrics == {"loss": 1.5}
+
+
+def test_resume_info_for_an_epoch_checkpoint(tmp_path):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model())
+        mgr.save_epoch(2, global_step=9)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(1))
+        info = mgr.resume()
+    assert (info.global_step, info.epoch, info.batch_idx, info.name, info.kind) == (
+        9,
+        3,
+        -1,
+        "checkpoint-epoch-2",
+        "epoch",
+    )
+
+
+def test_resume_logs_the_seed_lines(tmp_path, caplog):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model())
+        mgr.save(7, epoch=2, batch_idx=3)
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(1))
+        mgr.resume()
+    lines = [r.getMessage() for r in caplog.records if r.name == "syncckpt"]
+    assert f"Resuming from checkpoint: {tmp_path / 'checkpoint-step-7'}" in lines
+    assert "Resuming from global step 7" in lines
+    assert "Checkpoint epoch: 2, batch: 3" in lines
+    assert "Resuming mid-epoch from epoch 3" in lines
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model())
+        assert mgr.resume() is None
+        with pytest.raises(CheckpointNotFound, match=str(tmp_path)):
+            mgr.resume(tmp_path)
+        with pytest.raises(CheckpointNotFound):
+            mgr.resume(tmp_path / "missing")
+        with pytest.raises(FileNotFoundError):  # CheckpointNotFound is also a FileNotFoundError
+            mgr.resume(str(tmp_path))
+
+
+def test_resume_from_an_explicit_checkpoint_folder(tmp_path):
+    model = make_model()
+    with new_mgr(tmp_path / "run", keep_last=2, save_every_n_steps=1) as mgr:
+        mgr.register(model=model)
+        mgr.step(1)
+        expected = state_copy(model)
+        with torch.no_grad():
+            model[0].weight.add_(1)
+        mgr.wait(30)
+        mgr.step(2)
+    fresh = make_model(5)
+    with new_mgr(tmp_path / "other") as mgr:
+        mgr.register(model=fresh)
+        assert mgr.resume(tmp_path / "run" / "checkpoint-step-1").global_step == 1
+    assert_state_equal(fresh, expected)
+
+
+def test_resume_requires_registered_objects(tmp_path):
+    with new_mgr(tmp_path) as mgr, pytest.raises(SyncCkptError, match="register"):
+        mgr.resume()
+
+
+def _two_step_checkpoints(directory: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Run steps 1..4 saving at 2 and 4 (keep_last=2); returns the model state at each save."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    states = {}
+    with new_mgr(directory, save_every_n_steps=2, keep_last=2) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        for g in range(1, 5):
+            train_step(model, opt)
+            if mgr.step(g, epoch=0, batch_idx=g - 1):
+                states[g] = state_copy(model)
+    assert folders(directory) == ["checkpoint-step-2", "checkpoint-step-4"]
+    return states
+
+
+def _edit_manifest_digest(ckpt: Path) -> None:
+    raw = read_manifest(ckpt)
+    entry = next(f for f in raw["files"] if f["path"] == "model.safetensors")
+    entry["sha256"] = ("0" if entry["sha256"][0] != "0" else "1") + entry["sha256"][1:]
+    (ckpt / "manifest.json").write_text(json.dumps(raw))
+
+
+CORRUPTIONS = {
+    "flipped-byte": (lambda c: flip_byte(c / "model.safetensors"), "model.safetensors"),
+    "truncated": (
+        lambda c: (c / "optimizer.safetensors").write_bytes((c / "optimizer.safetensors").read_bytes()[:-9]),
+        "optimizer.safetensors",
+    ),
+    "missing-file": (lambda c: (c / "state.json").unlink(), "state.json"),
+    "edited-manifest": (_edit_manifest_digest, "model.safetensors"),
+    "garbled-manifest": (lambda c: (c / "manifest.json").write_bytes(b'{"format": "syncckpt", '), "manifest.json"),
+    "manifest-step": (
+        lambda c: (c / "manifest.json").write_bytes(
+            (c / "manifest.json").read_bytes().replace(b'"global_step": 4', b'"global_step": 40')
+        ),
+        "manifest.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, corruption):
+    states = _two_step_checkpoints(tmp_path)
+    damage, filename = CORRUPTIONS[corruption]
+    damage(tmp_path / "checkpoint-step-4")
+    fresh = make_model(9)
+    with new_mgr(tmp_path, keep_last=2) as mgr:
+        mgr.register(model=fresh, optimizer=torch.optim.AdamW(fresh.parameters(), lr=0.1))
+        info = mgr.resume()
+    assert info.name == "checkpoint-step-2"
+    assert_state_equal(fresh, states[2])
+    text = warnings_text(caplog)
+    assert "checkpoint-step-4" in text and filename in text, text
+
+
+def test_corrupt_explicit_checkpoint_is_not_found(tmp_path):
+    _two_step_checkpoints(tmp_path)
+    flip_byte(tmp_path / "checkpoint-step-4" / "model.safetensors")
+    with new_mgr(tmp_path / "elsewhere") as mgr:
+        mgr.register(model=make_model(), optimizer=torch.optim.AdamW(make_model().parameters()))
+        with pytest.raises(CheckpointNotFound, match="model.safetensors"):
+            mgr.resume(tmp_path / "checkpoint-step-4")
+
+
+# ---- exact state ---------------------------------------------------------------------------------------------------
+
+
+def test_grad_scaler_state_round_trips(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024, growth_interval=2)
+    for _ in range(3):
+        scaler.scale(model(torch.randn(5, 4)).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert scaler.get_scale() == 2048.0 and scaler._get_growth_tracker() == 1
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=model, optimizer=opt, scaler=scaler)
+        mgr.save(3)
+    model2 = make_model(1)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01)
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=8, growth_interval=100)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=model2, optimizer=opt2, scaler=scaler2)
+        mgr.resume()
+    assert scaler2.state_dict() == scaler.state_dict()
+    assert scaler2.get_scale() == 2048.0 and scaler2._get_growth_tracker() == 1
+    assert scaler2.get_growth_interval() == 2
+
+
+def test_rng_states_are_restored(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(seed=4))
+        torch.manual_seed(3)
+        mgr.save(1)
+        expected = (random.random(), np.random.rand(), np.random.standard_normal(), torch.rand(3))
+    random.seed(100)
+    np.random.seed(100)
+    torch.manual_seed(100)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(seed=5))
+        mgr.resume()
+    got = (random.random(), np.random.rand(), np.random.standard_normal(), torch.rand(3))
+    assert got[:3] == expected[:3]
+    assert torch.equal(got[3], expected[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_params_keep_their_dtype(tmp_path, dtype):
+    model = make_model(dtype=dtype)
+    expected = state_copy(model)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=model)
+        mgr.save(1)
+    on_disk = safetensors.torch.load_file(tmp_path / "checkpoint-step-1" / "model.safetensors")
+    assert {t.dtype for t in on_disk.values()} == {dtype}
+    fresh = make_model(seed=7, dtype=dtype)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=fresh)
+        mgr.resume()
+    assert_state_equal(fresh, expected)
+    assert {p.dtype for p in fresh.parameters()} == {dtype}
+
+
+def test_resumed_sampler_continues_the_epoch(tmp_path):
+    ds = range(40)
+    sampler = ResumableSampler(ds, batch_size=4, seed=3)
+    sampler.set_epoch(1)
+    full = list(sampler)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(), sampler=sampler)
+        mgr.save(13, epoch=1, batch_idx=2)
+    fresh = ResumableSampler(ds, batch_size=4, seed=0)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(), sampler=fresh)
+        info = mgr.resume()
+    fresh.set_epoch(info.epoch)
+    assert list(fresh) == full[12:]
+
+
+# ---- non-finite weights --------------------------------------------------------------------------------------------
+
+
+def test_non_finite_checkpoint_is_unhealthy_and_never_evicts_the_last_healthy_one(tmp_path, caplog):
+    model = make_model()
+    healthy = state_copy(model)
+    with new_mgr(tmp_path, keep_last=1) as mgr:
+        mgr.register(model=model)
+        mgr.save(2)
+        mgr.wait(30)
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+        mgr.save(4)
+        assert mgr.wait(30)
+    assert "Non-finite values in model/0.weight" in warnings_text(caplog)
+    assert folders(tmp_path) == ["checkpoint-step-2", "checkpoint-step-4"]
+    bad = read_manifest(tmp_path / "checkpoint-step-4")
+    assert bad["healthy"] is False and bad["unhealthy_tensors"] == ["model/0.weight"]
+    assert read_manifest(tmp_path / "checkpoint-step-2")["healthy"] is True
+
+    caplog.clear()
+    fresh = make_model(3)
+    with new_mgr(tmp_path, keep_last=1) as mgr:
+        mgr.register(model=fresh)
+        assert mgr.resume().name == "checkpoint-step-2"
+        assert_state_equal(fresh, healthy)
+        assert "newest healthy" in warnings_text(caplog)
+        mgr.save(6)  # a newer healthy checkpoint: now the old ones may go
+    assert folders(tmp_path) == ["checkpoint-step-6"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_non_finite_half_precision_and_optimizer_state_are_detected(tmp_path, dtype):
+    model = make_model(dtype=dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 4, dtype=dtype)).float().pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+        opt.state[model[0].weight]["momentum_buffer"][0, 0] = float("nan")
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        mgr.save(1)
+    m = read_manifest(tmp_path / "checkpoint-step-1")
+    assert m["healthy"] is False
+    assert sorted(m["unhealthy_tensors"]) == ["model/2.bias", "optimizer/state.0.momentum_buffer"]
+
+
+def test_only_unhealthy_checkpoints_are_still_resumed_with_a_warning(tmp_path, caplog):
+    model = make_model()
+    with torch.no_grad():
+        model[2].bias.fill_(float("inf"))
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=model)
+        mgr.save(3)
+    with new_mgr(tmp_path) as mgr:
+        fresh = make_model(1)
+        mgr.register(model=fresh)
+        assert mgr.resume().name == "checkpoint-step-3"
+    assert torch.isinf(fresh[2].bias).all()
+    assert "No healthy checkpoint" in warnings_text(caplog)
+
+
+# ---- mismatches ----------------------------------------------------------------------------------------------------
+
+
+def test_state_mismatch_names_keys_and_shapes_and_leaves_the_model_untouched(tmp_path):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(out=2), optimizer=torch.optim.SGD(make_model().parameters(), lr=0.1))
+        mgr.save(1)
+    other = make_model(seed=5, out=3)
+    before = state_copy(other)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+        with pytest.raises(StateMismatch) as info:
+            mgr.resume()
+    message = str(info.value)
+    assert "2.weight: checkpoint (2, 8) vs model (3, 8)" in message and "2.bias" in message
+    assert_state_equal(other, before)
+
+    different = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2), nn.Linear(2, 2))
+    before = state_copy(different)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=different)
+        with pytest.raises(StateMismatch, match=r"missing keys \['1\.weight'.*unexpected keys|missing keys.*3\.weight"):
+            mgr.resume()
+    assert_state_equal(different, before)
+
+
+def test_state_mismatch_when_a_registered_object_is_not_in_the_checkpoint(tmp_path):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model())
+        mgr.save(1)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(model=make_model(), ema=Custom({"decay": 0.9}))
+        with pytest.raises(StateMismatch, match=r"holds no state for \['ema'\]"):
+            mgr.resume()
+
+
+# ---- no pickle -----------------------------------------------------------------------------------------------------
+
+
+def _everything(tmp_path: Path) -> dict[str, Any]:
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    train_step(model, opt)
+    return dict(
+        model=model,
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.StepLR(opt, 3),
+        scaler=torch.amp.GradScaler("cpu"),
+        sampler=ResumableSampler(range(10), 2),
+        custom=Custom({"counts": {1: 2}, "arr": np.arange(3), "t": (1, 2)}),
+    )
+
+
+def test_resume_never_unpickles(tmp_path, monkeypatch):
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(**_everything(tmp_path))
+        mgr.save(5, epoch=0, batch_idx=1)
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pickle used during resume")
+
+    for target, name in [
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+        (torch.serialization, "load"),
+    ]:
+        monkeypatch.setattr(target, name, forbidden)
+    with new_mgr(tmp_path) as mgr:
+        mgr.register(**_everything(tmp_path))
+        assert mgr.resume().global_step == 5
+
+
+def test_checkpoint_files_are_safetensors_or_json(tmp_path):
+    with new_mgr(tmp_path, metric_for_best="acc") as mgr:
+        mgr.register(**_everything(tmp_path))
+        mgr.save(5, epoch=0, batch_idx=1)
+        mgr.save_epoch(0, global_step=6, metrics={"acc": 0.5})
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "optimizer.safetensors", "state.json", "manifest.json"}
+    for p in files:
+        data = p.read_bytes()
+        assert not data.startswith(b"\x80"), p
+        if p.suffix == ".safetensors":
+            safetensors.torch.load_file(p)
+        else:
+            json.loads(data)
+
+
+# ---- failures while saving -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["write_file", "fsync"])
+def test_full_disk_keeps_the_previous_checkpoint_and_training_going(tmp_path, monkeypatch, caplog, where):
+    full = [False]
+    if where == "write_file":
+        real_write = local_mod.write_file
+
+        def write_file(*args: Any, **kwargs: Any) -> Any:
+            if full[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(*args, **kwargs)
+
+        monkeypatch.setattr(local_mod, "write_file", write_file)
+    else:
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if full[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    with new_mgr(tmp_path, save_every_n_steps=2, keep_last=1) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        for g in (1, 2):
+            train_step(model, opt)
+            mgr.step(g)
+        assert mgr.wait(30)
+        full[0] = True
+        for g in range(3, 7):
+            train_step(model, opt)
+            assert mgr.step(g) == (g % 2 == 0)
+            assert mgr.wait(30)
+        assert folders(tmp_path) == ["checkpoint-step-2"]
+        local_mod.verify(tmp_path / "checkpoint-step-2")
+        error = mgr.status()["save_error"]
+        assert error and "checkpoint-step-6" in error and "No space left" in error
+        assert "not being saved" in warnings_text(caplog)
+
+        full[0] = False
+        caplog.clear()
+        train_step(model, opt)
+        assert mgr.step(8) is True
+        assert mgr.wait(30)
+        assert mgr.status()["save_error"] is None
+        assert "being saved again" in warnings_text(caplog)
+    assert folders(tmp_path) == ["checkpoint-step-8"]
+    local_mod.verify(tmp_path / "checkpoint-step-8")
+
+
+def test_a_best_model_that_failed_to_save_does_not_raise_the_bar(tmp_path, monkeypatch):
+    # The improvement of epoch 1 was never written (disk full). best_model on disk is still epoch 0's, so once the
+    # disk is fine again, epoch 2 (better than what is on disk) must replace it.
+    full = [False]
+    real_write = local_mod.write_file
+
+    def write_file(*args: Any, **kwargs: Any) -> Any:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(local_mod, "write_file", write_file)
+    with new_mgr(tmp_path, metric_for_best="acc", keep_epochs=5) as mgr:
+        mgr.register(model=make_model())
+        mgr.save_epoch(0, global_step=10, metrics={"acc": 0.5})
+        mgr.wait(30)
+        full[0] = True
+        mgr.save_epoch(1, global_step=20, metrics={"acc": 0.9})
+        mgr.wait(30)
+        assert mgr.status()["save_error"]
+        full[0] = False
+        mgr.save_epoch(2, global_step=30, metrics={"acc": 0.7})
+        mgr.wait(30)
+    assert folders(tmp_path) == ["best_model", "checkpoint-epoch-0", "checkpoint-epoch-2"]
+    best = read_manifest(tmp_path / "best_model")
+    assert (best["epoch"], best["metrics"]["acc"]) == (2, 0.7)
+
+
+def test_staging_buffers_are_reused_across_saves(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    train_step(model, opt)
+    with new_mgr(tmp_path, save_every_n_steps=2) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        mgr.save(1)
+        mgr.wait(30)
+        buffers = mgr._arena._buffers
+        ptrs = {name: buf.data_ptr() for name, buf in buffers.items()}
+        assert set(ptrs) >= {"model.safetensors", "optimizer.safetensors"}
+        for g in range(2, 7):
+            train_step(model, opt)
+            mgr.step(g)
+            mgr.wait(30)
+        assert {name: buf.data_ptr() for name, buf in mgr._arena._buffers.items()} == ptrs
+
+
+def test_unserialisable_state_surfaces_from_step_naming_the_key(tmp_path):
+    custom = Custom({"ok": 1, "callback": lambda: 0})
+    with new_mgr(tmp_path, save_every_n_steps=2) as mgr:
+        mgr.register(model=make_model(), custom=custom)
+        assert mgr.step(1) is False  # the background prefault must not swallow or raise it either
+        with pytest.raises(StateNotSerializable, match=r"'custom\.callback'"):
+            mgr.step(2)
+        assert mgr.wait(30)
+        assert not mgr._arena.lock.locked()
+        custom.state = {"ok": 1}
+        assert mgr.step(4) is True
+    assert folders(tmp_path) == ["checkpoint-step-4"]
+
+
+def test_unserialisable_optimizer_param_group_surfaces_from_step(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["schedule"] = object()
+    with new_mgr(tmp_path, save_every_n_steps=1) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        with pytest.raises(StateNotSerializable, match=r"'optimizer\.param_groups\.0\.schedule'"):
+            mgr.step(1)
+
+
+# ---- lifecycle and registration ------------------------------------------------------------------------------------
+
+
+def test_closed_manager_refuses_work(tmp_path):
+    mgr = new_mgr(tmp_path)
+    mgr.register(model=make_model())
+    mgr.close()
+    mgr.close()  # twice is fine
+    for call in (
+        lambda: mgr.step(500),
+        lambda: mgr.save(1),
+        lambda: mgr.save_epoch(0, global_step=1),
+        lambda: mgr.resume(),
+    ):
+        with pytest.raises(SyncCkptError, match="closed"):
+            call()
+    assert folders(tmp_path) == []
+
+
+def test_context_manager_commits_pending_saves_on_exit(tmp_path):
+    with new_mgr(tmp_path, save_every_n_steps=1) as mgr:
+        mgr.register(model=make_model())
+        mgr.step(1)
+    assert folders(tmp_path) == ["checkpoint-step-1"]
+    local_mod.verify(tmp_path / "checkpoint-step-1")
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "rng", "state", "manifest", "LATEST", "trainer", "", "a/b", "a.b", "1x", "x" * 65, "a b"]
+)
+def test_register_refuses_bad_names(tmp_path, name):
+    with new_mgr(tmp_path) as mgr, pytest.raises(ValueError, match="cannot register"):
+        mgr.register(**{name: make_model()})
+
+
+@pytest.mark.parametrize("obj", [object(), 42, {"state": 1}, types.SimpleNamespace(state_dict=lambda: {})])
+def test_register_refuses_objects_without_state_dict(tmp_path, obj):
+    with new_mgr(tmp_path) as mgr, pytest.raises(TypeError, match="state_dict"):
+        mgr.register(thing=obj)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(save_every_n_steps=0),
+        dict(save_every_n_minutes=0),
+        dict(keep_last=0),
+        dict(keep_epochs=-1),
+        dict(mode="avg"),
+        dict(on_upload_error="ignore"),
+        dict(save_every_n_epochs=0),
+    ],
+)
+def test_invalid_settings_are_refused(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        new_mgr(tmp_path, **kwargs)
+
+
+def test_leftovers_are_cleaned_when_a_manager_starts(tmp_path):
+    (tmp_path / ".tmp-checkpoint-step-9-abcdef01").mkdir(parents=True)
+    with new_mgr(tmp_path):
+        pass
+    assert folders(tmp_path) == []

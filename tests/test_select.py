@@ -1,0 +1,71 @@
+"""Selection: the order in which resume tries candidates, and when a remote copy must be downloaded."""
+
+from __future__ import annotations
+
+from syncckpt.select import Candidate, needs_download, order_candidates
+
+
+def cand(name: str, step: int, location: str = "local", sha: str = "a" * 64, healthy: bool = True) -> Candidate:
+    kind = "best" if name == "best_model" else ("epoch" if "epoch" in name else "step")
+    return Candidate(name, kind, step, 0, location, sha, healthy)
+
+
+def order(cands: list[Candidate]) -> list[tuple[str, str]]:
+    return [(c.name, c.location) for c in order_candidates(cands)]
+
+
+def test_newest_global_step_first():
+    cands = [cand("checkpoint-step-100", 100), cand("checkpoint-step-300", 300), cand("checkpoint-step-200", 200)]
+    assert [n for n, _ in order(cands)] == ["checkpoint-step-300", "checkpoint-step-200", "checkpoint-step-100"]
+
+
+def test_on_equal_steps_step_beats_epoch_beats_best():
+    cands = [cand("best_model", 500), cand("checkpoint-epoch-1", 500), cand("checkpoint-step-500", 500)]
+    assert [n for n, _ in order(cands)] == ["checkpoint-step-500", "checkpoint-epoch-1", "best_model"]
+
+
+def test_a_newer_epoch_or_best_beats_an_older_step():
+    cands = [cand("checkpoint-step-500", 500), cand("checkpoint-epoch-1", 501), cand("best_model", 502)]
+    assert [n for n, _ in order(cands)] == ["best_model", "checkpoint-epoch-1", "checkpoint-step-500"]
+
+
+def test_healthy_before_unhealthy_even_when_older():
+    cands = [
+        cand("checkpoint-step-900", 900, healthy=False),
+        cand("checkpoint-step-100", 100),
+        cand("checkpoint-step-800", 800, healthy=False),
+        cand("checkpoint-epoch-0", 50),
+    ]
+    assert [n for n, _ in order(cands)] == [
+        "checkpoint-step-100",
+        "checkpoint-epoch-0",
+        "checkpoint-step-900",
+        "checkpoint-step-800",
+    ]
+
+
+def test_local_before_remote_for_the_same_checkpoint():
+    cands = [cand("checkpoint-step-5", 5, "remote"), cand("checkpoint-step-5", 5, "local")]
+    assert order(cands) == [("checkpoint-step-5", "local"), ("checkpoint-step-5", "remote")]
+
+
+def test_a_newer_remote_beats_an_older_local():
+    cands = [cand("checkpoint-step-5", 5, "local"), cand("checkpoint-step-6", 6, "remote")]
+    assert order(cands) == [("checkpoint-step-6", "remote"), ("checkpoint-step-5", "local")]
+
+
+def test_order_candidates_accepts_any_iterable_and_empty():
+    assert order_candidates(iter([])) == []
+    assert len(order_candidates(cand(f"checkpoint-step-{i}", i) for i in range(3))) == 3
+
+
+def test_needs_download_only_when_no_identical_local_copy():
+    remote = cand("checkpoint-step-5", 5, "remote", sha="b" * 64)
+    assert needs_download(remote, []) is True
+    assert needs_download(remote, [cand("checkpoint-step-5", 5, "local", sha="b" * 64)]) is False
+    assert needs_download(remote, [cand("checkpoint-step-5", 5, "local", sha="c" * 64)]) is True
+    assert needs_download(remote, [cand("checkpoint-step-6", 6, "local", sha="b" * 64)]) is True
+    assert (
+        needs_download(remote, iter([cand("checkpoint-step-4", 4), cand("checkpoint-step-5", 5, sha="b" * 64)]))
+        is False
+    )
