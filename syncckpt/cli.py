@@ -102,14 +102,13 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from . import local
-from .blobs import blob_rel
 from .errors import CheckpointCorrupt, CheckpointNotFound, RemoteError, SyncCkptError
 from .lease import Lease
-from .manifest import MANIFEST_NAME, Latest, Manifest, parse_checkpoint_name, same_content, sha256_hex
+from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content
 from .pull import pull, remote_candidates, split_checkpoint_url
 from .remote import Remote, open_remote
-from .retention import Ref, plan_deletions, recency
-from .select import order_candidates
+from .retention import Ref, next_latest, plan_deletions, recency
+from .select import Candidate, order_candidates
 
 log = logging.getLogger("syncckpt")
 
@@ -307,7 +306,7 @@ def _remote(ctx: _Context, url: str) -> Iterator[Remote]:
         remote.close()
 
 
-def _remote_index(remote: Remote) -> tuple[list[Any], dict[str, Manifest]]:
+def _remote_index(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:
     """remote_candidates, but a store that cannot be listed is an error here, not an empty run."""
     remote.list_checkpoints()
     return remote_candidates(remote)
@@ -321,12 +320,14 @@ def _check_name(name: str, what: str) -> str:
 
 
 def _human_size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
     size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in ("kB", "MB", "GB", "TB"):
         size /= 1000
-    return f"{n} B"
+        if size < 1000 or unit == "TB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def _iso(ts: float) -> str:
@@ -345,17 +346,6 @@ def _bar(total: int, desc: str) -> tqdm:
 
 def _ref(name: str, kind: str, global_step: int, epoch: int = 0, healthy: bool = True) -> Ref:
     return Ref(name, kind, global_step, epoch, healthy)
-
-
-def _next_latest(current: Latest | None, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:
-    """The LATEST to write after committing ``manifest``, or None when the current one is newer (it never moves
-    backwards: pushing an old checkpoint or best_model leaves it alone)."""
-    if current is not None and current.name != manifest.name:
-        parsed = parse_checkpoint_name(current.name)
-        cur = _ref(current.name, parsed[0] if parsed else "best", current.global_step)
-        if recency(cur) > recency(_ref(manifest.name, manifest.kind, manifest.global_step)):
-            return None
-    return Latest(manifest.name, manifest.global_step, sha256_hex(manifest_bytes))
 
 
 def _keep_epochs(value: int | None) -> int:
@@ -447,7 +437,7 @@ def _cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
             folders = sorted(p for p in path.iterdir() if p.is_dir() and parse_checkpoint_name(p.name) is not None)
             if not folders:
                 raise CheckpointNotFound(f"{path}: no checkpoints there")
-        results = [_verify_local(p) for p in folders]
+        results = [_verify_local(p, ctx) for p in folders]
     lines = []
     for r in results:
         if r.error is None:
@@ -463,9 +453,13 @@ def _cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
     return EXIT_INVALID if bad else EXIT_OK
 
 
-def _verify_local(path: Path) -> _Checked:
+def _verify_local(path: Path, ctx: _Context) -> _Checked:
     try:
-        manifest, files = local.verify(path)
+        manifest, _ = local.read_manifest(path)
+        if any(f.parts for f in manifest.files):  # a mirror of an incrementally mirrored run, named by its path
+            with _remote(ctx, str(path.parent)) as remote:
+                return _verify_remote(remote, path.name, explicit=True)
+        local.verify(path)
     except CheckpointCorrupt as e:
         return _Checked(path.name, str(e))
     return _Checked(path.name, None, len(manifest.files), manifest.total_size)
@@ -583,7 +577,7 @@ def _cmd_push(args: argparse.Namespace, ctx: _Context) -> int:
                     if _remote_holds(remote, manifest):
                         skipped.append({"name": manifest.name, "reason": "already on the remote"})
                         continue
-                    new_latest = _next_latest(latest, manifest, manifest_bytes)
+                    new_latest = next_latest(latest, manifest, manifest_bytes)
                     lease.check()
                     with _bar(manifest.total_size, f"push {manifest.name}") as bar:
                         remote.commit_checkpoint(manifest.name, p, manifest, manifest_bytes, new_latest,
@@ -651,7 +645,7 @@ def _cmd_prune(args: argparse.Namespace, ctx: _Context) -> int:
                         lease.check()
                         remote.delete_checkpoint(name)
                         log.info("Deleted %s/%s", url, name)
-                    _collect_unused_blobs(remote)
+                    remote.collect_unused_blobs()
                 finally:
                     lease.release()
     else:
@@ -672,30 +666,6 @@ def _cmd_prune(args: argparse.Namespace, ctx: _Context) -> int:
     lines.append(f"kept {len(kept)}: {', '.join(kept) or '-'}")
     ctx.emit({"url": url, "dry_run": bool(args.dry_run), "deleted": doomed, "kept": kept}, "\n".join(lines))
     return EXIT_OK
-
-
-def _collect_unused_blobs(remote: Remote) -> None:
-    """After deletions in a run mirrored incrementally: delete the blobs no remaining manifest refers to.
-    Nothing is deleted when any manifest cannot be read (its blobs might be among them)."""
-    try:
-        blobs = set(remote.list_blobs())
-    except NotImplementedError:
-        return
-    if not blobs:
-        return
-    referenced: set[str] = set()
-    for name in remote.list_checkpoints():
-        try:
-            m, _ = remote.read_manifest(name)
-        except (CheckpointCorrupt, FileNotFoundError) as e:
-            log.warning("Not collecting unused blobs on %s: cannot read %s (%s)", remote.url, name, e)
-            return
-        referenced.update(d for f in m.files for _, d in f.parts or ())
-    unused = sorted(blobs - referenced)
-    for digest in unused:
-        remote.delete(blob_rel(digest))
-    if unused:
-        log.info("Deleted %d unused blobs from %s", len(unused), remote.url)
 
 
 # ---- watch ----------------------------------------------------------------------------------------------------------

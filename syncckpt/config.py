@@ -112,11 +112,22 @@ class CheckpointingConfig(BaseModel):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``2e-5`` as a float.
+    """SafeLoader that also reads ``2e-5`` as a float and refuses duplicate keys.
 
     YAML 1.1 (PyYAML) needs a dot in exponent floats, so ``learning_rate: 2e-5`` would otherwise arrive as the
-    string "2e-5" and fail validation with a confusing type error.
+    string "2e-5" and fail validation with a confusing type error. A repeated key would silently win over the
+    first one, which is how an edited config ends up not doing what its reader sees.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

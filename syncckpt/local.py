@@ -78,19 +78,23 @@ def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview]) -> 
     return FileEntry(rel, w.size, w.hexdigest())
 
 
-def commit(directory: Path, manifest: Manifest, write: Callable[[Path], list[FileEntry]]) -> Manifest:
+def commit(
+    directory: Path, manifest: Manifest, write: Callable[[Path], list[FileEntry]], *, tmp_name: str | None = None
+) -> Manifest:
     """Atomically create ``directory/manifest.name``.
 
     ``write(tmp)`` writes the data files into the temporary folder and returns their entries. The manifest is
     written last with those entries. An existing folder of the same name (``best_model``, a re-saved step) is
     replaced: it is first renamed aside to ``.old-NAME-*`` and removed after the new one is in place; a crash
     between the two renames is repaired by :func:`cleanup_leftovers`.
+
+    ``tmp_name`` names the temporary folder when other processes (the other ranks of a job) write into it too.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     name = manifest.name
-    tmp = directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = directory / (tmp_name or f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(exist_ok=tmp_name is not None)
     try:
         entries = write(tmp)
         manifest = dataclasses.replace(manifest, files=sorted(entries, key=lambda e: e.path))

@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -42,6 +43,7 @@ import torch
 
 from . import local, rng
 from ._failpoints import failpoint
+from .distributed import Dist
 from .env import check_disk_budget, default_checkpoint_dir
 from .errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch, SyncCkptError
 from .format import iter_file_chunks, load_safetensors_bytes, unflatten_state
@@ -79,6 +81,7 @@ class _Job:
     snapshot: Snapshot
     trainer: dict[str, Any]
     commits: list[Manifest]  # first one gets the data written, the others (best_model) hard-link to it
+    seq: int = 0  # the same on every rank: names the shared temporary folder
 
 
 class CheckpointManager:
@@ -169,12 +172,18 @@ class CheckpointManager:
         self._term_done = threading.Event()
         self._prev_sigterm: Any = None
 
+        self._dist = Dist.detect()
+        self._is_main = self._dist is None or self._dist.is_main
+        self._save_seq = 0
         self.directory.mkdir(parents=True, exist_ok=True)
-        for what in local.cleanup_leftovers(self.directory):
-            log.info("Checkpoint folder %s: %s", self.directory, what)
-
+        if self._is_main:
+            for what in local.cleanup_leftovers(self.directory):
+                log.info("Checkpoint folder %s: %s", self.directory, what)
+        if self._dist is not None:
+            # One token for this job's temporary folders; every rank waits until rank 0 cleaned up.
+            self._token = self._dist.broadcast_json(uuid.uuid4().hex[:8])
         self._uploader = None
-        if remote is not None:
+        if remote is not None and self._is_main:
             from .uploader import Uploader
 
             self._uploader = Uploader(
@@ -215,15 +224,19 @@ class CheckpointManager:
         ``batch_idx`` is the index within ``epoch`` of the last micro-batch already trained.
         """
         self._check_usable()
-        if self._term_at is not None:
+        timed = bool(self.save_every_n_minutes) and (
+            time.monotonic() - self._last_save_time >= self.save_every_n_minutes * 60  # type: ignore[operator]
+        )
+        terminating = self._term_at is not None
+        if self._dist is not None:  # every rank must take the same decision at the same step
+            terminating, timed = self._dist.agree(terminating, timed)
+            if terminating and self._term_at is None:
+                self._term_at = time.monotonic()
+        if terminating:
             self._finish_sigterm(global_step, epoch, batch_idx, metrics)
         if self._uploader is not None:
             self._uploader.raise_if_failed()
-        due = False
-        if self.save_every_n_steps and global_step % self.save_every_n_steps == 0:
-            due = True
-        if self.save_every_n_minutes and time.monotonic() - self._last_save_time >= self.save_every_n_minutes * 60:
-            due = True
+        due = timed or bool(self.save_every_n_steps and global_step % self.save_every_n_steps == 0)
         if not due or global_step == self._last_saved_step:
             if not self._prefaulted and self._objects:
                 self._prefault()
@@ -264,6 +277,8 @@ class CheckpointManager:
             kinds.append("epoch")
         if self._improves_best(metrics):
             kinds.append("best")
+        if self._dist is not None:  # rank 0's metrics decide, so every rank takes part in the same save
+            kinds = self._dist.broadcast_json(kinds)
         if not kinds:
             return False
         self._arena.lock.acquire()
@@ -298,11 +313,14 @@ class CheckpointManager:
         """Snapshot on the caller's thread (arena lock already held), then hand off to the writer."""
         kinds = [kinds] if isinstance(kinds, str) else kinds
         try:
-            states = collect_state(self._objects)
-            for name, obj in self._objects.items():
-                if isinstance(obj, ResumableSampler):
-                    states[name] = {**states[name], "position": {"epoch": epoch, "batch_idx": batch_idx}}
-            states["rng"] = rng.capture()
+            if self._is_main:
+                states = collect_state(self._objects)
+                for name, obj in self._objects.items():
+                    if isinstance(obj, ResumableSampler):
+                        states[name] = {**states[name], "position": {"epoch": epoch, "batch_idx": batch_idx}}
+                states["rng"] = rng.capture()
+            else:  # replicated state is written once, by rank 0; each rank keeps its own RNG streams
+                states = {f"rng-rank{self._dist.rank}": rng.capture()}  # type: ignore[union-attr]
             snap = take_snapshot(states, self._arena)
             failpoint("snapshot")
         except BaseException:
@@ -335,7 +353,8 @@ class CheckpointManager:
                     extra={"best_metric": best, "metric_for_best": self.metric_for_best},
                 )
             )
-        fut = self._executor.submit(self._write, _Job(snap, trainer, commits))
+        self._save_seq += 1
+        fut = self._executor.submit(self._write, _Job(snap, trainer, commits, self._save_seq))
         with self._futures_lock:
             self._futures = [f for f in self._futures if not f.done()] + [fut]
 
@@ -351,8 +370,10 @@ class CheckpointManager:
                     job.commits[0].name,
                 )
             state_bytes = _state_json(job.snapshot.structure, job.trainer)
+            rank = self._dist.rank if self._dist is not None else 0
+            state_file = STATE_FILE if rank == 0 else f"state-rank{rank}.json"
 
-            def write_data(tmp: Path) -> list[local.FileEntry]:
+            def write_own(tmp: Path) -> list[local.FileEntry]:
                 nonlocal released
                 entries = []
                 for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers, strict=True):
@@ -360,14 +381,27 @@ class CheckpointManager:
                     failpoint("serialize")
                 self._arena.lock.release()  # buffers are on disk: the next snapshot may reuse them
                 released = True
-                entries.append(local.write_file(tmp, STATE_FILE, [state_bytes]))
+                entries.append(local.write_file(tmp, state_file, [state_bytes]))
                 return entries
 
+            def write_data(tmp: Path) -> list[local.FileEntry]:
+                if self._dist is None:
+                    return write_own(tmp)
+                return self._write_with_ranks(tmp, write_own, bad)
+
+            tmp_name = None if self._dist is None else f".tmp-{job.commits[0].name}-{self._token}-{job.seq}"
+            if not self._is_main:  # other ranks write their part into rank 0's temporary folder, then report
+                tmp = self.directory / tmp_name  # type: ignore[operator]
+                tmp.mkdir(parents=True, exist_ok=True)
+                write_data(tmp)
+                return
             first: Manifest | None = None
             for m in job.commits:
                 m.healthy, m.unhealthy_tensors = not bad, bad
+                if self._dist is not None:
+                    m.world_size = self._dist.world_size
                 if first is None:
-                    first = local.commit(self.directory, m, write_data)
+                    first = local.commit(self.directory, m, write_data, tmp_name=tmp_name)
                     committed = first
                 else:
                     src = self.directory / first.name
@@ -410,6 +444,29 @@ class CheckpointManager:
         finally:
             if not released:
                 self._arena.lock.release()
+
+    def _write_with_ranks(self, tmp: Path, write_own: Any, bad: list[str]) -> list[local.FileEntry]:
+        """Write this rank's files, then gather every rank's entries on all ranks (a collective on the writer
+        thread's group). Rank 0 commits only when every rank reports success; a dead rank fails the gather."""
+        error = None
+        own: list[local.FileEntry] = []
+        try:
+            own = write_own(tmp)
+        except Exception as e:  # noqa: BLE001 - reported through the gather so no rank waits forever
+            error = e
+        reports = self._dist.gather_json(  # type: ignore[union-attr]
+            {"files": [e.to_dict() for e in own], "bad": bad, "error": None if error is None else str(error)}
+        )
+        if error is not None:
+            raise error
+        failed = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
+        if failed:
+            raise OSError("not every rank wrote its part: " + "; ".join(failed))
+        entries: list[local.FileEntry] = []
+        for rep in reports:
+            entries.extend(local.FileEntry(f["path"], f["size"], f["sha256"]) for f in rep["files"])
+            bad.extend(x for x in rep["bad"] if x not in bad)
+        return entries
 
     def _apply_local_retention(self) -> None:
         refs = [
@@ -577,14 +634,29 @@ class CheckpointManager:
         self._check_usable()
         if not self._objects:
             raise SyncCkptError("register() the model, optimizer, ... before resume()")
-        if path is not None:
-            loaded = self._load_explicit(str(path))
-        else:
-            loaded = self._load_newest()
-            if loaded is None:
-                where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
-                log.info("No checkpoint found in %s; starting from scratch", where)
-                return None
+        if self._is_main:
+            try:
+                loaded = self._load_explicit(str(path)) if path is not None else self._load_newest()
+            except SyncCkptError as e:
+                if self._dist is not None:  # the other ranks wait for the choice: tell them it failed
+                    self._dist.broadcast_json({"error": f"{type(e).__name__}: {e}"})
+                raise
+            if self._dist is not None:
+                choice = None if loaded is None else {"path": str(loaded[2]), "source": loaded[3]}
+                self._dist.broadcast_json({"error": None, "choice": choice})
+        else:  # rank 0 chose (and pulled, when remote); every rank loads that same checkpoint
+            msg = self._dist.broadcast_json(None)  # type: ignore[union-attr]
+            if msg["error"]:
+                raise SyncCkptError(f"rank 0 could not resume: {msg['error']}")
+            choice = msg["choice"]
+            loaded = None
+            if choice is not None:
+                manifest, files = local.verify(Path(choice["path"]))
+                loaded = manifest, files, Path(choice["path"]), choice["source"]
+        if loaded is None:
+            where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
+            log.info("No checkpoint found in %s; starting from scratch", where)
+            return None
         manifest, files, ckpt_path, source = loaded
         self._restore(manifest, files, ckpt_path)
         if manifest.kind == "step":  # batch_idx -1: saved without a batch index, the epoch restarts
@@ -696,6 +768,13 @@ class CheckpointManager:
             structures, trainer = state["objects"], state["trainer"]
         except (ValueError, KeyError, TypeError):
             raise CheckpointCorrupt(f"{path}/{STATE_FILE}: not a syncckpt state file") from None
+        rank = self._dist.rank if self._dist is not None else 0
+        for rel, data in files.items():  # other ranks' RNG structures (distributed checkpoints)
+            if rel.startswith("state-rank") and rel.endswith(".json"):
+                try:
+                    structures.update(json.loads(data)["objects"])
+                except (ValueError, KeyError, TypeError):
+                    raise CheckpointCorrupt(f"{path}/{rel}: not a syncckpt state file") from None
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for rel, data in files.items():
             if rel.endswith(".safetensors"):
@@ -709,7 +788,7 @@ class CheckpointManager:
                 f"{path}: holds no state for {missing} (it has {sorted(set(states) - {'rng'})}); "
                 "register the same objects as the run that saved it"
             )
-        extra = sorted(set(states) - set(self._objects) - {"rng"})
+        extra = sorted(n for n in set(states) - set(self._objects) - {"rng"} if not n.startswith("rng-rank"))
         if extra:
             log.warning("%s: state for %s is not restored (not registered)", path, extra)
         for name, obj in self._objects.items():
@@ -720,7 +799,15 @@ class CheckpointManager:
                 obj.load_state_dict(states[name])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise StateMismatch(f"{path}: cannot load {name!r}: {e}") from None
-        rng_state = states.get("rng")
+        rng_state = states.get("rng" if rank == 0 else f"rng-rank{rank}")
+        if rng_state is None and rank:
+            log.warning(
+                "%s holds no RNG state for rank %d (saved with world size %d); this rank's random streams "
+                "are not restored",
+                path,
+                rank,
+                manifest.world_size,
+            )
         if rng_state is not None:
             rng.restore(rng_state)
             if manifest.kind == "step" and manifest.batch_idx >= 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .manifest import Latest, Manifest, parse_checkpoint_name, sha256_hex
+
 KIND_PRIORITY = {"step": 2, "epoch": 1, "best": 0}  # on equal global steps: step > epoch > best (the seed's order)
 
 
@@ -49,3 +51,21 @@ def plan_deletions(refs: Iterable[Ref], keep_last: int, keep_epochs: int, protec
     if healthy:
         keep.add(healthy[0].name)
     return sorted(r.name for r in refs if r.name not in keep)
+
+
+def next_latest(current: Latest | None, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:
+    """The LATEST to write after committing ``manifest``, or None when the current one is newer: LATEST never
+    moves backwards (mirroring ``best_model`` or pushing an old checkpoint leaves it alone).
+
+    >>> m = Manifest("best_model", "best", 100, 3, -1, files=[])
+    >>> next_latest(Latest("checkpoint-step-120", 120, "0" * 64), m, b"{}") is None
+    True
+    >>> next_latest(None, m, b"{}").name
+    'best_model'
+    """
+    if current is not None and current.name != manifest.name:
+        parsed = parse_checkpoint_name(current.name)
+        cur = Ref(current.name, parsed[0] if parsed else "best", current.global_step, 0)
+        if recency(cur) > recency(Ref(manifest.name, manifest.kind, manifest.global_step, 0)):
+            return None
+    return Latest(manifest.name, manifest.global_step, sha256_hex(manifest_bytes))

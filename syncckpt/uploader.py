@@ -46,7 +46,7 @@ from .lease import Lease
 from .manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content, sha256_hex
 from .pull import pull, pull_checkpoint_url, remote_candidates
 from .remote import open_remote
-from .retention import Ref, recency
+from .retention import Ref, next_latest
 from .select import Candidate
 
 log = logging.getLogger("syncckpt")
@@ -110,8 +110,11 @@ class Uploader:
         src = Path(directory) / manifest.name
         staging = Path(directory) / f".upload-{manifest.name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
-        local.link_files(src, staging, manifest.files)
-        local.link_files(src, staging, [local.FileEntry(MANIFEST_NAME, 0, "")])
+        try:
+            local.link_files(src, staging, [*manifest.files, local.FileEntry(MANIFEST_NAME, 0, "")])
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         job = _Upload(manifest, staging)
         with self._cond:
             kept = []
@@ -198,6 +201,12 @@ class Uploader:
                 if not self._queue:
                     return
                 job = self._inflight = self._queue.pop(0)
+            if not job.staging.is_dir():  # its staging copy was removed (a restart's cleanup): nothing to retry
+                log.warning("Upload of %s dropped: its staging copy %s is gone", job.name, job.staging)
+                with self._cond:
+                    self._inflight = None
+                    self._cond.notify_all()
+                continue
             try:
                 self._upload(job)
             except Exception as e:  # noqa: BLE001 - a failed upload must never take the training loop down
@@ -264,7 +273,9 @@ class Uploader:
         if latest is not None:
             self._latest = latest
         if self.incremental:
-            self._collect_garbage()
+            unused = self.remote.collect_unused_blobs(self._remote_manifests, self._known_blobs)
+            if self._known_blobs is not None:
+                self._known_blobs -= set(unused)
         shutil.rmtree(job.staging, ignore_errors=True)
         log.info(
             "Mirrored %s to %s (%d bytes sent of %d in %.1fs)",
@@ -319,37 +330,10 @@ class Uploader:
         data = remote_manifest.to_bytes()
         return remote_manifest, data, sent + len(data)
 
-    def _collect_garbage(self) -> None:
-        """Delete blobs no remaining checkpoint refers to; skipped when any manifest cannot be read."""
-        referenced: set[str] = set()
-        for name in self.remote.list_checkpoints():
-            m = self._remote_manifests.get(name)
-            if m is None:
-                try:
-                    m, _ = self.remote.read_manifest(name)
-                except (CheckpointCorrupt, FileNotFoundError, OSError, RemoteError) as e:
-                    log.warning("Not collecting unused blobs on %s: cannot read %s (%s)", self.url, name, e)
-                    return
-                self._remote_manifests[name] = m
-            for f in m.files:
-                referenced.update(d for _, d in f.parts or ())
-        unused = sorted((self._known_blobs or set()) - referenced)
-        for digest in unused:
-            self.remote.delete(blob_rel(digest))
-        if self._known_blobs is not None:
-            self._known_blobs -= set(unused)
-
     def _next_latest(self, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:
-        """LATEST only moves forward: best_model (or an old epoch) never points it backwards."""
         if self._latest is None:
             self._latest = self.remote.read_latest()
-        new = Latest(manifest.name, manifest.global_step, sha256_hex(manifest_bytes))
-        cur = self._latest
-        if cur is not None and cur.name != manifest.name:
-            cur_ref = Ref(cur.name, _kind(cur.name), cur.global_step, 0)
-            if recency(cur_ref) > recency(Ref(manifest.name, manifest.kind, manifest.global_step, 0)):
-                return None
-        return new
+        return next_latest(self._latest, manifest, manifest_bytes)
 
     def _plan_remote_retention(self, new: Manifest) -> list[str]:
         if self._retention is None:
@@ -366,10 +350,3 @@ class Uploader:
                 self._remote_manifests[name] = m
             refs.append(Ref(name, m.kind, m.global_step, m.epoch, m.healthy))
         return [n for n in self._retention(refs) if n != new.name]
-
-
-def _kind(name: str) -> str:
-    from .manifest import parse_checkpoint_name
-
-    parsed = parse_checkpoint_name(name)
-    return parsed[0] if parsed else "best"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,8 @@ from ..manifest import (
     parse_checkpoint_name,
     verify_digest,
 )
+
+log = logging.getLogger("syncckpt")
 
 CHUNK = 8 * 1024 * 1024
 
@@ -115,6 +118,38 @@ class Remote(abc.ABC):
     def list_blobs(self) -> list[str]:
         """Digests of the content-addressed blobs under ``blobs/`` (incremental mirroring)."""
         raise NotImplementedError(f"{type(self).__name__} does not support incremental mirroring")
+
+    def collect_unused_blobs(
+        self, manifests: dict[str, Manifest] | None = None, known: set[str] | None = None
+    ) -> list[str]:
+        """Delete the blobs no remaining checkpoint's manifest refers to (runs mirrored incrementally); returns
+        their digests. ``manifests`` caches manifests by name, ``known`` the blobs present (else listed). Nothing
+        is deleted when any manifest cannot be read: its blobs might be among them."""
+        if known is None:
+            try:
+                known = set(self.list_blobs())
+            except NotImplementedError:
+                return []
+        if not known:
+            return []
+        cache = manifests if manifests is not None else {}
+        referenced: set[str] = set()
+        for name in self.list_checkpoints():
+            m = cache.get(name)
+            if m is None:
+                try:
+                    m, _ = self.read_manifest(name)
+                except (CheckpointCorrupt, FileNotFoundError, OSError, RemoteError) as e:
+                    log.warning("Not collecting unused blobs on %s: cannot read %s (%s)", self.url, name, e)
+                    return []
+                cache[name] = m
+            referenced.update(d for f in m.files for _, d in f.parts or ())
+        unused = sorted(known - referenced)
+        for digest in unused:
+            self.delete(blob_rel(digest))
+        if unused:
+            log.info("Deleted %d unused blobs from %s", len(unused), self.url)
+        return unused
 
     # ---- shared logic --------------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> tuple[Manifest, bytes]:

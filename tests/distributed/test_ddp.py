@@ -1,0 +1,103 @@
+"""DDP under torchrun (2 processes, gloo, CPU): the same CheckpointManager code, exact resume after the whole job
+is SIGKILLed, fresh-session resume from moto S3 with an empty local directory, and a rank dying mid-save never
+commits a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from syncckpt.local import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+JOB = Path(__file__).with_name("ddp_job.py")
+
+
+def _env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def _cmd(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(JOB), *args]
+
+
+def run_job(args: list[str], kill_when=None, timeout: float = 300) -> tuple[list[str], int]:
+    """Run the torchrun job; with ``kill_when(lines)`` SIGKILL the whole process group once it is true."""
+    p = subprocess.Popen(_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                         start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+            if kill_when is not None and kill_when(lines):
+                os.killpg(p.pid, signal.SIGKILL)  # torchrun and every rank at once, like a lost node
+                break
+        lines.extend((p.communicate(timeout=timeout)[0] or "").splitlines())
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return lines, p.returncode
+
+
+def assert_same(a: Path, b: Path) -> None:
+    for rank in (0, 1):
+        ta, tb = load_file(str(a / f"rank{rank}.safetensors")), load_file(str(b / f"rank{rank}.safetensors"))
+        assert ta.keys() == tb.keys()
+        diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not diff, f"rank {rank} differs from the uninterrupted run: {diff[:8]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp-ref")
+    lines, rc = run_job(["--ckpt-dir", str(d / "ck"), "--out-dir", str(d / "out")])
+    assert rc == 0, "\n".join(lines[-30:])
+    return d / "out"
+
+
+def test_whole_job_sigkilled_then_resumed_is_bit_identical(tmp_path, reference):
+    args = ["--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
+    lines, rc = run_job(args, kill_when=lambda ls: ls[-1] == "step 5")
+    assert rc == -signal.SIGKILL
+    lines, rc = run_job(args)
+    assert rc == 0, "\n".join(lines[-30:])
+    assert any("Resuming from checkpoint:" in ln for ln in lines)
+    manifest = json.loads((tmp_path / "ck" / "checkpoint-step-8" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and "rng-rank1.safetensors" in [f["path"] for f in manifest["files"]]
+    assert_same(reference, tmp_path / "out")
+
+
+def test_fresh_session_from_s3_with_empty_local_dirs(tmp_path, reference, s3_remote_url, s3_storage_options):
+    args = ["--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"), "--remote", s3_remote_url,
+            "--storage-options", json.dumps(s3_storage_options)]
+    lines, rc = run_job(args, kill_when=lambda ls: "Mirrored checkpoint-step-" in ls[-1])
+    assert rc == -signal.SIGKILL
+    shutil.rmtree(tmp_path / "ck")
+    lines, rc = run_job(args)
+    assert rc == 0, "\n".join(lines[-30:])
+    assert any("Pulled checkpoint-" in ln for ln in lines)
+    assert_same(reference, tmp_path / "out")
+
+
+@pytest.mark.parametrize("point", ["serialize", "snapshot"])
+def test_a_rank_dying_mid_save_never_commits(tmp_path, point):
+    ck = tmp_path / "ck"
+    lines, rc = run_job(["--ckpt-dir", str(ck), "--out-dir", str(tmp_path / "out"), "--die-rank", "1",
+                         "--die-at", point])
+    assert rc != 0
+    assert not any("Checkpoint committed" in ln for ln in lines), "\n".join(lines[-20:])
+    assert list_checkpoints(ck) == []
