@@ -543,7 +543,9 @@ class CheckpointManager:
         if self._closed or os.getpid() != self._pid:
             return
         try:
-            self.wait(timeout)
+            with self._futures_lock:
+                futures = list(self._futures)
+            wait_futures(futures, timeout=timeout)  # local saves; uploads are flushed by the uploader's close
         finally:
             self._closed = True
             self._executor.shutdown(wait=True)
@@ -553,6 +555,8 @@ class CheckpointManager:
             if self._sigterm_installed and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, self._prev_sigterm or signal.SIG_DFL)
                 self._sigterm_installed = False
+        if self._uploader is not None:
+            self._uploader.raise_if_failed()  # on_upload_error="raise": the run ends with the upload error
 
     def __enter__(self) -> CheckpointManager:
         return self

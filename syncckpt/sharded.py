@@ -27,6 +27,7 @@ a file). Only tensors go through DCP: non-tensor state belongs in the caller's J
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ import re
 import threading
 import warnings
 from bisect import bisect_right, insort
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from .errors import (
     UnsafeCheckpoint,
     UnsupportedFormat,
 )
+from .format import DTYPE_CODES, plan_layout
 
 DCP_DIR = "dcp"
 INDEX_NAME = "index.json"
@@ -63,14 +65,7 @@ _OFFSETS_KEY = "saved_offsets"
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}\.safetensors$")
 _MAX_DIM = 1 << 62
-_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-        "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
-    )
-    if isinstance(getattr(torch, name, None), torch.dtype)
-}
+_DTYPES: dict[str, torch.dtype] = {str(dt).removeprefix("torch."): dt for dt in DTYPE_CODES}  # what safetensors holds
 
 
 class ShardedSaveFailed(SyncCkptError):
@@ -121,12 +116,14 @@ def snapshot_shards(tensors: Mapping[str, torch.Tensor]) -> ShardSnapshot:
                         "Replicate/Shard) before saving"
                     )
                 local = t.to_local().detach()
+                _check_tensor(name, local)
                 copy = torch.empty(local.shape, dtype=local.dtype, device="cpu")
                 copy.copy_(local)
                 # The private constructor keeps the spec (mesh, placements, global shape) with a CPU local tensor;
                 # DTensor.from_local would move it back to the mesh's device. DCP's own CPU staging does the same.
                 snap[name] = dtensor(copy, t._spec, requires_grad=False)
             elif isinstance(t, torch.Tensor):
+                _check_tensor(name, t)
                 copy = torch.empty(t.shape, dtype=t.dtype, device="cpu")
                 copy.copy_(t.detach())
                 snap[name] = copy
@@ -141,6 +138,13 @@ def snapshot_shards(tensors: Mapping[str, torch.Tensor]) -> ShardSnapshot:
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not name or len(name) > 1000:
         raise StateNotSerializable(f"tensor names must be non-empty strings (at most 1000 chars), got {name!r}")
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in DTYPE_CODES:
+        raise StateNotSerializable(f"{name}: tensor dtype {t.dtype} cannot be stored in safetensors")
+    if t.layout != torch.strided:
+        raise StateNotSerializable(f"{name}: {t.layout} tensors are not supported; densify first")
 
 
 # -------------------------------------------------------------------------------------------------------- save
@@ -195,8 +199,6 @@ def _make_writer(root: Path):
             fut: TorchFuture = TorchFuture()
             results = []
             if plan.items:
-                from safetensors.torch import save_file
-
                 name = plan.storage_data
                 tensors: dict[str, torch.Tensor] = {}
                 offsets: dict[str, dict[str, list[int]]] = {}
@@ -209,9 +211,7 @@ def _make_writer(root: Path):
                     offsets[item.index.fqn] = {_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
                     results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
                                                storage_data=name))
-                path = self.root / name
-                save_file(tensors, str(path), metadata={_SHARDING_KEY: json.dumps(offsets), "format": "pt"})
-                _fsync(path)
+                _write_safetensors(self.root / name, tensors, {_SHARDING_KEY: json.dumps(offsets)})
                 self.written.append(name)
                 failpoint("sharded-after-write")
             fut.set_result(results)
@@ -255,6 +255,19 @@ def _make_writer(root: Path):
     return _ShardWriter()
 
 
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Header, then each tensor's bytes straight from its (contiguous CPU) memory, then fsync: no serialised copy
+    of the whole file in memory (``safetensors.torch.save_file`` builds one)."""
+    layout = plan_layout(path.name, list(tensors.items()), metadata)
+    with open(path, "wb") as f:
+        f.write(layout.header)
+        for slot in layout.slots:
+            if slot.nbytes:
+                f.write(memoryview(tensors[slot.name].reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -268,6 +281,18 @@ def _fsync_dir(path: Path) -> None:
         _fsync(path)
     except OSError:  # directories cannot be opened/fsynced on some platforms
         pass
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save/load in a single process" (it is). ``catch_warnings`` swaps
+    process-wide state, so only on the main thread; elsewhere Python's default filter shows it once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _distributed(process_group: Any) -> bool:
@@ -298,8 +323,7 @@ def save_shards(tensors: Mapping[str, torch.Tensor], folder: Path, *, process_gr
         if _distributed(process_group):
             dcp.save(dict(snap), storage_writer=writer, planner=planner, process_group=process_group)
         else:
-            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
+            with _quiet():
                 dcp.save(dict(snap), storage_writer=writer, planner=planner, no_dist=True)
     except CheckpointException as e:
         rank, (first, _) = min(e.failures.items())
@@ -566,8 +590,7 @@ def load_shards(
         index = read_index(root)
         _check_targets(targets, index, strict)
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        with warnings.catch_warnings(), torch.no_grad():  # no_dist on purpose: see the module docstring
-            warnings.simplefilter("ignore", UserWarning)
+        with _quiet(), torch.no_grad():  # no_dist on purpose: see the module docstring
             dcp.load(dict(targets), storage_reader=_make_reader(root, index), planner=planner, no_dist=True)
     except CheckpointException as e:  # no_dist: the original exception object of this rank, unpickled by no one
         error = min(e.failures.items())[1][0]

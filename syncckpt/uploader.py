@@ -149,13 +149,17 @@ class Uploader:
     def pull(self, cand: Candidate, directory: Path) -> tuple[Manifest, dict[str, bytes], Path]:
         return pull(self.remote, cand.name, directory, self._remote_manifests.get(cand.name))
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the queue is empty and nothing is in flight (or a job failed and waits for a retry)."""
+    def wait(self, timeout: float | None = None, *, stop_on_failure: bool = False) -> bool:
+        """Block until the queue is empty and nothing is in flight. False on timeout, and with
+        ``stop_on_failure`` as soon as an upload fails for good (the backend's retries ran out) while waiting."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            failures = self._failures
             while self._queue or self._inflight is not None:
                 if self._raise is not None:
                     return True  # raise_if_failed() reports it
+                if stop_on_failure and self._failures > failures:
+                    return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -180,14 +184,18 @@ class Uploader:
             }
 
     def close(self, timeout: float | None = None) -> None:
-        self.wait(timeout)
+        """Flush (until done, ``timeout``, or an upload failing for good: a dead remote must not hang the end of
+        training), then stop the thread and release the lease. What is left stays local; a later session that
+        resumes from it mirrors it."""
+        self.wait(timeout, stop_on_failure=True)
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
         pending = self.status()["pending"]
         if pending:
-            log.warning("Closing with uploads not finished: %s (they stay local)", pending)
+            log.warning("Closing with uploads to %s not finished: %s; they stay in the local folder and the next "
+                        "session that resumes from them mirrors them", self.url, pending)
         self.lease.release()
         self.remote.close()
 
@@ -210,9 +218,9 @@ class Uploader:
             try:
                 self._upload(job)
             except Exception as e:  # noqa: BLE001 - a failed upload must never take the training loop down
-                self._failures += 1
                 self._last_error = f"{job.name}: {e}"
                 with self._cond:
+                    self._failures += 1
                     self._inflight = None
                     superseded = any(
                         q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
