@@ -1,0 +1,468 @@
+"""scripts/train_hallucination.py end to end: the demo job, its error exits, and resumption after SIGKILL.
+
+The process tests are marked ``slow``; they run the real script in a subprocess on a tiny model and a tiny demo
+set, and synchronise on its log lines, never on sleeps. ``SYNCCKPT_HEAVY=1`` multiplies the number of kills.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train_hallucination.py"
+
+HEAVY = os.environ.get("SYNCCKPT_HEAVY") == "1"
+KILLS_PER_CHAIN = 40 if HEAVY else 10  # two chains run side by side: >= 20 kills in all
+# Each killed process trains at most ~10 optimizer steps after resuming, so the job needs more steps than
+# the chain can use up, or a process could finish before its kill. An odd number of batches per epoch leaves a
+# short gradient-accumulation group at every epoch end.
+TRAIN_SIZE = KILLS_PER_CHAIN * 40 + 4
+BATCHES_PER_EPOCH = -(-TRAIN_SIZE // 4)
+TOTAL_STEPS = 4 * -(-BATCHES_PER_EPOCH // 2)
+
+TINY_CONFIG = f"""\
+model: {{max_length: 32, hidden_size: 16, intermediate_size: 32}}
+training: {{epochs: 4, batch_size: 4, gradient_accumulation_steps: 2, learning_rate: 3.0e-3, seed: 7}}
+data: {{demo_train_size: {TRAIN_SIZE}, demo_validation_size: 24}}
+checkpointing: {{save_every_n_batches: 2, keep_last: 2, save_total_limit: 2}}
+"""
+
+COMMITTED = re.compile(r"Checkpoint committed: (\S+) \(global step (\d+)")
+RESUMED_FROM = re.compile(r"Resuming from checkpoint: (.+?)\s*$")
+RESUMED_STEP = re.compile(r"Resuming from global step (\d+)")
+FRESH = re.compile(r"No checkpoint found in")
+SKIPPED = re.compile(r"Skipping checkpoint (\S+) \(local\): (.+)$")
+ERROR_LINE = re.compile(r"^train_hallucination\.py: error: .+$")
+
+CHILD_ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "TQDM_DISABLE": "1",  # progress bars redraw with \r; the tests read log lines
+    "OMP_NUM_THREADS": "1",  # two jobs share two cores, and one thread keeps CPU float sums reproducible
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def job_args(workdir: Path, *extra: str, config: Path | None = None) -> list[str]:
+    if config is None:
+        config = workdir / "tiny.yaml"
+        if not config.exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            config.write_text(TINY_CONFIG)
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--config",
+        str(config),
+        "--data-dir",
+        str(workdir / "data"),
+        "--checkpoint-dir",
+        str(workdir / "ck"),
+        "--output-dir",
+        str(workdir / "out"),
+        *extra,
+    ]
+
+
+def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+
+
+class Job:
+    """A running training process whose merged output is read line by line on a background thread."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        self.proc = subprocess.Popen(
+            args, cwd=cwd, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 120) -> re.Match[str] | None:
+        """The first new line matching ``pattern``; None when the process ended first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(
+                    f"no line matching {pattern.pattern!r} within {timeout}s:\n" + self.text()
+                ) from None
+            if line is None:
+                self._queue.put(None)  # stay at end of output for later calls
+                return None
+            self.lines.append(line)
+            m = pattern.search(line)
+            if m:
+                return m
+
+    def finish(self, timeout: float = 180) -> int:
+        while self.wait_for(re.compile(r"(?!)"), timeout) is not None:
+            pass
+        return self.proc.wait(timeout)
+
+    def kill(self) -> int:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        rc = self.proc.wait(30)
+        self._reader.join(30)
+        while (line := self._queue.get()) is not None:  # lines logged before the kill landed
+            self.lines.append(line)
+        self._queue.put(None)
+        return rc
+
+    def text(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    def committed_steps(self) -> list[int]:
+        return [int(m.group(2)) for line in self.lines if (m := COMMITTED.search(line))]
+
+
+def newest_checkpoint(ck: Path) -> tuple[str, int]:
+    """The checkpoint a resume tries first: highest global step, then step > epoch > best (the seed's order)."""
+    priority = {"step": 2, "epoch": 1, "best": 0}
+    found = []
+    for manifest in ck.glob("*/manifest.json"):
+        m = json.loads(manifest.read_text())
+        found.append((m["global_step"], priority[m["kind"]], m["name"]))
+    step, _, name = max(found)
+    return name, step
+
+
+def flip_a_byte(path: Path) -> None:
+    """Flip one bit in the middle of the file (tensor data, past the safetensors header), in place."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        b = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def final_tensors(workdir: Path) -> dict[str, torch.Tensor]:
+    return load_file(workdir / "out" / "final_model" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{what}: tensors differ from the uninterrupted run: {diff[:5]}"
+
+
+def assert_error_exit(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout
+    errors = [line for line in proc.stdout.splitlines() if ERROR_LINE.match(line)]
+    assert len(errors) == 1, proc.stdout
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+# ---- the script as a module: fast unit tests ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_hallucination_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_help_lists_the_flags(script, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--resume-from", "--no-resume", "--remote", "--save-every-n-batches", "--mixed-precision"):
+        assert flag in out
+
+
+@pytest.fixture
+def root_logging():
+    """main() configures the root logger for a script run; put pytest's configuration back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_missing_config_is_one_line_and_exit_2(script, capsys, tmp_path, monkeypatch, root_logging):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--config", "no_such_config"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert ERROR_LINE.match(err) and "\n" not in err, err
+    assert "config file not found: no_such_config (looked for no_such_config.yaml in" in err
+
+
+def test_macro_f1_matches_the_textbook_definition(script):
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 1, 1, 1, 2, 0])
+    # per class: F1(0) = 0.5, F1(1) = 0.8, F1(2) = 2/3
+    assert script.macro_f1(p, y, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert script.macro_f1(y, y, 3) == 1.0
+
+
+def test_demo_dataset_is_deterministic_and_balanced(script, tmp_path):
+    cfg = script.DataConfig(data_dir=str(tmp_path / "a"), demo_train_size=30, demo_validation_size=9)
+    script.prepare_data_dir(cfg)
+    script.prepare_data_dir(script.DataConfig(data_dir=str(tmp_path / "b"), demo_train_size=30, demo_validation_size=9))
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+    rows = script.read_split(tmp_path / "a" / "train.jsonl")
+    assert len(rows) == 30 and sorted({r["label"] for r in rows}) == [0, 1, 2]
+    assert [r["label"] for r in rows].count(0) == 10
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary folder was renamed into place
+
+
+def test_bad_data_is_named_with_file_and_line(script, tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"premise": "a", "hypothesis": "b", "label": "entailment"}\n{"premise": "a"\n')
+    with pytest.raises(script.InputError, match=r"train.jsonl:2: not valid JSON"):
+        script.read_split(bad)
+    bad.write_text('{"premise": "a", "hypothesis": "b", "label": 7}\n')
+    with pytest.raises(script.InputError, match=r"train.jsonl:1: label 7 is not one of"):
+        script.read_split(bad)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    with pytest.raises(script.InputError, match="train.jsonl not found"):
+        script.prepare_data_dir(script.DataConfig(data_dir=str(tmp_path / "d")))
+
+
+def test_cli_flags_override_the_config(script, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("training: {epochs: 9}\ncheckpointing: {save_every_n_batches: 500}\n")
+    args = script.build_parser().parse_args(
+        ["--config", str(config), "--epochs", "2", "--save-every-n-batches", "3", "--remote", "memory://run"]
+    )
+    cfg = script.load_train_config(args)
+    assert cfg.training.epochs == 2 and cfg.checkpointing.save_every_n_batches == 3
+    assert cfg.checkpointing.remote == "memory://run" and cfg.training.batch_size == 8
+
+
+# ---- the demo job end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One uninterrupted run of the tiny job; the kill chains must end with exactly its weights."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = run(job_args(workdir), cwd=workdir)
+    assert proc.returncode == 0, proc.stdout
+    (workdir / "log.txt").write_text(proc.stdout)
+    return workdir
+
+
+@pytest.mark.slow
+def test_demo_job_runs_end_to_end(reference):
+    log = (reference / "log.txt").read_text()
+    assert "No data in" in log and "No checkpoint found in" in log
+    assert re.search(r"Epoch 4/4: val_loss=\S+ val_accuracy=\S+ val_f1_macro=\S+", log)
+    assert log.rstrip().endswith("Training complete"), log[-2000:]
+    assert (reference / "data" / "train.jsonl").is_file()
+    ck = sorted(p.name for p in (reference / "ck").iterdir() if not p.name.startswith("."))
+    steps = {n for n in ck if n.startswith("checkpoint-step-")}
+    assert steps == {f"checkpoint-step-{TOTAL_STEPS - 2}", f"checkpoint-step-{TOTAL_STEPS}"}  # keep_last: 2
+    assert {"checkpoint-epoch-2", "checkpoint-epoch-3", "best_model"} <= set(ck)
+    assert "checkpoint-epoch-1" not in ck  # save_total_limit: 2
+    final = reference / "out" / "final_model"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert (final / "tokenizer.json").is_file()
+    assert json.loads((final / "config.json").read_text())["hidden_size"] == 16
+
+
+@pytest.mark.slow
+def test_rerun_after_completion_resumes_and_changes_nothing(reference, tmp_path):
+    workdir = tmp_path / "again"
+    shutil.copytree(reference, workdir)
+    proc = run(job_args(workdir), cwd=workdir)
+    assert proc.returncode == 0, proc.stdout
+    assert f"Resuming from global step {TOTAL_STEPS}" in proc.stdout
+    assert "Checkpoint committed: checkpoint-step-" not in proc.stdout  # nothing left to train
+    assert_same_weights(final_tensors(workdir), final_tensors(reference), "rerun of a finished job")
+
+
+@pytest.mark.slow
+def test_fresh_machine_resumes_from_the_remote_copy(reference, tmp_path):
+    """The Kaggle case: the session dies, the new one has an empty working folder, the bucket has the run."""
+    remote = f"file://{tmp_path / 'bucket' / 'run'}"
+    first = run(job_args(tmp_path, "--remote", remote, "--max-steps", "30"), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout
+    assert "Reached --max-steps 30" in first.stdout
+    shutil.rmtree(tmp_path / "ck")  # the new session starts with nothing local
+    second = run(job_args(tmp_path, "--remote", remote), cwd=tmp_path)
+    assert second.returncode == 0, second.stdout
+    assert "Resuming from global step 30" in second.stdout, second.stdout
+    assert second.stdout.rstrip().endswith("Training complete")
+    assert_same_weights(final_tensors(tmp_path), final_tensors(reference), "resumed from the remote copy")
+
+
+# ---- bad input: one line, exit status 2 -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_unknown_config_key_exits_2_naming_key_and_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("checkpointing:\n  save_every_n_batchs: 2\n")
+    proc = run(job_args(tmp_path, config=config), cwd=tmp_path)
+    assert_error_exit(proc, str(config), "checkpointing.save_every_n_batchs", "unknown key")
+
+
+@pytest.mark.slow
+def test_resume_from_a_folder_without_checkpoints_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run(job_args(tmp_path, "--resume-from", str(tmp_path / "empty")), cwd=tmp_path)
+    assert_error_exit(proc, str(tmp_path / "empty"), "no valid checkpoint")
+    assert not (tmp_path / "out" / "final_model").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_a_different_model_exits_2_naming_shapes(reference, tmp_path):
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    shutil.copytree(reference / "data", tmp_path / "data")
+    config = tmp_path / "wider.yaml"
+    config.write_text(TINY_CONFIG.replace("hidden_size: 16", "hidden_size: 24"))
+    proc = run(job_args(tmp_path, config=config), cwd=tmp_path)
+    line = assert_error_exit(proc, "saved from a different model", "shape mismatch")
+    assert re.search(r"bert\.embeddings\.word_embeddings\.weight: checkpoint \(\d+, 16\) vs model \(\d+, 24\)", line)
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(os.listdir(reference / "ck"))  # nothing was touched
+
+
+@pytest.mark.slow
+def test_no_resume_refuses_to_mix_with_an_earlier_run(reference, tmp_path):
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    shutil.copytree(reference / "data", tmp_path / "data")
+    proc = run(job_args(tmp_path, "--no-resume"), cwd=tmp_path)
+    assert_error_exit(proc, "--no-resume", "already holds checkpoints", "checkpoint-epoch-3")
+
+
+# ---- SIGKILL at random moments ----------------------------------------------------------------------------
+
+
+@dataclass
+class ChainResult:
+    kills: int = 0
+    resumes: list[tuple[str, int, int]] = field(default_factory=list)  # (checkpoint, its step, newest committed)
+    fallback: str | None = None
+
+
+def kill_chain(workdir: Path, seed: int, kills: int, corrupt_newest: bool) -> ChainResult:
+    """Start the job, SIGKILL it at a random moment, restart it, and again; then let the last run finish.
+
+    Every restart must resume from a verified checkpoint at least as new as the newest one any earlier process
+    logged as committed (it may be newer: a checkpoint can be committed just before its log line is written).
+    """
+    rng = random.Random(seed)
+    result = ChainResult()
+    newest_committed = -1
+    corrupted: tuple[str, int] | None = None
+    jobs: list[Job] = []
+    try:
+        for attempt in range(kills + 1):
+            last = attempt == kills
+            if last and corrupt_newest:
+                corrupted = newest_checkpoint(workdir / "ck")
+                flip_a_byte(workdir / "ck" / corrupted[0] / "model.safetensors")
+            job = Job(job_args(workdir), cwd=workdir)
+            jobs.append(job)
+            started = job.wait_for(re.compile(f"{RESUMED_FROM.pattern}|{FRESH.pattern}"))
+            assert started is not None, job.text()
+            if started.group(1) is None:
+                # Starting over is right only while no process has logged a commit yet (attempt 0, or a kill that
+                # landed before the first checkpoint).
+                assert newest_committed < 0, f"attempt {attempt} started from scratch:\n{job.text()}"
+            else:
+                path = Path(started.group(1))
+                step_line = job.wait_for(RESUMED_STEP)
+                assert step_line is not None, job.text()
+                step = int(step_line.group(1))
+                if corrupted is None:
+                    assert step >= newest_committed, (
+                        f"attempt {attempt} resumed from {path.name} (step {step}), older than step {newest_committed} "
+                        f"committed before the kill:\n{job.text()}"
+                    )
+                else:
+                    skipped = [m for line in job.lines if (m := SKIPPED.search(line))]
+                    assert any(
+                        m.group(1) == corrupted[0] and f"{corrupted[0]}/model.safetensors" in m.group(2)
+                        for m in skipped
+                    ), f"no warning naming {corrupted[0]}/model.safetensors:\n{job.text()}"
+                    assert path.name != corrupted[0] and step <= corrupted[1], job.text()
+                    result.fallback = f"{corrupted[0]} -> {path.name}"
+                result.resumes.append((path.name, step, newest_committed))
+            if last:
+                rc = job.finish()
+                assert rc == 0, job.text()
+                assert job.lines[-1].endswith("Training complete"), job.text()
+                break
+            # The kill moment: after 0-3 more commits, plus a random fraction of a checkpoint interval; it lands in
+            # forward/backward, in a snapshot, in a file write, between rename and log line, in validation ...
+            for _ in range(rng.randint(0, 3)):
+                assert job.wait_for(COMMITTED) is not None, f"the job finished before its kill:\n{job.text()}"
+            time.sleep(rng.uniform(0, 0.05))
+            rc = job.kill()
+            assert rc == -signal.SIGKILL, f"the job ended on its own (status {rc}) before its kill:\n{job.text()}"
+            result.kills += 1
+            newest_committed = max([newest_committed, *job.committed_steps()])
+            print(f"{workdir.name}: kill {result.kills} after committed step {newest_committed}")  # shown on failure
+    finally:
+        for job in jobs:  # a failed assertion must not leave a training process behind
+            if job.proc.poll() is None:
+                job.proc.kill()
+                job.proc.wait(30)
+    return result
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_resumes_from_the_newest_committed_checkpoint(reference, tmp_path):
+    chains = {"chain-a": (1, False), "chain-b": (2, True)}
+    # Two chains side by side: most of each restart is interpreter and library start-up, which parallelises.
+    with ThreadPoolExecutor(len(chains)) as pool:
+        futures = {
+            name: pool.submit(kill_chain, tmp_path / name, seed, KILLS_PER_CHAIN, corrupt)
+            for name, (seed, corrupt) in chains.items()
+        }
+        results = {name: f.result() for name, f in futures.items()}
+    assert sum(r.kills for r in results.values()) >= 20
+    assert results["chain-b"].fallback is not None
+    for name in chains:
+        # Exact resumption: however often it was killed, the job ends with the uninterrupted run's weights.
+        assert_same_weights(final_tensors(tmp_path / name), final_tensors(reference), name)
