@@ -31,9 +31,9 @@ class Dist:
 
     @classmethod
     def detect(cls) -> Dist | None:
-        """The job's layout when torch.distributed is initialised with more than one rank; collective (every rank
-        must construct its CheckpointManager at the same point)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        """The job's layout when torch.distributed is initialised (a world of one too: sharded state still goes
+        through DCP); collective (every rank must construct its CheckpointManager at the same point)."""
+        if not (dist.is_available() and dist.is_initialized()):
             return None
         step_group = dist.new_group(backend="gloo")
         save_group = dist.new_group(backend="gloo")

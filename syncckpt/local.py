@@ -78,6 +78,17 @@ def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview]) -> 
     return FileEntry(rel, w.size, w.hexdigest())
 
 
+def hash_file(folder: Path, rel: str) -> FileEntry:
+    """The manifest entry of a file another writer produced (DCP's shard files): one streaming read."""
+    h = hashlib.sha256()
+    size = 0
+    with open(Path(folder) / check_relative_path(rel), "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return FileEntry(rel, size, h.hexdigest())
+
+
 def commit(
     directory: Path, manifest: Manifest, write: Callable[[Path], list[FileEntry]], *, tmp_name: str | None = None
 ) -> Manifest:
@@ -154,16 +165,10 @@ def manifest_for_folder(
     kind = kind or parsed[0]
     if global_step is None:
         global_step = parsed[1] if parsed[0] == "step" else 0
-    entries = []
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
-        rel = f.relative_to(path).as_posix()
-        h = hashlib.sha256()
-        size = 0
-        with open(f, "rb") as fh:
-            while chunk := fh.read(8 << 20):
-                h.update(chunk)
-                size += len(chunk)
-        entries.append(FileEntry(check_relative_path(rel), size, h.hexdigest()))
+    entries = [
+        hash_file(path, f.relative_to(path).as_posix())
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    ]
     manifest = Manifest(
         name=path.name,
         kind=kind,

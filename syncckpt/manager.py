@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import local, rng
+from . import local, rng, sharded
 from ._failpoints import failpoint
 from .distributed import Dist
 from .env import check_disk_budget, default_checkpoint_dir
@@ -56,6 +56,7 @@ from .snapshot import Snapshot, StagingArena, check_object_name, collect_state, 
 log = logging.getLogger("syncckpt")
 
 STATE_FILE = "state.json"
+DCP_DIR = "dcp/"
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class _Job:
     trainer: dict[str, Any]
     commits: list[Manifest]  # first one gets the data written, the others (best_model) hard-link to it
     seq: int = 0  # the same on every rank: names the shared temporary folder
+    shards: Any = None  # sharded.ShardSnapshot of DTensor leaves, written through DCP by every rank
 
 
 class CheckpointManager:
@@ -173,6 +175,7 @@ class CheckpointManager:
         self._prev_sigterm: Any = None
 
         self._dist = Dist.detect()
+        self._sharded: bool | None = None  # known at the first save: does the state hold DTensors?
         self._is_main = self._dist is None or self._dist.is_main
         self._save_seq = 0
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -312,9 +315,16 @@ class CheckpointManager:
     ) -> None:
         """Snapshot on the caller's thread (arena lock already held), then hand off to the writer."""
         kinds = [kinds] if isinstance(kinds, str) else kinds
+        shards = None
         try:
+            states = collect_state(self._objects) if (self._is_main or self._dist is not None) else {}
+            if self._dist is not None and self._sharded is not False:
+                # Sharded (FSDP2/DTensor) leaves go through DCP, every rank writing its own shards.
+                states, dtensors = sharded.split_dtensors(states)
+                self._sharded = bool(dtensors)
+                if dtensors:
+                    shards = sharded.snapshot_shards(dtensors)
             if self._is_main:
-                states = collect_state(self._objects)
                 for name, obj in self._objects.items():
                     if isinstance(obj, ResumableSampler):
                         states[name] = {**states[name], "position": {"epoch": epoch, "batch_idx": batch_idx}}
@@ -354,7 +364,7 @@ class CheckpointManager:
                 )
             )
         self._save_seq += 1
-        fut = self._executor.submit(self._write, _Job(snap, trainer, commits, self._save_seq))
+        fut = self._executor.submit(self._write, _Job(snap, trainer, commits, self._save_seq, shards))
         with self._futures_lock:
             self._futures = [f for f in self._futures if not f.done()] + [fut]
 
@@ -376,6 +386,9 @@ class CheckpointManager:
             def write_own(tmp: Path) -> list[local.FileEntry]:
                 nonlocal released
                 entries = []
+                if job.shards is not None:  # first, so that no rank skips DCP's collectives
+                    rels = sharded.save_shards(job.shards, tmp, process_group=self._dist.save_group)  # type: ignore[union-attr]
+                    entries.extend(local.hash_file(tmp, rel) for rel in rels)
                 for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers, strict=True):
                     entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf)))
                     failpoint("serialize")
@@ -759,6 +772,24 @@ class CheckpointManager:
             return manifest, files, path, source
         return None
 
+    def _load_sharded(self, states: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Fill the registered objects' own DTensors (laid out for the current world size) from the checkpoint's
+        DCP shards, resharding as DCP does; collective on every rank."""
+        if self._dist is None:
+            raise StateMismatch(f"{path} holds sharded (DTensor) state: resume it under torch.distributed")
+        wanted = _dtensor_keys(states)
+        sharded.ensure_optimizer_state(self._objects)
+        _, targets = sharded.split_dtensors(collect_state(self._objects))
+        missing = sorted(wanted - set(targets))
+        if missing:
+            raise StateMismatch(
+                f"{path}: sharded tensors {missing[:5]} have no DTensor counterpart in the registered "
+                "objects (shard the model the same way, e.g. fully_shard, before resume())"
+            )
+        targets = {k: v for k, v in targets.items() if k in wanted}
+        sharded.load_shards(targets, path, process_group=self._dist.step_group)
+        return {name: sharded.join_dtensors(state, targets) for name, state in states.items()}
+
     def _storage_options(self) -> dict[str, Any] | None:
         return self._uploader.storage_options if self._uploader is not None else None
 
@@ -781,11 +812,13 @@ class CheckpointManager:
                     raise CheckpointCorrupt(f"{path}/{rel}: not a syncckpt state file") from None
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for rel, data in files.items():
-            if rel.endswith(".safetensors"):
+            if rel.endswith(".safetensors") and not rel.startswith(DCP_DIR):
                 tensors[rel.removesuffix(".safetensors")] = load_safetensors_bytes(data, where=f"{path}/{rel}")
         states = {
             name: unflatten_state(s, tensors.get(name, {}), where=f"{path}: {name}") for name, s in structures.items()
         }
+        if any(rel.startswith(DCP_DIR) for rel in files):
+            states = self._load_sharded(states, path)
         missing = [n for n in self._objects if n not in states]
         if missing:
             raise StateMismatch(
@@ -823,6 +856,16 @@ class CheckpointManager:
         best = trainer.get("best_metric")
         if isinstance(best, (int, float)):
             self._best = float(best)
+
+
+def _dtensor_keys(state: Any) -> set[str]:
+    if isinstance(state, dict):
+        if len(state) == 1 and sharded.DTENSOR_MARKER in state:
+            return {state[sharded.DTENSOR_MARKER]}
+        return set().union(*(_dtensor_keys(v) for v in state.values())) if state else set()
+    if isinstance(state, (list, tuple)):
+        return set().union(*(_dtensor_keys(v) for v in state)) if state else set()
+    return set()
 
 
 def _check_module_fits(name: str, module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:

@@ -23,6 +23,16 @@ can still read them, but we load only what the index lists and check it covers e
 Saving uses ``dcp.save`` with the given process group; DCP exchanges its save *plans* between ranks with
 ``gather_object``/``scatter_object_list`` (pickle, in memory, between the job's own ranks; nothing pickled reaches
 a file). Only tensors go through DCP: non-tensor state belongs in the caller's JSON.
+
+What blocks whom:
+
+* :func:`snapshot_shards` (training thread, not collective): one synchronous copy of each local shard (and each
+  plain tensor) into fresh CPU memory. This is all the training loop waits for; extra host memory is one copy of
+  this rank's part of the state.
+* :func:`save_shards` on a background thread, given that snapshot: two object collectives (plans), writing and
+  fsyncing this rank's shard straight from the snapshot memory (no serialised copy), one gather of the write
+  results, rank 0 writing the index, one broadcast. The training thread is never involved, but ``process_group``
+  is busy throughout, so give it a group of its own (gloo). Every rank returns only after the index is on disk.
 """
 
 from __future__ import annotations
@@ -192,8 +202,10 @@ def _make_writer(root: Path):
 
         def prepare_global_plan(self, plans):
             n = len(plans)
-            return [dataclasses.replace(p, storage_data=f"shard-{i:05d}-of-{n:05d}.safetensors")
-                    for i, p in enumerate(plans)]
+            return [
+                dataclasses.replace(p, storage_data=f"shard-{i:05d}-of-{n:05d}.safetensors")
+                for i, p in enumerate(plans)
+            ]
 
         def write_data(self, plan, planner) -> TorchFuture:
             fut: TorchFuture = TorchFuture()
@@ -209,8 +221,9 @@ def _make_writer(root: Path):
                     t = t.detach().to("cpu").contiguous()
                     tensors[item.index.fqn] = t
                     offsets[item.index.fqn] = {_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
-                    results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
-                                               storage_data=name))
+                    results.append(
+                        WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(), storage_data=name)
+                    )
                 _write_safetensors(self.root / name, tensors, {_SHARDING_KEY: json.dumps(offsets)})
                 self.written.append(name)
                 failpoint("sharded-after-write")
@@ -231,8 +244,10 @@ def _make_writer(root: Path):
                 entries[fqn] = {
                     "dtype": str(md.properties.dtype).removeprefix("torch."),
                     "size": list(md.size),
-                    "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes),
-                                "file": where[(fqn, tuple(c.offsets))]} for c in md.chunks],
+                    "chunks": [
+                        {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": where[(fqn, tuple(c.offsets))]}
+                        for c in md.chunks
+                    ],
                 }
             index = {
                 "format": FORMAT,
@@ -295,10 +310,10 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _distributed(process_group: Any) -> bool:
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+    return dist.is_available() and dist.is_initialized()
 
 
 def save_shards(tensors: Mapping[str, torch.Tensor], folder: Path, *, process_group: Any = None) -> list[str]:
@@ -320,7 +335,7 @@ def save_shards(tensors: Mapping[str, torch.Tensor], folder: Path, *, process_gr
     writer = _make_writer(root)
     planner = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
     try:
-        if _distributed(process_group):
+        if _distributed():
             dcp.save(dict(snap), storage_writer=writer, planner=planner, process_group=process_group)
         else:
             with _quiet():
@@ -423,8 +438,13 @@ def read_index(root: Path) -> dict[str, _Entry]:
         for c in e["chunks"]:
             if not isinstance(c, dict) or c.get("file") not in files:
                 raise CheckpointCorrupt(f"{where}: chunk {c!r} names no listed shard file")
-            chunks.append(_Chunk(_int_list(c.get("offsets"), f"{where}: offsets", len(size)),
-                                 _int_list(c.get("sizes"), f"{where}: sizes", len(size)), c["file"]))
+            chunks.append(
+                _Chunk(
+                    _int_list(c.get("offsets"), f"{where}: offsets", len(size)),
+                    _int_list(c.get("sizes"), f"{where}: sizes", len(size)),
+                    c["file"],
+                )
+            )
         _check_cover(where, size, chunks)
         out[fqn] = _Entry(_DTYPES[e["dtype"]], size, tuple(chunks))
     return out
@@ -455,8 +475,7 @@ def _check_cover(where: str, size: tuple[int, ...], chunks: list[_Chunk]) -> Non
         del active[: bisect_right(active, (start, len(chunks)))]
         for _, j in active:
             o = chunks[j]
-            if all(a < b + t and b < a + s for a, s, b, t in zip(c.offsets, c.sizes, o.offsets, o.sizes,
-                                                                   strict=True)):
+            if all(a < b + t and b < a + s for a, s, b, t in zip(c.offsets, c.sizes, o.offsets, o.sizes, strict=True)):
                 raise CheckpointCorrupt(f"{where}: chunks at {list(c.offsets)} and {list(o.offsets)} overlap")
         insort(active, (start + c.sizes[dim], i))
 
@@ -491,8 +510,9 @@ def _make_reader(root: Path, index: dict[str, _Entry]):
                 sd_md[fqn] = TensorStorageMetadata(
                     properties=TensorProperties(dtype=e.dtype),
                     size=torch.Size(e.size),
-                    chunks=[ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))
-                            for c in e.chunks],
+                    chunks=[
+                        ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in e.chunks
+                    ],
                 )
                 for c in e.chunks:
                     storage[MetadataIndex(fqn, c.offsets)] = c
@@ -524,17 +544,23 @@ def _make_reader(root: Path, index: dict[str, _Entry]):
                     for req in reqs:
                         fqn, chunk = req.storage_index.fqn, self.files[req.storage_index]
                         entry = index[fqn]
-                        if fqn not in keys or not isinstance(saved.get(fqn), dict) or \
-                                list(saved[fqn].get(_OFFSETS_KEY, ())) != list(chunk.offsets):
+                        if (
+                            fqn not in keys
+                            or not isinstance(saved.get(fqn), dict)
+                            or list(saved[fqn].get(_OFFSETS_KEY, ())) != list(chunk.offsets)
+                        ):
                             raise CheckpointCorrupt(f"{path}: no chunk of {fqn} at {list(chunk.offsets)}")
                         if tuple(f.get_slice(fqn).get_shape()) != chunk.sizes:
-                            raise CheckpointCorrupt(f"{path}: {fqn} has shape {f.get_slice(fqn).get_shape()}, the "
-                                                    f"index says {list(chunk.sizes)}")
+                            raise CheckpointCorrupt(
+                                f"{path}: {fqn} has shape {f.get_slice(fqn).get_shape()}, the "
+                                f"index says {list(chunk.sizes)}"
+                            )
                         if all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == chunk.sizes:
                             src = f.get_tensor(fqn)  # the whole chunk (also scalars and empty chunks)
                         else:
-                            src = f.get_slice(fqn)[tuple(slice(o, o + n) for o, n in
-                                                         zip(req.storage_offsets, req.lengths, strict=True))]
+                            src = f.get_slice(fqn)[
+                                tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths, strict=True))
+                            ]
                         if src.dtype != entry.dtype:
                             raise CheckpointCorrupt(f"{path}: {fqn} is {src.dtype}, the index says {entry.dtype}")
                         dst = planner.resolve_tensor(req).detach()
@@ -577,7 +603,9 @@ def load_shards(
 
     Targets are DTensors laid out for the current mesh (any world size DCP can reshard to) or plain tensors; names,
     global shapes and dtypes must match the checkpoint (``strict``: and no checkpoint tensor may be left out).
-    Reads only JSON and safetensors; never unpickles. If any rank fails, every rank raises.
+    Reads only JSON and safetensors; never unpickles. If any rank fails, every rank raises (after the failure the
+    targets may be partly overwritten: do not train on). ``process_group`` only carries that final error flag
+    (an ``all_reduce``; the backend's device: CPU for gloo).
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -596,7 +624,7 @@ def load_shards(
         error = min(e.failures.items())[1][0]
     except Exception as e:
         error = e
-    if _distributed(process_group):
+    if _distributed():
         backend = str(dist.get_backend(process_group))
         device = "cpu" if "gloo" in backend or not torch.cuda.is_available() else "cuda"
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
@@ -605,3 +633,61 @@ def load_shards(
             raise CheckpointCorrupt(f"another rank failed to load the sharded state from {root}")
     if error is not None:
         raise error
+
+
+# ---- the manager's side: DTensor leaves out of a state, and back in -------------------------------------------
+DTENSOR_MARKER = "__dtensor__"
+
+
+def split_dtensors(states: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Replace every DTensor leaf of ``states`` (name -> state_dict) by ``{"__dtensor__": KEY}`` and return the
+    DTensors by KEY (``object/key.path``), ready for :func:`snapshot_shards`; plain tensors stay where they are.
+
+    >>> split_dtensors({"model": {"w": torch.ones(1)}})
+    ({'model': {'w': tensor([1.])}}, {})
+    """
+    dtensor = _dtensor_type()
+    found: dict[str, torch.Tensor] = {}
+    if dtensor is None:
+        return states, found
+
+    def walk(v: Any, path: list[str]) -> Any:
+        if isinstance(v, dtensor):
+            key = path[0] + "/" + ".".join(path[1:])
+            found[key] = v
+            return {DTENSOR_MARKER: key}
+        if isinstance(v, dict):
+            return type(v)((k, walk(x, path + [str(k)])) for k, x in v.items())
+        if isinstance(v, list):
+            return [walk(x, path + [str(i)]) for i, x in enumerate(v)]
+        if isinstance(v, tuple) and not hasattr(v, "_fields"):
+            return tuple(walk(x, path + [str(i)]) for i, x in enumerate(v))
+        return v
+
+    out = {name: walk(state, [name]) for name, state in states.items()}
+    return (out, found) if found else (states, found)
+
+
+def join_dtensors(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Put tensors back where :func:`split_dtensors` left markers."""
+    if isinstance(state, dict):
+        if len(state) == 1 and DTENSOR_MARKER in state:
+            key = state[DTENSOR_MARKER]
+            if key not in tensors:
+                raise StateMismatch(f"sharded tensor {key!r} has no counterpart in the registered objects")
+            return tensors[key]
+        return type(state)((k, join_dtensors(v, tensors)) for k, v in state.items())
+    if isinstance(state, list):
+        return [join_dtensors(v, tensors) for v in state]
+    if isinstance(state, tuple):
+        return tuple(join_dtensors(v, tensors) for v in state)
+    return state
+
+
+def ensure_optimizer_state(objects: Mapping[str, Any]) -> None:
+    """A fresh optimizer has no state tensors to load shards into: create them as DCP does (a zero-lr step)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    for obj in objects.values():
+        if isinstance(obj, torch.optim.Optimizer) and not obj.state:
+            _init_optim_state(obj)

@@ -29,14 +29,16 @@ def _env() -> dict[str, str]:
     return e
 
 
-def _cmd(args: list[str], nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(JOB), *args]
+def _cmd(args: list[str], nproc: int, job: Path) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, str(job), *args]
 
 
-def run_job(args: list[str], kill_when=None, timeout: float = 300) -> tuple[list[str], int]:
-    """Run the torchrun job; with ``kill_when(lines)`` SIGKILL the whole process group once it is true."""
-    p = subprocess.Popen(_cmd(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                         start_new_session=True)
+def run_job(args: list[str], kill_when=None, timeout: float = 300, job: Path = JOB, nproc: int = 2):
+    """Run a torchrun job; with ``kill_when(lines)`` SIGKILL the whole process group once it is true.
+    Returns (output lines, exit status)."""
+    p = subprocess.Popen(_cmd(args, nproc, job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=_env(), start_new_session=True)
     lines: list[str] = []
     try:
         assert p.stdout is not None
