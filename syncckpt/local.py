@@ -75,7 +75,7 @@ def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview]) -> 
             w.write(c)
         f.flush()
         os.fsync(f.fileno())
-    return FileEntry(rel, w.size, w.hexdigest())
+    return FileEntry(rel, w.size, w.hexdigest(), crc32c=w.crc32c())
 
 
 def hash_file(folder: Path, rel: str) -> FileEntry:

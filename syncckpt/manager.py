@@ -477,7 +477,9 @@ class CheckpointManager:
             raise OSError("not every rank wrote its part: " + "; ".join(failed))
         entries: list[local.FileEntry] = []
         for rep in reports:
-            entries.extend(local.FileEntry(f["path"], f["size"], f["sha256"]) for f in rep["files"])
+            entries.extend(
+                local.FileEntry(f["path"], f["size"], f["sha256"], crc32c=f.get("crc32c")) for f in rep["files"]
+            )
             bad.extend(x for x in rep["bad"] if x not in bad)
         return entries
 

@@ -16,6 +16,7 @@ manifests defensively) is written once here. Relative paths are always checked w
 from __future__ import annotations
 
 import abc
+import base64
 import hashlib
 import logging
 import os
@@ -177,6 +178,12 @@ class Remote(abc.ABC):
                 raise RemoteError(
                     f"{self.url}/{name}/{entry.path}: store holds {st.size} bytes, manifest says {entry.size}"
                 )
+            store_crc = _crc32c_hex(st.checksums.get("crc32c"))
+            if entry.crc32c and store_crc and store_crc != entry.crc32c:
+                raise RemoteError(
+                    f"{self.url}/{name}/{entry.path}: store's CRC32C {store_crc} differs from the manifest's "
+                    f"{entry.crc32c}: the upload was damaged"
+                )
 
     def download_checkpoint(
         self, name: str, manifest: Manifest, dest_dir: Path, progress: ProgressFn | None = None
@@ -247,6 +254,17 @@ class Remote(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients and pools. Safe to call twice."""
+
+
+def _crc32c_hex(value: str | None) -> str | None:
+    """GCS reports CRC32C as base64 of 4 big-endian bytes; the manifest keeps 8 hex digits."""
+    if not value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 4 else None
 
 
 def _objects(name: str, entry: FileEntry) -> list[tuple[str, int, str | None]]:
