@@ -61,7 +61,8 @@ def test_outage_keeps_training_speed_and_mirroring_resumes(
 
     med_before, med_during = statistics.median(before), statistics.median(during)
     print(f"\noutage: median step {med_before * 1e3:.2f} ms before, {med_during * 1e3:.2f} ms during the outage "
-          f"(x{med_during / med_before:.2f}); upload failures {status['upload_failures']}, "
+          f"(x{med_during / med_before:.2f}), {statistics.median(after) * 1e3:.2f} ms after; "
+          f"upload failures {status['upload_failures']}, "
           f"connections refused {fault_proxy.counts}; mirrored {status['mirrored']}")
     final = f"checkpoint-step-{last // 10 * 10}"
     assert failures_during >= 2, "the outage was not felt by the uploader"
