@@ -240,7 +240,10 @@ def load_safetensors_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor
         raise UnsafeCheckpoint(f"{where}: too short to be a safetensors file")
     (hlen,) = _struct.unpack("<Q", data[:8])
     if hlen > len(data) - 8 or hlen > 100 << 20:
-        raise UnsafeCheckpoint(f"{where}: safetensors header claims {hlen} bytes, file has {len(data)}")
+        raise UnsafeCheckpoint(
+            f"{where}: not a safetensors file (its header length field says {hlen} bytes, the file has {len(data)});"
+            " refusing to load it"
+        )
     try:
         header = json.loads(data[8 : 8 + hlen])
     except (ValueError, RecursionError):

@@ -144,17 +144,27 @@ class Lease:
 
     def heartbeat(self) -> None:
         """Refresh the lease, noticing when another session took it over."""
-        cur = self._read()
-        if cur is not None and cur.get("session") not in (None, self.session):
-            self.lost = f"session {cur.get('host')} pid {cur.get('pid')} took over {self.remote.url}"
-            log.error("Lease lost: %s; this session stops mirroring", self.lost)
+        if self._taken_over():
             raise RemoteConflict(self.lost)
         self.remote.write_bytes(LEASE_NAME, self._record())
 
     def check(self) -> None:
-        """Raise RemoteConflict when the lease was taken over (uploads must stop)."""
-        if self.lost:
+        """Raise RemoteConflict when the lease was taken over (uploads must stop).
+
+        Reads LEASE now rather than trusting the last heartbeat: a takeover between two heartbeats must already
+        stop this upload, or the two sessions' checkpoints would interleave.
+        """
+        if self.lost or self._taken_over():
             raise RemoteConflict(f"{self.lost}; not uploading so checkpoints never interleave")
+
+    def _taken_over(self) -> bool:
+        cur = self._read()
+        if cur is not None and cur.get("session") not in (None, self.session):
+            if not self.lost:
+                self.lost = f"session {cur.get('host')} pid {cur.get('pid')} took over {self.remote.url}"
+                log.error("Lease lost: %s; this session stops mirroring", self.lost)
+            return True
+        return False
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""

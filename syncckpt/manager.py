@@ -78,6 +78,16 @@ class ResumeInfo:
 
 
 @dataclass
+class _Decoded:
+    states: dict[str, Any]
+    trainer: dict[str, Any]
+    sharded: bool  # DTensor leaves to load through DCP
+
+
+_Loaded = tuple[Manifest, _Decoded, Path, str]  # manifest, decoded states, local folder, where it came from
+
+
+@dataclass
 class _Job:
     snapshot: Snapshot
     trainer: dict[str, Any]
@@ -670,14 +680,15 @@ class CheckpointManager:
             choice = msg["choice"]
             loaded = None
             if choice is not None:
-                manifest, files = local.verify(Path(choice["path"]))
-                loaded = manifest, files, Path(choice["path"]), choice["source"]
+                ckpt = Path(choice["path"])
+                manifest, files = local.verify(ckpt)
+                loaded = manifest, self._decode(manifest, files, ckpt), ckpt, choice["source"]
         if loaded is None:
             where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
             log.info("No checkpoint found in %s; starting from scratch", where)
             return None
-        manifest, files, ckpt_path, source = loaded
-        self._restore(manifest, files, ckpt_path)
+        manifest, decoded, ckpt_path, source = loaded
+        self._restore(manifest, decoded, ckpt_path)
         if manifest.kind == "step":  # batch_idx -1: saved without a batch index, the epoch restarts
             epoch, batch_idx = manifest.epoch, manifest.batch_idx
         else:
@@ -709,19 +720,19 @@ class CheckpointManager:
             self._uploader.ensure_mirrored(self.directory, manifest)
         return info
 
-    def _load_explicit(self, path: str) -> tuple[Manifest, dict[str, bytes], Path, str]:
+    def _load_explicit(self, path: str) -> _Loaded:
         if "://" in path and not path.startswith("file://"):
             from .pull import pull_checkpoint_url
 
             manifest, files, ckpt = pull_checkpoint_url(path, self.directory, self._storage_options())
-            return manifest, files, ckpt, "remote"
+            return manifest, self._decode(manifest, files, ckpt), ckpt, "remote"
         p = Path(path.removeprefix("file://"))
         if (p / "manifest.json").exists():
             try:
                 manifest, files = local.verify(p)
             except CheckpointCorrupt as e:
                 raise CheckpointNotFound(f"--resume-from {p}: {e}") from None
-            return manifest, files, p, "local"
+            return manifest, self._decode(manifest, files, p), p, "local"
         if p.is_dir():
             loaded = self._try_candidates(self._local_candidates(p), p, remote=None)
             if loaded is not None:
@@ -745,13 +756,14 @@ class CheckpointManager:
             for c in local.list_checkpoints(directory)
         ]
 
-    def _load_newest(self) -> tuple[Manifest, dict[str, bytes], Path, str] | None:
+    def _load_newest(self) -> _Loaded | None:
         cands = self._local_candidates(self.directory)
         if self._uploader is not None:
             cands += self._uploader.candidates()
         return self._try_candidates(cands, self.directory, remote=self._uploader)
 
-    def _try_candidates(self, cands: list[Candidate], directory: Path, remote: Any):
+    def _try_candidates(self, cands: list[Candidate], directory: Path, remote: Any) -> _Loaded | None:
+        """Verify and decode candidates in resume order; a damaged or hostile one is skipped with a warning."""
         ordered = order_candidates(cands)
         if ordered and not ordered[0].healthy:
             log.warning("No healthy checkpoint found; trying unhealthy ones (non-finite weights)")
@@ -764,6 +776,7 @@ class CheckpointManager:
                 else:
                     manifest, files, path = remote.pull(c, directory)
                     source = remote.url
+                decoded = self._decode(manifest, files, path)
             except CheckpointCorrupt as e:
                 log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
                 continue
@@ -771,7 +784,7 @@ class CheckpointManager:
                 log.warning(
                     "Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights", c.name
                 )
-            return manifest, files, path, source
+            return manifest, decoded, path, source
         return None
 
     def _load_sharded(self, states: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -795,7 +808,10 @@ class CheckpointManager:
     def _storage_options(self) -> dict[str, Any] | None:
         return self._uploader.storage_options if self._uploader is not None else None
 
-    def _restore(self, manifest: Manifest, files: dict[str, bytes], path: Path) -> None:
+    def _decode(self, manifest: Manifest, files: dict[str, bytes], path: Path) -> _Decoded:
+        """Parse a verified checkpoint's files into states, touching no registered object. Raises
+        CheckpointCorrupt/UnsafeCheckpoint for content that passed its digests but is not what it claims
+        (a hostile writer controls both), so resume can fall back to an older checkpoint."""
         import json
 
         if STATE_FILE not in files:
@@ -803,9 +819,10 @@ class CheckpointManager:
         try:
             state = json.loads(files[STATE_FILE])
             structures, trainer = state["objects"], state["trainer"]
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(structures, dict) or not isinstance(trainer, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise CheckpointCorrupt(f"{path}/{STATE_FILE}: not a syncckpt state file") from None
-        rank = self._dist.rank if self._dist is not None else 0
         for rel, data in files.items():  # other ranks' RNG structures (distributed checkpoints)
             if rel.startswith("state-rank") and rel.endswith(".json"):
                 try:
@@ -816,10 +833,22 @@ class CheckpointManager:
         for rel, data in files.items():
             if rel.endswith(".safetensors") and not rel.startswith(DCP_DIR):
                 tensors[rel.removesuffix(".safetensors")] = load_safetensors_bytes(data, where=f"{path}/{rel}")
-        states = {
-            name: unflatten_state(s, tensors.get(name, {}), where=f"{path}: {name}") for name, s in structures.items()
-        }
-        if any(rel.startswith(DCP_DIR) for rel in files):
+        try:
+            states = {
+                name: unflatten_state(s, tensors.get(name, {}), where=f"{path}: {name}")
+                for name, s in structures.items()
+            }
+        except StateMismatch as e:  # the structure names a tensor no file holds
+            raise CheckpointCorrupt(str(e)) from None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise CheckpointCorrupt(f"{path}/{STATE_FILE}: malformed state structure ({e})") from None
+        return _Decoded(states, trainer, any(rel.startswith(DCP_DIR) for rel in files))
+
+    def _restore(self, manifest: Manifest, decoded: _Decoded, path: Path) -> None:
+        """Load decoded states into the registered objects (after checking they fit), then the RNG streams."""
+        states, trainer = decoded.states, decoded.trainer
+        rank = self._dist.rank if self._dist is not None else 0
+        if decoded.sharded:
             states = self._load_sharded(states, path)
         missing = [n for n in self._objects if n not in states]
         if missing:

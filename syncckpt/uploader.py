@@ -41,7 +41,7 @@ from typing import Any
 from . import local
 from ._failpoints import failpoint
 from .blobs import blob_rel, part_ranges
-from .errors import CheckpointCorrupt, RemoteError
+from .errors import CheckpointCorrupt, RemoteConflict, RemoteError
 from .lease import Lease
 from .manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content, sha256_hex
 from .pull import pull, pull_checkpoint_url, remote_candidates
@@ -93,6 +93,7 @@ class Uploader:
         self._last_error: str | None = None
         self._raise: BaseException | None = None
         self._closing = False
+        self._stopped: str | None = None  # why mirroring stopped for good (another session took the run over)
         self._latest: Latest | None = None
         self._remote_manifests: dict[str, Manifest] = {}
         self._pid = os.getpid()
@@ -107,6 +108,9 @@ class Uploader:
     # ---- called from the writer / training thread -------------------------------------------------------------
     def submit(self, directory: Path, manifest: Manifest) -> None:
         """Queue a committed local checkpoint for mirroring (hard-links its files into a staging folder first)."""
+        if self._stopped:
+            log.warning("%s not mirrored: mirroring to %s stopped (%s)", manifest.name, self.url, self._stopped)
+            return
         src = Path(directory) / manifest.name
         staging = Path(directory) / f".upload-{manifest.name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
@@ -181,6 +185,7 @@ class Uploader:
                 "skipped": list(self._skipped),
                 "upload_failures": self._failures,
                 "last_upload_error": self._last_error,
+                "mirroring_stopped": self._stopped,
             }
 
     def close(self, timeout: float | None = None) -> None:
@@ -217,6 +222,9 @@ class Uploader:
                 continue
             try:
                 self._upload(job)
+            except RemoteConflict as e:  # another session owns the run now: stop, never interleave with it
+                self._stop_mirroring(job, e)
+                continue
             except Exception as e:  # noqa: BLE001 - a failed upload must never take the training loop down
                 self._last_error = f"{job.name}: {e}"
                 with self._cond:
@@ -251,6 +259,21 @@ class Uploader:
                 self._inflight = None
                 self._mirrored.append(job.name)
                 self._cond.notify_all()
+
+    def _stop_mirroring(self, job: _Upload, e: RemoteConflict) -> None:
+        with self._cond:
+            self._stopped = str(e)
+            self._last_error = f"{job.name}: {e}"
+            self._failures += 1
+            dropped = [job, *self._queue]
+            self._queue, self._inflight = [], None
+            for q in dropped:
+                shutil.rmtree(q.staging, ignore_errors=True)
+            if self.on_error == "raise":
+                self._raise = e
+            self._cond.notify_all()
+        log.error("Upload of %s to %s refused: %s. Mirroring stopped; not uploaded: %s (they stay local)",
+                  job.name, self.url, e, [q.name for q in dropped])
 
     def _upload(self, job: _Upload) -> None:
         t0 = time.monotonic()

@@ -197,7 +197,10 @@ class Remote(abc.ABC):
         for entry in manifest.files:
             check_relative_path(entry.path)
         objects = [(rel, size) for entry in manifest.files for rel, size, _ in _objects(name, entry)]
-        stats = self._parallel(lambda o: self.stat(o[0]), objects)
+        try:
+            stats = self._parallel(lambda o: self.stat(o[0]), objects)
+        except FileNotFoundError as e:  # a file the manifest lists is not in the store: damaged, not absent
+            raise CheckpointCorrupt(f"{self.url}/{name}: a file the manifest lists is missing ({e})") from None
         for (rel, size), st in zip(objects, stats, strict=True):
             if st.size != size:
                 raise CheckpointCorrupt(f"{self.url}/{rel}: store holds {st.size} bytes, manifest says {size}")
@@ -206,7 +209,10 @@ class Remote(abc.ABC):
             raise CheckpointCorrupt(
                 f"{self.url}/{name}: needs {manifest.total_size} bytes but {dest_dir} has {free} free"
             )
-        self._parallel(lambda e: self._download_one(name, e, dest_dir, progress), manifest.files)
+        try:
+            self._parallel(lambda e: self._download_one(name, e, dest_dir, progress), manifest.files)
+        except FileNotFoundError as e:  # deleted between the size check and the download
+            raise CheckpointCorrupt(f"{self.url}/{name}: a file vanished while downloading ({e})") from None
 
     def _download_one(self, name: str, entry: FileEntry, dest_dir: Path, progress: ProgressFn | None) -> None:
         target = (dest_dir / entry.path).resolve()
