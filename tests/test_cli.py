@@ -40,6 +40,8 @@ def make_run(directory: Path, steps: tuple[int, ...] = (1, 2, 3), keep_last: int
             opt.step()
             opt.zero_grad()
             mgr.save(step, epoch=0, batch_idx=step - 1)
+            if options.get("remote"):
+                assert mgr.wait()  # mirror each one: the uploader would skip a step checkpoint superseded in its queue
         assert mgr.wait()
     return model
 

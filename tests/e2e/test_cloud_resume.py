@@ -41,7 +41,8 @@ def mirrored(lines: list[str]) -> list[str]:
 def test_fresh_session_resumes_from_remote_bit_identical(tmp_path, reference, remote):
     url, options = remote
     ck, out = tmp_path / "ck", tmp_path / "out.safetensors"
-    args = ["--ckpt-dir", str(ck), "--out", str(out), "--remote", url]
+    # Steps take 50 ms (a stand-in for accelerator time) so the uploads keep up and the kill lands mid-training.
+    args = ["--ckpt-dir", str(ck), "--out", str(out), "--remote", url, "--step-sleep", "0.05"]
     if options:
         args += ["--storage-options", json.dumps(options)]
     lines, rc = run_and_kill(args, lambda ls: len([m for m in mirrored(ls) if "step" in m]) >= 3)

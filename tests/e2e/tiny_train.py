@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 
 import torch
 from safetensors.torch import save_file
@@ -43,6 +44,8 @@ def main() -> int:
     p.add_argument("--remote-options", default=None, help="JSON object of backend keyword arguments")
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--takeover", action="store_true")
+    p.add_argument("--step-sleep", type=float, default=0.0,
+                   help="seconds of simulated accelerator time per optimizer step (workload, not synchronisation)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--poison-pickle", action="store_true", help="make any unpickling during resume() fail")
     args = p.parse_args()
@@ -97,6 +100,8 @@ def main() -> int:
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 global_step += 1
+                if args.step_sleep:
+                    time.sleep(args.step_sleep)
                 mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics={"train_loss": loss.item()})
                 print(f"step {global_step}", flush=True)
             last_loss = loss.item()
