@@ -16,6 +16,7 @@ writer thread, reading the same buffers. The health check (non-finite values) al
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ class Snapshot:
         for li, si in self.float_slots:
             layout = self.layouts[li]
             slot = layout.slots[si]
-            if not bool(torch.isfinite(slot_view(self.buffers[li], slot)).all()):
+            if not _all_finite(slot_view(self.buffers[li], slot)):
                 bad.append(f"{layout.filename.removesuffix('.safetensors')}/{slot.name}")
                 if len(bad) >= limit:
                     break
@@ -105,6 +106,16 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(lay.data_size for lay in self.layouts)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction, no temporary as large as the tensor: a sum in float64 of finite fp16/bf16/fp32 values
+    cannot overflow, and any NaN or Inf makes it non-finite."""
+    if t.numel() == 0:
+        return True
+    if t.dtype == torch.float64:  # a float64 sum could overflow on huge finite values: check element-wise
+        return bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum(dtype=torch.float64).item())
 
 
 def collect_state(objects: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
