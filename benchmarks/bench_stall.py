@@ -39,7 +39,7 @@ def warm_copy_fn(model, opt):
     bufs = [torch.empty_like(t).zero_() for t in tensors()]
 
     def run():
-        for b, t in zip(bufs, tensors()):
+        for b, t in zip(bufs, tensors(), strict=True):
             b.copy_(t)
 
     return run
@@ -120,8 +120,8 @@ def main() -> None:
         later = dcp_times[1:]
         rows.append({"method": "DCP async_save, later calls", **summary(later),
                      "x_warm_copy": summary(later)["median_s"] / w})
-    title = (f"Stall on a due checkpoint: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of state, "
-             f"{os.cpu_count()} CPUs (background write+hash+fsync of the last save: {background:.2f}s)")
+    title = (f"Stall on a due checkpoint: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of "
+             f"state, {os.cpu_count()} CPUs (background write+hash+fsync of the last save: {background:.2f}s)")
     print_table(title, rows, ["method", "median_s", "min_s", "max_s", "n", "x_warm_copy"])
     path = write_json("stall", {"params": n_params(model), "state_bytes": nbytes, "rows": rows,
                                 "background_write_s": background})
