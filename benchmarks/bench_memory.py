@@ -129,7 +129,7 @@ def main() -> None:
         for label, s in zip(("first save", "steady state (2nd save)"), r["saves"], strict=True):
             rows.append({"method": METHODS[r["method"]], "save": label, "state_GB": nbytes / 1e9,
                          "peak_extra_GB": (s["peak"] - base) / 1e9, "retained_GB": (s["rss_after"] - base) / 1e9,
-                         "transient_GB": (s["peak"] - s["rss_before"]) / 1e9,
+                         "transient_GB": max(0, s["peak"] - s["rss_before"]) / 1e9,
                          "x_state": (s["peak"] - base) / nbytes})
     r0 = results[0]
     title = (f"Peak extra host memory (RSS over the training process without checkpointing) during an async save: "

@@ -12,7 +12,7 @@ Target: steps/s with checkpointing >= 0.95 x steps/s without. CPU seconds per st
 are shown too: on a 2-core machine the S3 server's own work competes with training, which a real remote does not.
 
 Usage:  python benchmarks/bench_overhead.py [--layers 12] [--duration 120] [--every-seconds 30] [--batch 2]
-                                           [--background-nice 19]
+                                           [--threads N] [--background-nice 19]
 Writes benchmarks/results/overhead.json and prints a table.
 """
 
@@ -28,6 +28,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
@@ -114,11 +116,14 @@ def main() -> None:
     ap.add_argument("--every-seconds", type=float, default=30.0, help="checkpoint interval (save_every_n_minutes*60)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--background-nice", type=int, default=0,
                     help="experiment: run syncckpt's background threads and the S3 server at this nice level")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     every = args.every_seconds
     n_blocks = max(1, round(args.duration / every))
     model, opt = build_model(layers=args.layers)
@@ -168,7 +173,8 @@ def main() -> None:
                    / sum(b["seconds"] + b["wait_after_block_s"] for b in ckpt_blocks)) / rows[0]["steps_per_s"]
     ckpt = rows[1]
     title = (f"Training overhead: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of state, "
-             f"batch {args.batch}x{args.seq}, {n_blocks} x {every:.0f}s blocks per arm (A B B A), target >= 0.95"
+             f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, "
+             f"{n_blocks} x {every:.0f}s blocks per arm (A B B A), target >= 0.95"
              + (f"; background + server at nice {args.background_nice}" if args.background_nice else ""))
     print_table(title, rows, ["arm", "blocks", "steps", "seconds", "steps_per_s", "cpu_s_per_step",
                               "server_cpu_s_per_step", "saves", "bg_left_s", "x_no_ckpt"])
@@ -182,7 +188,7 @@ def main() -> None:
         "params": n_params(model), "state_bytes": nbytes, "every_s": every, "rows": rows, "blocks": blocks,
         "paired_ratios": paired, "ratio": ckpt["x_no_ckpt"], "ratio_pessimistic": pessimistic,
         "first_save_stall_s": first_stall, "first_save_mirrored_s": first_total,
-        "background_nice": args.background_nice,
+        "background_nice": args.background_nice, "torch_threads": torch.get_num_threads(),
     })
     print(f"\nwrote {path}")
 
