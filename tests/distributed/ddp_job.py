@@ -27,6 +27,11 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from syncckpt import CheckpointManager, ResumableSampler  # noqa: E402
 
 
+def say(line: str) -> None:
+    """One write per line: with several ranks on one pipe, print()'s separate newline write can interleave."""
+    os.write(1, (line + "\n").encode())
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt-dir", required=True)
@@ -79,7 +84,7 @@ def main() -> int:
                 global_step += 1
                 mgr.step(global_step, epoch=epoch, batch_idx=batch_idx)
                 if rank == 0:
-                    print(f"step {global_step}", flush=True)
+                    say(f"step {global_step}")
         mgr.save_epoch(epoch, global_step=global_step)
     mgr.close()
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
@@ -92,7 +97,7 @@ def main() -> int:
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
-        print(f"done {global_step}", flush=True)
+        say(f"done {global_step}")
     return 0
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sharded_job import build  # noqa: E402  (the helper model sharded with fully_shard over a CPU mesh)
+from sharded_job import build, say  # noqa: E402  (the helper model sharded with fully_shard over a CPU mesh)
 
 from syncckpt import CheckpointManager  # noqa: E402
 
@@ -52,7 +52,7 @@ def main() -> int:
         state = full_state(net, opt)
         if rank == 0:
             save_file(state, args.dump_after_resume)
-            print(f"resumed at {info.global_step if info else 0}", flush=True)
+            say(f"resumed at {info.global_step if info else 0}")
         mgr.close()
         dist.destroy_process_group()
         return 0
@@ -68,12 +68,12 @@ def main() -> int:
         if step == args.steps - 2 and args.dump:  # the state a later world-size-1 resume must see
             mgr.wait()
         if rank == 0:
-            print(f"step {step}", flush=True)
+            say(f"step {step}")
     mgr.close()
     state = full_state(net, opt)
     if rank == 0 and args.dump:
         save_file(state, args.dump)
-        print("done", flush=True)
+        say("done")
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -49,6 +49,11 @@ class Net(torch.nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x * self.scale)))))
 
 
+def say(line: str) -> None:
+    """One write per line: with several ranks on one pipe, print()'s separate newline write can interleave."""
+    os.write(1, (line + "\n").encode())
+
+
 def build(world: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -137,7 +142,7 @@ def do_save(args, rank: int, world: int) -> None:
     assert seen["thread"].startswith("writer")
     moved = full(flat_state(net, opt)[2])
     assert not torch.equal(moved["model.a.weight"], ref["model.a.weight"]), "the extra step changed nothing"
-    print(f"SAVE_RETURNED {rank} {json.dumps(files)}", flush=True)
+    say(f"SAVE_RETURNED {rank} {json.dumps(files)}")
     if rank == 0:
         save_file(ref, args.ref)
     dist.barrier()
@@ -158,7 +163,7 @@ def do_load(args, rank: int, world: int) -> None:
         assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
         bad = [k for k in ref if got[k].dtype != ref[k].dtype or not torch.equal(got[k], ref[k])]
         assert not bad, f"differs from the reference: {bad}"
-        print(f"LOAD_OK {len(ref)}", flush=True)
+        say(f"LOAD_OK {len(ref)}")
     train_step(net, opt, 3)
     dist.barrier()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,11 +208,8 @@ def saved(tmp_path_factory):
     d = tmp_path_factory.mktemp("sharded")
     out, rc = run_job(["save", "--folder", str(d / "ck"), "--ref", str(d / "ref.safetensors")], nproc=2)
     assert rc == 0, out[-4000:]
-    files = {}
-    for line in out.splitlines():
-        if line.startswith("SAVE_RETURNED "):
-            _, rank, rest = line.split(" ", 2)
-            files[int(rank)] = json.loads(rest)
+    files = {int(rank): json.loads(listed) for rank, listed in re.findall(r"^SAVE_RETURNED (\d+) (\[.*\])$", out, re.M)}
+    assert sorted(files) == [0, 1], out[-4000:]
     return d, files
 
 
