@@ -109,13 +109,36 @@ class Snapshot:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """One reduction, no temporary as large as the tensor: a sum in float64 of finite fp16/bf16/fp32 values
-    cannot overflow, and any NaN or Inf makes it non-finite."""
+    """One reduction in the tensor's own precision and no temporary: NaN and Inf survive a sum, so a finite sum
+    means a finite tensor. Only a non-finite sum (a NaN/Inf, or huge finite values that overflowed) is checked
+    element-wise, in slices. Half and 8-bit floats are summed as float32 slices (their own range overflows).
+
+    ``t.sum(dtype=torch.float64)`` first converts the whole tensor: a float64 copy twice its size (197 MB for a
+    24.6M-element embedding) and ~15x the time of the plain sum.
+    """
     if t.numel() == 0:
         return True
-    if t.dtype == torch.float64:  # a float64 sum could overflow on huge finite values: check element-wise
-        return bool(torch.isfinite(t).all())
-    return math.isfinite(t.sum(dtype=torch.float64).item())
+    flat = t.reshape(-1)
+    wide = t.dtype in (torch.float32, torch.float64)
+    total = flat.sum() if wide else sum(c.float().sum() for c in flat.split(1 << 20))
+    if math.isfinite(float(total)):
+        return True
+    return all(bool(torch.isfinite(c if wide else c.float()).all()) for c in flat.split(1 << 20))
+
+
+def release_free_memory() -> None:
+    """Return to the OS what glibc keeps in its per-thread arenas after a save's transient buffers are freed.
+
+    Freed blocks below the (dynamic, up to 32 MB) mmap threshold stay in the arena of the thread that used them;
+    the writer and the upload threads each keep their own, so a process grows by a few hundred MB after the first
+    save and stays there. No-op where there is no glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def collect_state(objects: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
