@@ -51,7 +51,15 @@ from .manifest import Manifest, checkpoint_name, json_safe_metrics
 from .retention import Ref, plan_deletions
 from .sampler import ResumableSampler
 from .select import Candidate, order_candidates
-from .snapshot import Snapshot, StagingArena, check_object_name, collect_state, state_sizes, take_snapshot
+from .snapshot import (
+    Snapshot,
+    StagingArena,
+    check_object_name,
+    collect_state,
+    release_free_memory,
+    state_sizes,
+    take_snapshot,
+)
 
 log = logging.getLogger("syncckpt")
 
@@ -454,6 +462,7 @@ class CheckpointManager:
             if self._resumed_from is not None:
                 self._resumed_from = None  # a newer checkpoint exists now
             self._apply_local_retention()
+            release_free_memory()  # the writer thread's arena: hashing and health-check buffers
         except Exception as e:  # noqa: BLE001 - the training loop must survive a failed save (full disk, ...)
             if any(m.kind == "best" for m in job.commits) and self._best != job.trainer["best_metric"]:
                 self._best_candidate = self._best  # a best_model that never landed does not raise the bar
@@ -598,9 +607,14 @@ class CheckpointManager:
     def _flush_at_exit(self) -> None:
         if self._closed or os.getpid() != self._pid:
             return
-        if not self.wait(self.grace_period):
-            log.warning("Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period, self.status())
-        self.close(timeout=0)
+        try:  # an exception here would only reach stderr as "Exception ignored in atexit callback"
+            if not self.wait(self.grace_period):
+                log.warning(
+                    "Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period, self.status()
+                )
+            self.close(timeout=0)
+        except SyncCkptError as e:  # on_upload_error="raise" and the mirror failed: say so plainly
+            log.error("At exit: %s", e)
 
     # ---- SIGTERM ------------------------------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: Any) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import local
+from ._budget import ByteBudget
 from ._failpoints import failpoint
 from .blobs import blob_rel, part_ranges
 from .errors import CheckpointCorrupt, RemoteConflict, RemoteError
@@ -48,10 +49,16 @@ from .pull import pull, pull_checkpoint_url, remote_candidates
 from .remote import open_remote
 from .retention import Ref, next_latest
 from .select import Candidate
+from .snapshot import release_free_memory
 
 log = logging.getLogger("syncckpt")
 
 __all__ = ["Uploader", "pull_checkpoint_url"]
+
+
+# Parts are read whole and held until sent; parts go up to blobs.CHUNK_BYTES (64 MiB), so bound their bytes, not
+# their number (max_workers x 64 MiB, plus the copy the client makes, was 0.5 GB over the staging buffers).
+_BLOB_BYTES_IN_FLIGHT = 128 << 20
 
 
 @dataclass
@@ -308,6 +315,7 @@ class Uploader:
             if self._known_blobs is not None:
                 self._known_blobs -= set(unused)
         shutil.rmtree(job.staging, ignore_errors=True)
+        release_free_memory()  # part and multipart buffers freed in the upload threads' arenas
         log.info(
             "Mirrored %s to %s (%d bytes sent of %d in %.1fs)",
             manifest.name,
@@ -322,13 +330,13 @@ class Uploader:
         if self._known_blobs is None:
             self._known_blobs = set(self.remote.list_blobs())
         known, queued, sent = self._known_blobs, {}, 0
-        slots = threading.BoundedSemaphore(self.remote.max_workers)
+        budget = ByteBudget(_BLOB_BYTES_IN_FLIGHT)
 
         def put(digest: str, data: bytes) -> None:
             try:
                 self.remote.write_bytes(blob_rel(digest), data)
             finally:
-                slots.release()
+                budget.release(len(data))
 
         entries, futures = [], []
         with ThreadPoolExecutor(self.remote.max_workers, thread_name_prefix="syncckpt-blob") as ex:
@@ -344,7 +352,7 @@ class Uploader:
                         if digest not in known and digest not in queued:
                             queued[digest] = size
                             sent += size
-                            slots.acquire()  # bounds memory to max_workers parts in flight
+                            budget.acquire(size)  # parts read ahead of the upload stay within the budget
                             futures.append(ex.submit(put, digest, data))
                 entries.append(dataclasses.replace(e, parts=tuple(parts)))
             failpoint("remote-data")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -522,6 +523,28 @@ def test_non_finite_half_precision_and_optimizer_state_are_detected(tmp_path, dt
     assert sorted(m["unhealthy_tensors"]) == ["model/2.bias", "optimizer/state.0.momentum_buffer"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn])
+def test_health_check_finds_nan_and_inf_in_every_float_dtype_and_accepts_huge_finite_values(dtype):
+    """The check sums each tensor (float32 slices for 16- and 8-bit floats) and looks element-wise only when the
+    sum is not finite: a NaN or Inf anywhere is caught; finite values so large that their sum overflows are not
+    called unhealthy."""
+    from syncckpt.snapshot import _all_finite
+
+    n = 3 << 20  # more than one slice
+    big = torch.finfo(dtype).max
+    huge = torch.full((n,), big, dtype=torch.float64).to(dtype)  # finite; their sum overflows any float type
+    assert _all_finite(huge) and _all_finite(torch.zeros(0, dtype=dtype))
+    assert _all_finite(torch.linspace(-1, 1, n).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        if dtype == torch.float8_e4m3fn and math.isinf(bad):
+            continue  # e4m3fn has no infinities (they saturate to NaN on conversion, checked as NaN)
+        t = huge.clone()
+        t[n - 7] = bad
+        assert not _all_finite(t), (dtype, bad)
+        assert not _all_finite(t.view(3, -1)[:, 1:]), (dtype, bad)  # a non-contiguous view of the same values
+
+
 def test_only_unhealthy_checkpoints_are_still_resumed_with_a_warning(tmp_path, caplog):
     model = make_model()
     with torch.no_grad():
@@ -777,6 +800,31 @@ def test_context_manager_commits_pending_saves_on_exit(tmp_path):
         mgr.step(1)
     assert folders(tmp_path) == ["checkpoint-step-1"]
     local_mod.verify(tmp_path / "checkpoint-step-1")
+
+
+def test_failed_upload_at_interpreter_exit_is_logged_not_an_atexit_traceback(tmp_path):
+    """A script that never calls close(), with on_upload_error="raise" and a mirror that cannot succeed (the
+    remote holds a plain file where the checkpoint folder goes): the exit hook flushes, then logs the upload
+    error instead of letting it escape as "Exception ignored in atexit callback"."""
+    import subprocess
+    import sys
+
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "checkpoint-step-1").write_text("in the way")
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from syncckpt import CheckpointManager\n"
+        f"m = CheckpointManager({str(tmp_path / 'ck')!r}, remote={(tmp_path / 'remote').as_uri()!r},\n"
+        "                      on_upload_error='raise', save_every_n_steps=1, grace_period=5, handle_sigterm=False)\n"
+        "m.register(model=torch.nn.Linear(2, 2))\n"
+        "m.step(1, batch_idx=0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR:syncckpt:At exit: upload to" in out.stderr and "Not a directory" in out.stderr, out.stderr
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert (tmp_path / "ck" / "checkpoint-step-1" / "manifest.json").exists()  # the local save committed
 
 
 @pytest.mark.parametrize(

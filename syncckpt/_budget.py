@@ -1,0 +1,53 @@
+"""A counting semaphore in bytes, bounding what background transfers hold in memory at once.
+
+Many small parts or a few large ones may be in flight; one request larger than the whole budget still goes, alone,
+so a budget never deadlocks on a big part.
+
+>>> b = ByteBudget(100)
+>>> b.acquire(60); b.try_acquire(60), b.in_use
+(False, 60)
+>>> b.release(60); b.acquire(250); b.in_use  # larger than the budget: allowed when nothing else is held
+250
+>>> b.release(250)
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["ByteBudget"]
+
+
+class ByteBudget:
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a byte budget must be positive, got {limit}")
+        self.limit = limit
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        return self._used
+
+    def _fits(self, n: int) -> bool:
+        return not self._used or self._used + n <= self.limit
+
+    def acquire(self, n: int) -> None:
+        """Block until ``n`` more bytes fit (or nothing else is held)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._fits(n))
+            self._used += n
+
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes if they fit now; never blocks."""
+        with self._cond:
+            if not self._fits(n):
+                return False
+            self._used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
