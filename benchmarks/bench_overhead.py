@@ -11,9 +11,13 @@ buffer allocation, first upload) happens before the measured blocks.
 Target: steps/s with checkpointing >= 0.95 x steps/s without. CPU seconds per step (this process + the moto server)
 are shown too: on a 2-core machine the S3 server's own work competes with training, which a real remote does not.
 
+``--isolate-server`` gives the S3 server a CPU of its own (the last one) and the training loop the others, with
+as many torch threads: the store's work then runs off the training cores, as a real remote's does, while
+syncckpt's own background threads may still run anywhere. Both arms use the same pinning.
+
 Usage:  python benchmarks/bench_overhead.py [--layers 12] [--duration 120] [--every-seconds 30] [--batch 2]
-                                           [--threads N] [--background-nice 19]
-Writes benchmarks/results/overhead.json and prints a table.
+                                           [--threads N] [--background-nice 19] [--isolate-server]
+Writes benchmarks/results/overhead.json (overhead_isolated.json with --isolate-server) and prints a table.
 """
 
 from __future__ import annotations
@@ -68,7 +72,14 @@ def renice_background(nice: int, server_pid: int | None) -> int:
     return len(tids)
 
 
-def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks: list[dict], nice: int = 0):
+def pin_server(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of the server process (threads it starts later inherit the mask)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks: list[dict], nice: int = 0,
+               train_cpus: set[int] | None = None):
     """The measured blocks; returns the first save's stall, its time until mirrored, and the mirrored names."""
     t0 = time.perf_counter()
     mgr.save(0, epoch=0, batch_idx=0)
@@ -77,6 +88,10 @@ def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks:
     first_total = time.perf_counter() - t0
     if nice:
         print(f"  reniced {renice_background(nice, s3.pid)} background and server threads to {nice}", flush=True)
+    if train_cpus:
+        # Only this (the training) thread: syncckpt's writer, uploader and IO threads exist already and keep every
+        # CPU, and the pools the uploader starts inherit its mask, not this one.
+        os.sched_setaffinity(0, train_cpus)
 
     step = 0
     for arm in block_order(n_blocks):
@@ -119,11 +134,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--background-nice", type=int, default=0,
                     help="experiment: run syncckpt's background threads and the S3 server at this nice level")
+    ap.add_argument("--isolate-server", action="store_true",
+                    help="the S3 server on the last CPU, training (and its torch threads) on the others")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus, train_cpus = ({cpus[-1]}, set(cpus[:-1])) if args.isolate_server and len(cpus) > 1 else (None, None)
+    if args.threads or train_cpus:
+        torch.set_num_threads(args.threads or len(train_cpus))
     every = args.every_seconds
     n_blocks = max(1, round(args.duration / every))
     model, opt = build_model(layers=args.layers)
@@ -136,13 +155,15 @@ def main() -> None:
     blocks = []
     try:
         with moto_s3() as s3:
+            if server_cpus:
+                pin_server(s3.pid, server_cpus)
             mgr = CheckpointManager(root / "ckpt", save_every_n_steps=None, save_every_n_minutes=every / 60,
                                     keep_last=1, remote=unique_prefix("s3", "overhead"),
                                     storage_options=s3.options(), on_upload_error="raise", handle_sigterm=False)
             try:
                 mgr.register(model=model, optimizer=opt)
                 first_stall, first_total, mirrored = run_blocks(mgr, model, opt, tokens, every, n_blocks, s3, blocks,
-                                                                  args.background_nice)
+                                                                  args.background_nice, train_cpus)
             finally:
                 mgr.close(timeout=600)
     finally:
@@ -175,7 +196,9 @@ def main() -> None:
     title = (f"Training overhead: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of state, "
              f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, "
              f"{n_blocks} x {every:.0f}s blocks per arm (A B B A), target >= 0.95"
-             + (f"; background + server at nice {args.background_nice}" if args.background_nice else ""))
+             + (f"; background + server at nice {args.background_nice}" if args.background_nice else "")
+             + (f"; S3 server pinned to CPU {sorted(server_cpus)}, training to {sorted(train_cpus)}"
+                if server_cpus else ""))
     print_table(title, rows, ["arm", "blocks", "steps", "seconds", "steps_per_s", "cpu_s_per_step",
                               "server_cpu_s_per_step", "saves", "bg_left_s", "x_no_ckpt"])
     print(f"\nratio of adjacent block pairs: median {statistics.median(paired):.3f} "
@@ -184,11 +207,12 @@ def main() -> None:
           f"{first_total:.1f}s until mirrored; mirrored {len(mirrored)} checkpoints")
     print(f"background work still running at a block's end: max {rows[1]['bg_left_s']:.1f}s (ratio if it were all "
           f"charged to training: {pessimistic:.3f})")
-    path = write_json("overhead", {
+    path = write_json("overhead_isolated" if server_cpus else "overhead", {
         "params": n_params(model), "state_bytes": nbytes, "every_s": every, "rows": rows, "blocks": blocks,
         "paired_ratios": paired, "ratio": ckpt["x_no_ckpt"], "ratio_pessimistic": pessimistic,
         "first_save_stall_s": first_stall, "first_save_mirrored_s": first_total,
         "background_nice": args.background_nice, "torch_threads": torch.get_num_threads(),
+        "isolate_server": bool(server_cpus),
     })
     print(f"\nwrote {path}")
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-# name -> (full-size arguments, quick arguments)
+# name -> (full-size arguments, quick arguments); the script is bench_NAME.py (NAME up to a "+")
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "stall": ([], ["--layers", "2", "--repeat", "3", "--no-dcp"]),
     "overhead": ([], ["--layers", "2", "--duration", "30", "--every-seconds", "15"]),
+    "overhead+isolated": (["--isolate-server"], ["--isolate-server", "--layers", "2", "--duration", "30",
+                                                 "--every-seconds", "15"]),
     "upload": ([], ["--layers", "2", "--repeat", "2"]),
     "resume": ([], ["--layers", "2", "--repeat", "2"]),
     "memory": ([], ["--layers", "2"]),
@@ -48,7 +50,8 @@ def main() -> None:
 
     collected, failed = [], []
     for name in names:
-        cmd = [sys.executable, str(HERE / f"bench_{name}.py"), *BENCHMARKS[name][1 if args.quick else 0]]
+        script = HERE / f"bench_{name.split('+')[0]}.py"
+        cmd = [sys.executable, str(script), *BENCHMARKS[name][1 if args.quick else 0]]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -532,9 +532,9 @@ class _RetryingReader:
         self.close()
 
 
-_PREFETCH_PART = 32 << 20  # ranged reads this large (s3fs/gcsfs ``get`` use 50 MiB parts); each costs a request
+_PREFETCH_PART = 64 << 20  # ranged reads this large (s3fs/gcsfs ``get`` use 50 MiB parts); each costs a request
 _PREFETCH_DEPTH = 4  # ranges in flight per open object
-_READ_BYTES_IN_FLIGHT = 256 << 20  # for all readers of one remote together (files download in parallel)
+_READ_BYTES_IN_FLIGHT = 512 << 20  # for all readers of one remote together (files download in parallel)
 
 
 class _PrefetchReader:
