@@ -32,6 +32,35 @@ def build(seed: int = 0):
     return ds, model
 
 
+def train(mgr, info, model, opt, sched, scaler, sampler, loader, epochs: int, accum: int, step_sleep: float = 0.0):
+    """The README's loop from where ``info`` (None: the start) left off; prints ``step N`` after every optimizer
+    step. Returns the last global step. Shared with the reliability suite's crash job."""
+    start_epoch = info.epoch if info else 0
+    global_step = info.global_step if info else 0
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        first = info.batch_idx + 1 if info and epoch == info.epoch else 0
+        last_loss = 0.0
+        for batch_idx, (xb, yb) in enumerate(loader, start=first):
+            loss = loss_fn(model(xb), yb) / accum
+            scaler.scale(loss).backward()
+            if (batch_idx + 1) % accum == 0:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                global_step += 1
+                if step_sleep:
+                    time.sleep(step_sleep)
+                mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics={"train_loss": loss.item()})
+                print(f"step {global_step}", flush=True)
+            last_loss = loss.item()
+        mgr.save_epoch(epoch, global_step=global_step, metrics={"last_loss": last_loss})
+    return global_step
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt-dir", required=True)
@@ -83,29 +112,7 @@ def main() -> int:
             del builtins
         else:
             info = mgr.resume()
-    start_epoch = info.epoch if info else 0
-    global_step = info.global_step if info else 0
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        first = info.batch_idx + 1 if info and epoch == info.epoch else 0
-        last_loss = 0.0
-        for batch_idx, (xb, yb) in enumerate(loader, start=first):
-            loss = loss_fn(model(xb), yb) / accum
-            scaler.scale(loss).backward()
-            if (batch_idx + 1) % accum == 0:
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                global_step += 1
-                if args.step_sleep:
-                    time.sleep(args.step_sleep)
-                mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics={"train_loss": loss.item()})
-                print(f"step {global_step}", flush=True)
-            last_loss = loss.item()
-        mgr.save_epoch(epoch, global_step=global_step, metrics={"last_loss": last_loss})
+    global_step = train(mgr, info, model, opt, sched, scaler, sampler, loader, args.epochs, accum, args.step_sleep)
     mgr.close()
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     for pid, st in opt.state_dict()["state"].items():

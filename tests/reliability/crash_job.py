@@ -18,18 +18,7 @@ import json
 import logging
 import os
 import sys
-
-
-def build():
-    import torch
-    from torch.utils.data import TensorDataset
-
-    g = torch.Generator().manual_seed(1234)
-    x = torch.randn(96, 16, generator=g)
-    y = (x[:, :3].sum(1) > 0).long()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 2))
-    return TensorDataset(x, y), model
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from syncckpt import CheckpointManager, ResumableSampler
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+    from tiny_train import build, train  # the e2e job's model and loop
+
     ds, model = build()
     accum, batch_size = 2, 8
     sampler = ResumableSampler(ds, batch_size=batch_size, shuffle=True, seed=42)
@@ -67,27 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     mgr.register(model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     info = mgr.resume()
     print(f"resumed {info.global_step if info else 0} pid={os.getpid()}", flush=True)
-    start_epoch = info.epoch if info else 0
-    global_step = info.global_step if info else 0
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        first = info.batch_idx + 1 if info and epoch == info.epoch else 0
-        last_loss = 0.0
-        for batch_idx, (xb, yb) in enumerate(loader, start=first):
-            loss = loss_fn(model(xb), yb) / accum
-            scaler.scale(loss).backward()
-            if (batch_idx + 1) % accum == 0:
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                global_step += 1
-                mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics={"train_loss": loss.item()})
-                print(f"step {global_step}", flush=True)
-            last_loss = loss.item()
-        mgr.save_epoch(epoch, global_step=global_step, metrics={"last_loss": last_loss})
+    global_step = train(mgr, info, model, opt, sched, scaler, sampler, loader, args.epochs, accum)
     mgr.close()
     print(f"done {global_step}", flush=True)
     return 0
