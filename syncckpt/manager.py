@@ -43,6 +43,7 @@ import torch
 
 from . import local, rng, sharded
 from ._failpoints import failpoint
+from ._memory import release_free_memory
 from .distributed import Dist
 from .env import check_disk_budget, default_checkpoint_dir
 from .errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch, SyncCkptError
@@ -51,15 +52,7 @@ from .manifest import Manifest, checkpoint_name, json_safe_metrics
 from .retention import Ref, plan_deletions
 from .sampler import ResumableSampler
 from .select import Candidate, order_candidates
-from .snapshot import (
-    Snapshot,
-    StagingArena,
-    check_object_name,
-    collect_state,
-    release_free_memory,
-    state_sizes,
-    take_snapshot,
-)
+from .snapshot import Snapshot, StagingArena, check_object_name, collect_state, state_sizes, take_snapshot
 
 log = logging.getLogger("syncckpt")
 

@@ -126,21 +126,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(c if wide else c.float()).all()) for c in flat.split(1 << 20))
 
 
-def release_free_memory() -> None:
-    """Return to the OS what glibc keeps in its per-thread arenas after a save's transient buffers are freed.
-
-    Freed blocks below the (dynamic, up to 32 MB) mmap threshold stay in the arena of the thread that used them;
-    the writer and the upload threads each keep their own, so a process grows by a few hundred MB after the first
-    save and stays there. No-op where there is no glibc.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def collect_state(objects: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Call ``state_dict()`` on every registered object (plus ready-made extra states)."""
     states = {name: obj.state_dict() for name, obj in objects.items()}

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from . import local
-from ._budget import ByteBudget
 from ._failpoints import failpoint
+from ._memory import ByteBudget, release_free_memory
 from .blobs import blob_rel, part_ranges
 from .errors import CheckpointCorrupt, RemoteConflict, RemoteError
 from .lease import Lease
@@ -49,7 +49,6 @@ from .pull import pull, pull_checkpoint_url, remote_candidates
 from .remote import open_remote
 from .retention import Ref, next_latest
 from .select import Candidate
-from .snapshot import release_free_memory
 
 log = logging.getLogger("syncckpt")
 

@@ -653,27 +653,24 @@ def test_checkpoint_files_are_safetensors_or_json(tmp_path):
 # ---- failures while saving -----------------------------------------------------------------------------------------
 
 
+def failing_while(full: list[bool], real: Any) -> Any:
+    """``real``, except that it raises ENOSPC (a full disk) while ``full[0]`` is set."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("where", ["write_file", "fsync"])
 def test_full_disk_keeps_the_previous_checkpoint_and_training_going(tmp_path, monkeypatch, caplog, where):
     full = [False]
     if where == "write_file":
-        real_write = local_mod.write_file
-
-        def write_file(*args: Any, **kwargs: Any) -> Any:
-            if full[0]:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real_write(*args, **kwargs)
-
-        monkeypatch.setattr(local_mod, "write_file", write_file)
+        monkeypatch.setattr(local_mod, "write_file", failing_while(full, local_mod.write_file))
     else:
-        real_fsync = os.fsync
-
-        def fsync(fd: int) -> None:
-            if full[0]:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", failing_while(full, os.fsync))
 
     model = make_model()
     opt = torch.optim.AdamW(model.parameters())
@@ -709,14 +706,7 @@ def test_a_best_model_that_failed_to_save_does_not_raise_the_bar(tmp_path, monke
     # The improvement of epoch 1 was never written (disk full). best_model on disk is still epoch 0's, so once the
     # disk is fine again, epoch 2 (better than what is on disk) must replace it.
     full = [False]
-    real_write = local_mod.write_file
-
-    def write_file(*args: Any, **kwargs: Any) -> Any:
-        if full[0]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(local_mod, "write_file", write_file)
+    monkeypatch.setattr(local_mod, "write_file", failing_while(full, local_mod.write_file))
     with new_mgr(tmp_path, metric_for_best="acc", keep_epochs=5) as mgr:
         mgr.register(model=make_model())
         mgr.save_epoch(0, global_step=10, metrics={"acc": 0.5})

@@ -78,8 +78,9 @@ class Remote(abc.ABC):
         """Read a small object. Raise FileNotFoundError when absent, UnsafeCheckpoint when over max_size."""
 
     @abc.abstractmethod
-    def open_read(self, rel: str) -> BinaryIO:
-        """Open an object for streaming reads. Raise FileNotFoundError when absent."""
+    def open_read(self, rel: str, size: int | None = None) -> BinaryIO:
+        """Open an object for streaming reads. Raise FileNotFoundError when absent. ``size``: the object's size
+        when the caller already checked it in the store (saves a metadata request where the reader needs it)."""
 
     @abc.abstractmethod
     def stat(self, rel: str) -> RemoteStat:
@@ -225,7 +226,7 @@ class Remote(abc.ABC):
             for rel, size, digest in _objects(name, entry):
                 part = hashlib.sha256() if digest else None
                 got = 0
-                with self.open_read(rel) as src:
+                with self.open_read(rel, size) as src:  # sizes checked against the store above
                     while True:
                         chunk = src.read(min(CHUNK, size - got + 1))  # +1 detects an object longer than promised
                         if not chunk:

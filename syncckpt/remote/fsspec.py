@@ -42,8 +42,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from .._budget import ByteBudget
 from .._failpoints import failpoint
+from .._memory import ByteBudget
 from ..blobs import BLOB_DIR
 from ..errors import RemoteError, SyncCkptError, UnsafeCheckpoint
 from ..manifest import (
@@ -198,14 +198,16 @@ class FsspecRemote(Remote):
             raise UnsafeCheckpoint(f"{self.url}/{rel}: grew over the {max_size}-byte limit while read; refusing it")
         return data
 
-    def open_read(self, rel: str) -> BinaryIO:
+    def open_read(self, rel: str, size: int | None = None) -> BinaryIO:
         """A sequential reader. On object stores it keeps ``_PREFETCH_DEPTH`` ranged reads in flight (one stream
         per file is bound by request latency; s3fs/gcsfs ``get`` fetch parts concurrently too), each retried on its
         own; elsewhere a stream that reopens at its offset and carries on after a transient failure."""
         path = self._path(rel)
         if self._kind in ("local", "memory"):
             return _RetryingReader(self, rel, path)  # type: ignore[return-value]
-        return _PrefetchReader(self, rel, path, self.stat(rel).size)  # type: ignore[return-value]
+        if size is None:
+            size = self.stat(rel).size
+        return _PrefetchReader(self, rel, path, size)  # type: ignore[return-value]
 
     def stat(self, rel: str) -> RemoteStat:
         """Size and the checksums the store keeps: GCS ``md5`` (hex) and ``crc32c`` (base64); S3 ``etag``

@@ -201,7 +201,7 @@ class HubRemote(Remote):
             raise UnsafeCheckpoint(f"{self.url}/{rel}: larger than {max_size} bytes; refusing to read it")
         return data
 
-    def open_read(self, rel: str) -> BinaryIO:
+    def open_read(self, rel: str, size: int | None = None) -> BinaryIO:
         """Stream an object from the Hub's resolve endpoint (redirects followed, reconnects resume by Range)."""
         return self._open(rel)
 
