@@ -777,7 +777,8 @@ class _Watcher:
 
         def copy(tmp: Path) -> list[local.FileEntry]:
             with open(path, "rb") as f:
-                entry = local.write_file(tmp, rel, iter(lambda: f.read(8 << 20), b""))
+                entry = local.write_file(tmp, rel, iter(lambda: f.read(8 << 20), b""),
+                                         crc32c=self.uploader.remote.keeps_crc32c)
             after = path.stat()
             if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 raise OSError(f"{path} changed while it was copied; trying again at the next scan")

@@ -64,13 +64,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview]) -> FileEntry:
-    """Write ``chunks`` to ``folder/rel``, hashing on the way, fsync, and return its manifest entry."""
+def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview], *, crc32c: bool = False) -> FileEntry:
+    """Write ``chunks`` to ``folder/rel``, hashing on the way, fsync, and return its manifest entry.
+
+    ``crc32c``: record the CRC32C as well (for a remote that keeps one per object: see ``Remote.keeps_crc32c``)."""
     check_relative_path(rel)
     target = folder / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as f:
-        w = HashingWriter(f)
+        w = HashingWriter(f, crc32c=crc32c)
         for c in chunks:
             w.write(c)
         f.flush()

@@ -209,6 +209,8 @@ class CheckpointManager:
                 remote_options=remote_options or {},
                 incremental=incremental,
             )
+        # Files get a CRC32C only when the mirror's store can check an upload against it (GCS).
+        self._crc32c = self._uploader is not None and self._uploader.remote.keeps_crc32c
 
         self_ref = weakref.ref(self)
         self._atexit = lambda: (m := self_ref()) is not None and m._flush_at_exit()
@@ -401,11 +403,13 @@ class CheckpointManager:
                     rels = sharded.save_shards(job.shards, tmp, process_group=self._dist.save_group)  # type: ignore[union-attr]
                     entries.extend(local.hash_file(tmp, rel) for rel in rels)
                 for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers, strict=True):
-                    entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf)))
+                    entries.append(
+                        local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c)
+                    )
                     failpoint("serialize")
                 self._arena.lock.release()  # buffers are on disk: the next snapshot may reuse them
                 released = True
-                entries.append(local.write_file(tmp, state_file, [state_bytes]))
+                entries.append(local.write_file(tmp, state_file, [state_bytes], crc32c=self._crc32c))
                 return entries
 
             def write_data(tmp: Path) -> list[local.FileEntry]:

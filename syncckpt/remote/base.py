@@ -67,6 +67,9 @@ class Remote(abc.ABC):
     url: str
     #: Parallel transfers (files at once); backends may also parallelise parts within a file.
     max_workers: int = 8
+    #: The store keeps a CRC32C of every object that :meth:`check_uploaded` compares with the manifest's (GCS):
+    #: writers record one only then, since computing it costs a copy of every byte.
+    keeps_crc32c: bool = False
 
     # ---- primitives each backend implements -------------------------------------------------------------
     @abc.abstractmethod

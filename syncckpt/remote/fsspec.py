@@ -153,6 +153,10 @@ class FsspecRemote(Remote):
             return "gcs"
         return "other"
 
+    @property
+    def keeps_crc32c(self) -> bool:  # type: ignore[override]
+        return self._kind == "gcs"
+
     def close(self) -> None:
         """Drop the backend instance; the next call builds a fresh one."""
         with self._lock:
