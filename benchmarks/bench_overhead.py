@@ -23,6 +23,7 @@ Writes benchmarks/results/overhead.json (overhead_isolated.json with --isolate-s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -59,12 +60,18 @@ def block_order(n: int) -> list[str]:
     return [arm for pair in pairs for arm in pair]
 
 
+def background_tids() -> list[int]:
+    """syncckpt's writer, uploader and lease threads and fsspec's IO loop (and its executor): the threads that do a
+    checkpoint's background work. Threads they start later (transfer pools) inherit their priority and CPU mask."""
+    return [t.native_id for t in threading.enumerate()
+            if t.name.startswith(("syncckpt-", "fsspecIO", "asyncio_")) and t.native_id]
+
+
 def renice_background(nice: int, server_pid: int | None) -> int:
     """Lower the CPU priority of syncckpt's background threads (and of their future children, which inherit it)
     and of every thread of the S3 server process: an experiment for what a lower-priority writer/uploader would
     give the training loop. Returns the number of threads changed."""
-    tids = [t.native_id for t in threading.enumerate()
-            if t.name.startswith(("syncckpt-", "fsspecIO", "asyncio_")) and t.native_id]
+    tids = background_tids()
     if server_pid:
         tids += [int(tid) for tid in os.listdir(f"/proc/{server_pid}/task")]
     for tid in tids:
@@ -78,8 +85,12 @@ def pin_server(pid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(int(tid), cpus)
 
 
+def server_cpu(s3) -> float:
+    return cpu_seconds(s3.pid) if s3 is not None else 0.0
+
+
 def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks: list[dict], nice: int = 0,
-               train_cpus: set[int] | None = None):
+               train_cpus: set[int] | None = None, background_cpus: set[int] | None = None):
     """The measured blocks; returns the first save's stall, its time until mirrored, and the mirrored names."""
     t0 = time.perf_counter()
     mgr.save(0, epoch=0, batch_idx=0)
@@ -87,7 +98,12 @@ def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks:
     mgr.wait()
     first_total = time.perf_counter() - t0
     if nice:
-        print(f"  reniced {renice_background(nice, s3.pid)} background and server threads to {nice}", flush=True)
+        print(f"  reniced {renice_background(nice, s3 and s3.pid)} background and server threads to {nice}",
+              flush=True)
+    if background_cpus:
+        for tid in background_tids():
+            os.sched_setaffinity(tid, background_cpus)
+        print(f"  pinned syncckpt's background threads to CPU {sorted(background_cpus)}", flush=True)
     if train_cpus:
         # Only this (the training) thread: syncckpt's writer, uploader and IO threads exist already and keep every
         # CPU, and the pools the uploader starts inherit its mask, not this one.
@@ -96,7 +112,7 @@ def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks:
     step = 0
     for arm in block_order(n_blocks):
         steps, stall, saves, last_save = 0, 0.0, 0, 0.0
-        cpu0, srv0 = cpu_seconds(), cpu_seconds(s3.pid)
+        cpu0, srv0 = cpu_seconds(), server_cpu(s3)
         start = time.monotonic()
         while arm == "ckpt" or time.monotonic() - start < every:
             train_step(model, opt, tokens)
@@ -111,7 +127,7 @@ def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks:
                     last_save = t  # <= the manager's own timestamp, so we stop no later than it would save
                     saves += 1
         elapsed = time.monotonic() - start
-        cpu, srv = cpu_seconds() - cpu0, cpu_seconds(s3.pid) - srv0
+        cpu, srv = cpu_seconds() - cpu0, server_cpu(s3) - srv0
         t = time.perf_counter()
         mgr.wait()  # normally idle by now; if not, the background work is longer than the interval
         late = time.perf_counter() - t
@@ -121,7 +137,7 @@ def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks:
               f"(cpu {cpu:.1f}s + server {srv:.1f}s, stall {stall:.2f}s, background left {late:.1f}s)",
               flush=True)
 
-    return first_stall, first_total, mgr.status()["mirrored"]
+    return first_stall, first_total, mgr.status().get("mirrored", [])
 
 
 def main() -> None:
@@ -136,6 +152,10 @@ def main() -> None:
                     help="experiment: run syncckpt's background threads and the S3 server at this nice level")
     ap.add_argument("--isolate-server", action="store_true",
                     help="the S3 server on the last CPU, training (and its torch threads) on the others")
+    ap.add_argument("--remote", choices=("s3", "none"), default="s3",
+                    help="mirror to a moto S3 server (the target's setting) or only commit locally")
+    ap.add_argument("--pin-background", action="store_true",
+                    help="experiment (with --isolate-server): syncckpt's background threads on the server's CPU too")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -154,23 +174,26 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="syncckpt-bench-"))
     blocks = []
     try:
-        with moto_s3() as s3:
-            if server_cpus:
+        with moto_s3() if args.remote == "s3" else contextlib.nullcontext() as s3:
+            if server_cpus and s3 is not None:
                 pin_server(s3.pid, server_cpus)
             mgr = CheckpointManager(root / "ckpt", save_every_n_steps=None, save_every_n_minutes=every / 60,
-                                    keep_last=1, remote=unique_prefix("s3", "overhead"),
-                                    storage_options=s3.options(), on_upload_error="raise", handle_sigterm=False)
+                                    keep_last=1, remote=unique_prefix("s3", "overhead") if s3 else None,
+                                    storage_options=s3.options() if s3 else None, on_upload_error="raise",
+                                    handle_sigterm=False)
             try:
                 mgr.register(model=model, optimizer=opt)
                 first_stall, first_total, mirrored = run_blocks(mgr, model, opt, tokens, every, n_blocks, s3, blocks,
-                                                                  args.background_nice, train_cpus)
+                                                                  args.background_nice, train_cpus,
+                                                                  server_cpus if args.pin_background else None)
             finally:
                 mgr.close(timeout=600)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     rows = []
-    for arm, label in (("none", "no checkpointing"), ("ckpt", f"checkpoint every {every:.0f}s -> moto S3")):
+    for arm, label in (("none", "no checkpointing"), ("ckpt", f"checkpoint every {every:.0f}s"
+                                                               + (" -> moto S3" if args.remote == "s3" else ", local only"))):
         bs = [b for b in blocks if b["arm"] == arm]
         steps, secs = sum(b["steps"] for b in bs), sum(b["seconds"] for b in bs)
         rows.append({"arm": label, "blocks": len(bs), "steps": steps, "seconds": secs, "steps_per_s": steps / secs,
@@ -198,7 +221,8 @@ def main() -> None:
              f"{n_blocks} x {every:.0f}s blocks per arm (A B B A), target >= 0.95"
              + (f"; background + server at nice {args.background_nice}" if args.background_nice else "")
              + (f"; S3 server pinned to CPU {sorted(server_cpus)}, training to {sorted(train_cpus)}"
-                if server_cpus else ""))
+                if server_cpus else "")
+             + ("; syncckpt's background threads pinned with the server" if args.pin_background else ""))
     print_table(title, rows, ["arm", "blocks", "steps", "seconds", "steps_per_s", "cpu_s_per_step",
                               "server_cpu_s_per_step", "saves", "bg_left_s", "x_no_ckpt"])
     print(f"\nratio of adjacent block pairs: median {statistics.median(paired):.3f} "
@@ -207,12 +231,16 @@ def main() -> None:
           f"{first_total:.1f}s until mirrored; mirrored {len(mirrored)} checkpoints")
     print(f"background work still running at a block's end: max {rows[1]['bg_left_s']:.1f}s (ratio if it were all "
           f"charged to training: {pessimistic:.3f})")
-    path = write_json("overhead_isolated" if server_cpus else "overhead", {
+    name = "overhead_isolated" if server_cpus else "overhead"
+    name += "_pinned" if args.pin_background else ""
+    name += "_local" if args.remote == "none" else ""
+    name += f"_nice{args.background_nice}" if args.background_nice else ""
+    path = write_json(name, {
         "params": n_params(model), "state_bytes": nbytes, "every_s": every, "rows": rows, "blocks": blocks,
         "paired_ratios": paired, "ratio": ckpt["x_no_ckpt"], "ratio_pessimistic": pessimistic,
         "first_save_stall_s": first_stall, "first_save_mirrored_s": first_total,
         "background_nice": args.background_nice, "torch_threads": torch.get_num_threads(),
-        "isolate_server": bool(server_cpus),
+        "isolate_server": bool(server_cpus), "pin_background": args.pin_background,
     })
     print(f"\nwrote {path}")
 

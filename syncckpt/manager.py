@@ -44,6 +44,7 @@ import torch
 from . import local, rng, sharded
 from ._failpoints import failpoint
 from ._memory import release_free_memory
+from ._threads import lower_priority
 from .distributed import Dist
 from .env import check_disk_budget, default_checkpoint_dir
 from .errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch, SyncCkptError
@@ -120,6 +121,9 @@ class CheckpointManager:
         remote_options: extra keyword arguments for the remote backend (e.g. ``min_commit_interval`` for hf://).
         incremental: mirror tensors as content-addressed blobs so unchanged ones (a frozen backbone, LoRA base
             weights) are not uploaded again (fsspec remotes; on the Hub, Xet deduplicates by itself).
+        background_nice: nice value (0..19) of the writer and uploader threads and the threads they start
+            (Linux). The default 19 lets them run in the CPU time training leaves idle; under full CPU load a
+            save then takes longer to commit. 0 runs them at the training loop's priority.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class CheckpointManager:
         grace_period: float = 60.0,
         remote_options: dict[str, Any] | None = None,
         incremental: bool = False,
+        background_nice: int = 19,
     ) -> None:
         if save_every_n_steps is not None and save_every_n_steps < 1:
             raise ValueError(f"save_every_n_steps must be >= 1 or None, got {save_every_n_steps}")
@@ -153,6 +158,8 @@ class CheckpointManager:
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         if on_upload_error not in ("warn", "raise"):
             raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
+        if not 0 <= background_nice <= 19:
+            raise ValueError(f"background_nice must be between 0 and 19, got {background_nice}")
         self.directory = Path(directory) if directory is not None else default_checkpoint_dir()
         self.save_every_n_steps = save_every_n_steps
         self.save_every_n_minutes = save_every_n_minutes
@@ -166,7 +173,9 @@ class CheckpointManager:
 
         self._objects: dict[str, Any] = {}
         self._arena = StagingArena()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-writer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="syncckpt-writer", initializer=lower_priority, initargs=(background_nice,)
+        )
         self._futures: list[Future[None]] = []
         self._futures_lock = threading.Lock()
         self._pid = os.getpid()
@@ -208,6 +217,7 @@ class CheckpointManager:
                 retention=self._remote_retention,
                 remote_options=remote_options or {},
                 incremental=incremental,
+                background_nice=background_nice,
             )
         # Files get a CRC32C only when the mirror's store can check an upload against it (GCS).
         self._crc32c = self._uploader is not None and self._uploader.remote.keeps_crc32c

@@ -41,6 +41,7 @@ from typing import Any
 from . import local
 from ._failpoints import failpoint
 from ._memory import ByteBudget, release_free_memory
+from ._threads import lower_priority
 from .blobs import blob_rel, part_ranges
 from .errors import CheckpointCorrupt, RemoteConflict, RemoteError
 from .lease import Lease
@@ -83,6 +84,7 @@ class Uploader:
         remote_options: dict[str, Any] | None = None,
         max_pause: float = 60.0,
         incremental: bool = False,
+        background_nice: int = 0,
     ) -> None:
         self.storage_options = storage_options
         self.remote = open_remote(url, storage_options, **(remote_options or {}))
@@ -108,6 +110,7 @@ class Uploader:
         self.bytes_uploaded = 0
         self.lease = Lease(self.remote, takeover=takeover)
         self.lease.acquire()
+        self._nice = background_nice
         self._thread = threading.Thread(target=self._run, name="syncckpt-uploader", daemon=True)
         self._thread.start()
 
@@ -212,6 +215,7 @@ class Uploader:
 
     # ---- the background thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
+        lower_priority(self._nice)  # inherited by the transfer pools this thread starts
         pause = 1.0
         while True:
             with self._cond:
