@@ -1,12 +1,16 @@
 """How much training throughput does checkpointing every 30 s, mirrored to S3, cost?
 
-A real training loop (forward, backward, AdamW on the benchmark transformer, small batch) runs in blocks that
-alternate A B B A ...: A trains without checkpointing, B calls ``CheckpointManager.step()`` after every optimizer
-step with ``save_every_n_minutes = every / 60`` and a remote on a moto S3 server (a child process). Each B block
+A real training loop (forward, backward, AdamW on the benchmark transformer, small batch) runs in rounds of one
+block per arm, in alternating order (A B B A ..., or A B C C B A ... with two checkpointing arms): A trains
+without checkpointing, B (and C) call ``CheckpointManager.step()`` after every optimizer step with
+``save_every_n_minutes = every / 60`` and a remote on a moto S3 server (a child process). Each checkpointing block
 holds exactly one save and the whole period after it (it ends when the next save would be due), so the save's
-stall, its background write + hash + fsync and its upload all fall inside the measured time; a B block starts
-after the previous one's upload finished, so no background work leaks into an A block. The first save (staging
-buffer allocation, first upload) happens before the measured blocks.
+stall, its background write + hash + fsync and its upload all fall inside the measured time; a block starts
+after the previous one's upload finished, so no background work leaks into another block. The first save of each
+manager (staging buffer allocation, first upload) happens before the measured blocks.
+
+``--background-nice 19,0`` gives one checkpointing arm per value (a manager each, with its own folder and run
+prefix) in the same run, so the priorities are compared under the same machine load.
 
 Target: steps/s with checkpointing >= 0.95 x steps/s without. CPU seconds per step (this process + the moto server)
 are shown too: on a 2-core machine the S3 server's own work competes with training, which a real remote does not.
@@ -16,8 +20,9 @@ as many torch threads: the store's work then runs off the training cores, as a r
 syncckpt's own background threads may still run anywhere. Both arms use the same pinning.
 
 Usage:  python benchmarks/bench_overhead.py [--layers 12] [--duration 120] [--every-seconds 30] [--batch 2]
-                                           [--threads N] [--background-nice 19] [--isolate-server]
-Writes benchmarks/results/overhead.json (overhead_isolated.json with --isolate-server) and prints a table.
+                                           [--threads N] [--background-nice N[,N]] [--isolate-server]
+                                           [--remote s3|none] [--pin-background]
+Writes benchmarks/results/overhead[_isolated][_pinned][_local][_niceN_N].json and prints a table.
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ from common import (  # noqa: E402
 from syncckpt import CheckpointManager  # noqa: E402
 
 
-def block_order(n: int) -> list[str]:
-    """A B B A A B B A ...: n blocks per arm, balanced against slow drifts of machine load."""
-    pairs = [("none", "ckpt") if i % 2 == 0 else ("ckpt", "none") for i in range(n)]
-    return [arm for pair in pairs for arm in pair]
+def block_order(arms: list[str], n: int) -> list[list[str]]:
+    """n rounds holding one block per arm, in forward then reversed order (A B B A, or A B C C B A): balanced
+    against slow drifts of the machine's load."""
+    return [list(arms) if i % 2 == 0 else list(reversed(arms)) for i in range(n)]
 
 
 def background_tids() -> list[int]:
@@ -67,16 +72,22 @@ def background_tids() -> list[int]:
             if t.name.startswith(("syncckpt-", "fsspecIO", "asyncio_")) and t.native_id]
 
 
-def renice_background(nice: int, server_pid: int | None) -> int:
-    """Lower the CPU priority of syncckpt's background threads (and of their future children, which inherit it)
-    and of every thread of the S3 server process: an experiment for what a lower-priority writer/uploader would
-    give the training loop. Returns the number of threads changed."""
-    tids = background_tids()
-    if server_pid:
-        tids += [int(tid) for tid in os.listdir(f"/proc/{server_pid}/task")]
-    for tid in tids:
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
-    return len(tids)
+def training_cpu_seconds() -> float:
+    """CPU seconds of the training loop's threads: this (main) thread and torch's intra-op pool, i.e. every thread
+    of this process that Python's threading does not know (syncckpt's and fsspec's threads are Python threads).
+    The rest of the process's CPU time is background work."""
+    python_threads = {t.native_id for t in threading.enumerate()} - {threading.get_native_id()}
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) in python_threads:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def pin_server(pid: int, cpus: set[int]) -> None:
@@ -89,17 +100,18 @@ def server_cpu(s3) -> float:
     return cpu_seconds(s3.pid) if s3 is not None else 0.0
 
 
-def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks: list[dict], nice: int = 0,
-               train_cpus: set[int] | None = None, background_cpus: set[int] | None = None):
-    """The measured blocks; returns the first save's stall, its time until mirrored, and the mirrored names."""
-    t0 = time.perf_counter()
-    mgr.save(0, epoch=0, batch_idx=0)
-    first_stall = time.perf_counter() - t0
-    mgr.wait()
-    first_total = time.perf_counter() - t0
-    if nice:
-        print(f"  reniced {renice_background(nice, s3 and s3.pid)} background and server threads to {nice}",
-              flush=True)
+def run_blocks(managers: dict[str, CheckpointManager], model, opt, tokens, every: float, n_rounds: int, s3,
+               blocks: list[dict], train_cpus: set[int] | None = None,
+               background_cpus: set[int] | None = None) -> dict[str, dict]:
+    """The measured blocks. ``managers`` maps each checkpointing arm to its manager (the arm "none" has none).
+    Returns per arm: the first save's stall, its time until mirrored, and the mirrored names."""
+    first = {}
+    for arm, mgr in managers.items():
+        t0 = time.perf_counter()
+        mgr.save(0, epoch=0, batch_idx=0)
+        stall = time.perf_counter() - t0
+        mgr.wait()
+        first[arm] = {"first_stall_s": stall, "first_mirrored_s": time.perf_counter() - t0}
     if background_cpus:
         for tid in background_tids():
             os.sched_setaffinity(tid, background_cpus)
@@ -110,34 +122,40 @@ def run_blocks(mgr, model, opt, tokens, every: float, n_blocks: int, s3, blocks:
         os.sched_setaffinity(0, train_cpus)
 
     step = 0
-    for arm in block_order(n_blocks):
-        steps, stall, saves, last_save = 0, 0.0, 0, 0.0
-        cpu0, srv0 = cpu_seconds(), server_cpu(s3)
-        start = time.monotonic()
-        while arm == "ckpt" or time.monotonic() - start < every:
-            train_step(model, opt, tokens)
-            step += 1
-            steps += 1
-            if arm == "ckpt":
-                t = time.monotonic()
-                if saves and t - last_save >= every:
-                    break  # this step would start the next save: the block holds exactly one period
-                if mgr.step(step, epoch=0, batch_idx=step):
-                    stall += time.monotonic() - t
-                    last_save = t  # <= the manager's own timestamp, so we stop no later than it would save
-                    saves += 1
-        elapsed = time.monotonic() - start
-        cpu, srv = cpu_seconds() - cpu0, server_cpu(s3) - srv0
-        t = time.perf_counter()
-        mgr.wait()  # normally idle by now; if not, the background work is longer than the interval
-        late = time.perf_counter() - t
-        blocks.append({"arm": arm, "steps": steps, "seconds": elapsed, "saves": saves, "stall_s": stall,
-                       "wait_after_block_s": late, "cpu_s": cpu, "server_cpu_s": srv})
-        print(f"  {arm:4s} {steps:4d} steps in {elapsed:6.1f}s = {steps / elapsed:.3f} steps/s "
-              f"(cpu {cpu:.1f}s + server {srv:.1f}s, stall {stall:.2f}s, background left {late:.1f}s)",
-              flush=True)
+    for rnd, arms in enumerate(block_order(["none", *managers], n_rounds)):
+        for arm in arms:
+            mgr = managers.get(arm)
+            steps, stall, saves, last_save = 0, 0.0, 0, 0.0
+            cpu0, srv0, train0 = cpu_seconds(), server_cpu(s3), training_cpu_seconds()
+            start = time.monotonic()
+            while mgr is not None or time.monotonic() - start < every:
+                train_step(model, opt, tokens)
+                step += 1
+                steps += 1
+                if mgr is not None:
+                    t = time.monotonic()
+                    if saves and t - last_save >= every:
+                        break  # this step would start the next save: the block holds exactly one period
+                    if mgr.step(step, epoch=0, batch_idx=step):
+                        stall += time.monotonic() - t
+                        last_save = t  # <= the manager's own timestamp, so we stop no later than it would save
+                        saves += 1
+            elapsed = time.monotonic() - start
+            t = time.perf_counter()
+            if mgr is not None:
+                mgr.wait()  # normally idle by now; if not, the background work is longer than the interval
+            late = time.perf_counter() - t
+            cpu, srv, train = cpu_seconds() - cpu0, server_cpu(s3) - srv0, training_cpu_seconds() - train0
+            blocks.append({"round": rnd, "arm": arm, "steps": steps, "seconds": elapsed, "saves": saves,
+                           "stall_s": stall, "wait_after_block_s": late, "cpu_s": cpu, "server_cpu_s": srv,
+                           "background_cpu_s": cpu - train})
+            print(f"  {arm:7s} {steps:4d} steps in {elapsed:6.1f}s = {steps / elapsed:.3f} steps/s "
+                  f"(cpu: training {train:.1f}s + background {cpu - train:.1f}s + server {srv:.1f}s; "
+                  f"stall {stall:.2f}s, background left {late:.1f}s)", flush=True)
 
-    return first_stall, first_total, mgr.status().get("mirrored", [])
+    for arm, mgr in managers.items():
+        first[arm]["mirrored"] = mgr.status().get("mirrored", [])
+    return first
 
 
 def main() -> None:
@@ -148,8 +166,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--background-nice", type=int, default=0,
-                    help="experiment: run syncckpt's background threads and the S3 server at this nice level")
+    ap.add_argument("--background-nice", default=None,
+                    help="CheckpointManager(background_nice=N), or a comma-separated list (19,0) for one "
+                         "checkpointing arm per value in the same run; default: the manager's default (19)")
     ap.add_argument("--isolate-server", action="store_true",
                     help="the S3 server on the last CPU, training (and its torch threads) on the others")
     ap.add_argument("--remote", choices=("s3", "none"), default="s3",
@@ -172,78 +191,84 @@ def main() -> None:
         train_step(model, opt, tokens)
 
     root = Path(tempfile.mkdtemp(prefix="syncckpt-bench-"))
-    blocks = []
+    nices = [None] if args.background_nice is None else [int(v) for v in args.background_nice.split(",")]
+    arms = {("ckpt" if n is None else f"nice{n}"): n for n in nices}
+    blocks: list[dict] = []
     try:
-        with moto_s3() if args.remote == "s3" else contextlib.nullcontext() as s3:
+        with moto_s3() if args.remote == "s3" else contextlib.nullcontext() as s3, contextlib.ExitStack() as stack:
             if server_cpus and s3 is not None:
                 pin_server(s3.pid, server_cpus)
-            mgr = CheckpointManager(root / "ckpt", save_every_n_steps=None, save_every_n_minutes=every / 60,
-                                    keep_last=1, remote=unique_prefix("s3", "overhead") if s3 else None,
-                                    storage_options=s3.options() if s3 else None, on_upload_error="raise",
-                                    handle_sigterm=False)
-            try:
+            managers = {}
+            for arm, nice in arms.items():
+                mgr = CheckpointManager(root / arm, save_every_n_steps=None, save_every_n_minutes=every / 60,
+                                        keep_last=1, remote=unique_prefix("s3", "overhead") if s3 else None,
+                                        storage_options=s3.options() if s3 else None, on_upload_error="raise",
+                                        handle_sigterm=False, **({} if nice is None else {"background_nice": nice}))
+                stack.callback(mgr.close, timeout=600)
                 mgr.register(model=model, optimizer=opt)
-                first_stall, first_total, mirrored = run_blocks(mgr, model, opt, tokens, every, n_blocks, s3, blocks,
-                                                                  args.background_nice, train_cpus,
-                                                                  server_cpus if args.pin_background else None)
-            finally:
-                mgr.close(timeout=600)
+                managers[arm] = mgr
+            first = run_blocks(managers, model, opt, tokens, every, n_blocks, s3, blocks, train_cpus,
+                               server_cpus if args.pin_background else None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    where = " -> moto S3" if args.remote == "s3" else ", local only"
+    labels = {"none": "no checkpointing"}
+    for arm, nice in arms.items():
+        labels[arm] = f"checkpoint every {every:.0f}s{where}" + ("" if nice is None else f", background_nice={nice}")
     rows = []
-    for arm, label in (("none", "no checkpointing"), ("ckpt", f"checkpoint every {every:.0f}s"
-                                                               + (" -> moto S3" if args.remote == "s3" else ", local only"))):
+    for arm, label in labels.items():
         bs = [b for b in blocks if b["arm"] == arm]
         steps, secs = sum(b["steps"] for b in bs), sum(b["seconds"] for b in bs)
         rows.append({"arm": label, "blocks": len(bs), "steps": steps, "seconds": secs, "steps_per_s": steps / secs,
                      "cpu_s_per_step": sum(b["cpu_s"] for b in bs) / steps,
                      "server_cpu_s_per_step": sum(b["server_cpu_s"] for b in bs) / steps,
                      "saves": sum(b["saves"] for b in bs),
+                     "bg_cpu_s_per_save": sum(b["background_cpu_s"] for b in bs) / max(1, sum(b["saves"] for b in bs)),
                      "bg_left_s": max(b["wait_after_block_s"] for b in bs)})
     base = rows[0]["steps_per_s"]
     for r in rows:
         r["x_no_ckpt"] = r["steps_per_s"] / base
-    # Adjacent A/B blocks saw the same machine load: their ratios are less sensitive to drift than the pooled one.
-    paired = []
-    for a, b in zip(blocks[::2], blocks[1::2], strict=True):
-        n, c = (a, b) if a["arm"] == "none" else (b, a)
-        paired.append(ratio(c["steps"] / c["seconds"], n["steps"] / n["seconds"]))
-    stalls = [b["stall_s"] for b in blocks if b["arm"] == "ckpt"]
-    # If a save's background work outlasts the interval, what is left runs while training waits between blocks;
-    # charging all of it to training gives a lower bound (in a real run the uploader would skip a checkpoint).
-    ckpt_blocks = [b for b in blocks if b["arm"] == "ckpt"]
-    pessimistic = (sum(b["steps"] for b in ckpt_blocks)
-                   / sum(b["seconds"] + b["wait_after_block_s"] for b in ckpt_blocks)) / rows[0]["steps_per_s"]
-    ckpt = rows[1]
+    # Blocks of one round saw the same machine load: their ratios are less sensitive to drift than the pooled one.
+    none_speed = {b["round"]: b["steps"] / b["seconds"] for b in blocks if b["arm"] == "none"}
+    results = {}
+    for arm, row in zip(arms, rows[1:], strict=True):
+        bs = [b for b in blocks if b["arm"] == arm]
+        paired = [ratio(b["steps"] / b["seconds"], none_speed[b["round"]]) for b in bs]
+        # If a save's background work outlasts the interval, what is left runs while training waits between
+        # blocks; charging all of it to training gives a lower bound (a real run would skip a step checkpoint).
+        pessimistic = sum(b["steps"] for b in bs) / sum(b["seconds"] + b["wait_after_block_s"] for b in bs) / base
+        results[arm] = {**first[arm], "label": row["arm"], "ratio": row["x_no_ckpt"], "paired_ratios": paired,
+                        "ratio_pessimistic": pessimistic, "bg_left_s": row["bg_left_s"],
+                        "stall_median_s": statistics.median(b["stall_s"] for b in bs)}
     title = (f"Training overhead: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of state, "
              f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, "
-             f"{n_blocks} x {every:.0f}s blocks per arm (A B B A), target >= 0.95"
-             + (f"; background + server at nice {args.background_nice}" if args.background_nice else "")
+             f"{n_blocks} x {every:.0f}s blocks per arm (rounds A B ... B A), target >= 0.95"
              + (f"; S3 server pinned to CPU {sorted(server_cpus)}, training to {sorted(train_cpus)}"
                 if server_cpus else "")
              + ("; syncckpt's background threads pinned with the server" if args.pin_background else ""))
     print_table(title, rows, ["arm", "blocks", "steps", "seconds", "steps_per_s", "cpu_s_per_step",
-                              "server_cpu_s_per_step", "saves", "bg_left_s", "x_no_ckpt"])
-    print(f"\nratio of adjacent block pairs: median {statistics.median(paired):.3f} "
-          f"({', '.join(f'{p:.3f}' for p in paired)})")
-    print(f"stall per save: median {statistics.median(stalls):.3f}s; first save: {first_stall:.2f}s stall, "
-          f"{first_total:.1f}s until mirrored; mirrored {len(mirrored)} checkpoints")
-    print(f"background work still running at a block's end: max {rows[1]['bg_left_s']:.1f}s (ratio if it were all "
-          f"charged to training: {pessimistic:.3f})")
+                              "server_cpu_s_per_step", "saves", "bg_cpu_s_per_save", "bg_left_s", "x_no_ckpt"])
+    for r in results.values():
+        print(f"\n{r['label']}:")
+        paired = r["paired_ratios"]
+        print(f"  ratio to the no-checkpointing block of the same round: median {statistics.median(paired):.3f} "
+              f"({', '.join(f'{p:.3f}' for p in paired)})")
+        print(f"  stall per save: median {r['stall_median_s']:.3f}s; first save: {r['first_stall_s']:.2f}s stall, "
+              f"{r['first_mirrored_s']:.1f}s until mirrored; mirrored {len(r['mirrored'])} checkpoints")
+        print(f"  background work still running at a block's end: max {r['bg_left_s']:.1f}s "
+              f"(ratio if it were all charged to training: {r['ratio_pessimistic']:.3f})")
     name = "overhead_isolated" if server_cpus else "overhead"
     name += "_pinned" if args.pin_background else ""
     name += "_local" if args.remote == "none" else ""
-    name += f"_nice{args.background_nice}" if args.background_nice else ""
+    name += "_nice" + "_".join(str(n) for n in nices) if args.background_nice is not None else ""
     path = write_json(name, {
         "params": n_params(model), "state_bytes": nbytes, "every_s": every, "rows": rows, "blocks": blocks,
-        "paired_ratios": paired, "ratio": ckpt["x_no_ckpt"], "ratio_pessimistic": pessimistic,
-        "first_save_stall_s": first_stall, "first_save_mirrored_s": first_total,
-        "background_nice": args.background_nice, "torch_threads": torch.get_num_threads(),
-        "isolate_server": bool(server_cpus), "pin_background": args.pin_background,
+        "arms": {arm: {k: v for k, v in r.items() if k != "mirrored"} for arm, r in results.items()},
+        "torch_threads": torch.get_num_threads(), "isolate_server": bool(server_cpus),
+        "pin_background": args.pin_background, "remote": args.remote,
     })
     print(f"\nwrote {path}")
-
 
 if __name__ == "__main__":
     main()
