@@ -219,12 +219,12 @@ def main() -> None:
     rows = []
     for arm, label in labels.items():
         bs = [b for b in blocks if b["arm"] == arm]
-        steps, secs = sum(b["steps"] for b in bs), sum(b["seconds"] for b in bs)
+        steps, secs, saves = sum(b["steps"] for b in bs), sum(b["seconds"] for b in bs), sum(b["saves"] for b in bs)
         rows.append({"arm": label, "blocks": len(bs), "steps": steps, "seconds": secs, "steps_per_s": steps / secs,
                      "cpu_s_per_step": sum(b["cpu_s"] for b in bs) / steps,
                      "server_cpu_s_per_step": sum(b["server_cpu_s"] for b in bs) / steps,
-                     "saves": sum(b["saves"] for b in bs),
-                     "bg_cpu_s_per_save": sum(b["background_cpu_s"] for b in bs) / max(1, sum(b["saves"] for b in bs)),
+                     "saves": saves,
+                     "bg_cpu_s_per_save": sum(b["background_cpu_s"] for b in bs) / saves if saves else None,
                      "bg_left_s": max(b["wait_after_block_s"] for b in bs)})
     base = rows[0]["steps_per_s"]
     for r in rows:
