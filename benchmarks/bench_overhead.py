@@ -17,7 +17,7 @@ are shown too: on a 2-core machine the S3 server's own work competes with traini
 
 ``--isolate-server`` gives the S3 server a CPU of its own (the last one) and the training loop the others, with
 as many torch threads: the store's work then runs off the training cores, as a real remote's does, while
-syncckpt's own background threads may still run anywhere. Both arms use the same pinning.
+syncckpt's own background threads may still run anywhere. All arms use the same pinning.
 
 Usage:  python benchmarks/bench_overhead.py [--layers 12] [--duration 120] [--every-seconds 30] [--batch 2]
                                            [--threads N] [--background-nice N[,N]] [--isolate-server]
@@ -77,17 +77,12 @@ def training_cpu_seconds() -> float:
     of this process that Python's threading does not know (syncckpt's and fsspec's threads are Python threads).
     The rest of the process's CPU time is background work."""
     python_threads = {t.native_id for t in threading.enumerate()} - {threading.get_native_id()}
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        if int(tid) in python_threads:
-            continue
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid not in python_threads:
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended since the listing
+                total += cpu_seconds(tid=tid)
+    return total
 
 
 def pin_server(pid: int, cpus: set[int]) -> None:
@@ -269,6 +264,7 @@ def main() -> None:
         "pin_background": args.pin_background, "remote": args.remote,
     })
     print(f"\nwrote {path}")
+
 
 if __name__ == "__main__":
     main()

@@ -220,9 +220,9 @@ def unique_prefix(scheme: str, what: str) -> str:
     return f"{scheme}://{BUCKET}/{what}-{uuid.uuid4().hex[:8]}"
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process (this one by default), from /proc."""
-    with open(f"/proc/{pid or 'self'}/stat") as f:
+def cpu_seconds(pid: int | None = None, *, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one by default), or of one thread of this process, from /proc."""
+    with open(f"/proc/self/task/{tid}/stat" if tid is not None else f"/proc/{pid or 'self'}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 
-__all__ = ["lower_priority", "thread_nice"]
+__all__ = ["lower_priority"]
 
 log = logging.getLogger("syncckpt")
 
@@ -34,7 +34,3 @@ def lower_priority(nice: int) -> None:
     except OSError as e:  # a sandbox without the syscall: the thread keeps the process's priority
         log.debug("could not lower the priority of %s: %s", threading.current_thread().name, e)
 
-
-def thread_nice(native_id: int) -> int:
-    """The nice value of one thread of this process (Linux), e.g. to check :func:`lower_priority`."""
-    return os.getpriority(os.PRIO_PROCESS, native_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -9,10 +10,14 @@ import pytest
 import torch
 
 from syncckpt import CheckpointManager
-from syncckpt._threads import lower_priority, thread_nice
+from syncckpt._threads import lower_priority
 from syncckpt.remote.fsspec import FsspecRemote
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+
+
+def thread_nice(native_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, native_id)
 
 
 def _nice_of(name_prefix: str) -> set[int]:

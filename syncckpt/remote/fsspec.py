@@ -115,6 +115,7 @@ class FsspecRemote(Remote):
         self._warned_not_atomic = False
         self._read_budget = ByteBudget(_READ_BYTES_IN_FLIGHT)
         self._filesystem()
+        self.keeps_crc32c = self._kind == "gcs"
 
     def __repr__(self) -> str:
         return f"FsspecRemote({self.url!r})"
@@ -152,10 +153,6 @@ class FsspecRemote(Remote):
         if protocols & {"gs", "gcs"}:
             return "gcs"
         return "other"
-
-    @property
-    def keeps_crc32c(self) -> bool:  # type: ignore[override]
-        return self._kind == "gcs"
 
     def close(self) -> None:
         """Drop the backend instance; the next call builds a fresh one."""
