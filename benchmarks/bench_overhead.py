@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--remote", choices=("s3", "none"), default="s3",
                     help="mirror to a moto S3 server (the target's setting) or only commit locally")
     ap.add_argument("--pin-background", action="store_true",
-                    help="experiment (with --isolate-server): syncckpt's background threads on the server's CPU too")
+                    help="with --isolate-server: syncckpt's background threads on the last CPU too (with --remote "
+                         "none: the write path on a spare core, as beside a GPU training loop)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -27,6 +27,11 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
                            "--every-seconds", "15"]),
     "overhead+local": (["--remote", "none", "--background-nice", "19,0", "--duration", "180"],
                        ["--remote", "none", "--layers", "2", "--duration", "30", "--every-seconds", "15"]),
+    # the write path with a core of its own, as on a GPU machine whose training loop leaves CPU cores idle
+    "overhead+local+spare-core": (["--remote", "none", "--isolate-server", "--pin-background", "--background-nice",
+                                   "19", "--duration", "180"],
+                                  ["--remote", "none", "--isolate-server", "--pin-background", "--layers", "2",
+                                   "--duration", "30", "--every-seconds", "15"]),
     "upload": ([], ["--layers", "2", "--repeat", "2"]),
     "resume": ([], ["--layers", "2", "--repeat", "2"]),
     "memory": ([], ["--layers", "2"]),
