@@ -638,9 +638,12 @@ def train_epoch(run: Run, mgr: Any, epoch: int, first: int, global_step: int) ->
             global_step += 1
             running = group_loss if running == 0.0 else 0.9 * running + 0.1 * group_loss
             bar.set_postfix(loss=f"{running:.4f}", step=global_step)
-            mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics={"train_loss": group_loss})
+            metrics = {"train_loss": group_loss}
+            saved = mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics=metrics)
             group_loss = 0.0
             if max_steps is not None and global_step >= max_steps:
+                if not saved:  # stopping on purpose: the next run continues from exactly here
+                    mgr.save(global_step, epoch=epoch, batch_idx=batch_idx, metrics=metrics)
                 return global_step, True
     finally:
         bar.close()

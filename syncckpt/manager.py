@@ -687,6 +687,8 @@ class CheckpointManager:
         if self._is_main:
             try:
                 loaded = self._load_explicit(str(path)) if path is not None else self._load_newest()
+                if path is not None and loaded is not None:
+                    self._refuse_older_than_saved(loaded[0], loaded[2])
             except SyncCkptError as e:
                 if self._dist is not None:  # the other ranks wait for the choice: tell them it failed
                     self._dist.broadcast_json({"error": f"{type(e).__name__}: {e}"})
@@ -762,6 +764,24 @@ class CheckpointManager:
             f"{p}: no valid checkpoint there (expected a checkpoint folder with manifest.json "
             "or a folder of checkpoint-* folders)"
         )
+
+    def _refuse_older_than_saved(self, manifest: Manifest, source: Path) -> None:
+        """Resuming an explicit checkpoint while this run's folder (or remote) holds newer ones would lose the new
+        run: retention keeps the highest global steps, so it would delete each new checkpoint as it is committed,
+        and a later automatic resume would pick the old run's newest. Refuse before anything is restored."""
+        newer = [c.name for c in self._local_candidates(self.directory) if c.global_step > manifest.global_step]
+        where = [f"{self.directory}: {', '.join(sorted(newer))}"] if newer else []
+        if self._uploader is not None:
+            remote = [c.name for c in self._uploader.candidates() if c.global_step > manifest.global_step]
+            if remote:
+                where.append(f"{self._uploader.url}: {', '.join(sorted(remote))}")
+        if where:
+            raise SyncCkptError(
+                f"cannot resume from {source} (global step {manifest.global_step}): newer checkpoints of an earlier "
+                f"run are kept in {'; '.join(where)}. New checkpoints would be deleted by retention (it keeps the "
+                "highest global steps) and a later automatic resume would pick the newer ones. Move or delete "
+                "them first, or save this run elsewhere (another checkpoint directory and remote prefix)"
+            )
 
     def _local_candidates(self, directory: Path) -> list[Candidate]:
         return [

@@ -325,6 +325,43 @@ def test_resume_from_an_explicit_checkpoint_folder(tmp_path):
     assert_state_equal(fresh, expected)
 
 
+def test_resume_from_an_older_checkpoint_is_refused_while_newer_ones_would_win(tmp_path):
+    """Retention keeps the highest global steps and auto-resume picks the newest: training on from an older
+    checkpoint next to newer ones would have every new checkpoint deleted as it lands. resume(path) refuses
+    before restoring anything, naming the newer checkpoints, locally and on the remote."""
+    remote = (tmp_path / "remote").as_uri()
+    model = make_model()
+    with new_mgr(tmp_path / "run", keep_last=2, save_every_n_steps=1, remote=remote) as mgr:
+        mgr.register(model=model)
+        mgr.step(1)
+        mgr.wait(30)
+        mgr.step(2)
+    older = tmp_path / "run" / "checkpoint-step-1"
+    fresh = make_model(5)
+    untouched = state_copy(fresh)
+    with new_mgr(tmp_path / "run", keep_last=2) as mgr:
+        mgr.register(model=fresh)
+        with pytest.raises(SyncCkptError, match=r"newer checkpoints .*/run: checkpoint-step-2"):
+            mgr.resume(older)
+    assert_state_equal(fresh, untouched)
+    # A new local folder for the branch, but the remote still holds the earlier run's step 2.
+    with new_mgr(tmp_path / "branch", remote=remote) as mgr:
+        mgr.register(model=fresh)
+        with pytest.raises(SyncCkptError, match=r"remote: checkpoint-step-2"):
+            mgr.resume(older)
+    # Without a remote, the branch's own folder holds nothing newer: it resumes and keeps its new checkpoints.
+    with new_mgr(tmp_path / "branch2", keep_last=1, save_every_n_steps=1) as mgr:
+        mgr.register(model=fresh)
+        assert mgr.resume(older).global_step == 1
+        mgr.step(2)
+        mgr.wait(30)
+        assert folders(tmp_path / "branch2") == ["checkpoint-step-2"]
+    # The newest checkpoint itself may always be named explicitly.
+    with new_mgr(tmp_path / "run") as mgr:
+        mgr.register(model=fresh)
+        assert mgr.resume(tmp_path / "run" / "checkpoint-step-2").global_step == 2
+
+
 def test_resume_requires_registered_objects(tmp_path):
     with new_mgr(tmp_path) as mgr, pytest.raises(SyncCkptError, match="register"):
         mgr.resume()

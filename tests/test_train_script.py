@@ -335,6 +335,21 @@ def test_fresh_machine_resumes_from_the_remote_copy(reference, tmp_path):
     assert_same_weights(final_tensors(tmp_path), final_tensors(reference), "resumed from the remote copy")
 
 
+@pytest.mark.slow
+def test_max_steps_saves_where_it_stops_and_an_older_checkpoint_resumes_into_a_new_folder(reference, tmp_path):
+    """--max-steps off the save interval still leaves a checkpoint at that step; and the FAQ's "resume from an
+    older checkpoint" works into a fresh checkpoint folder and ends with the uninterrupted run's weights."""
+    first = run(job_args(tmp_path, "--max-steps", "7"), cwd=tmp_path)  # save_every_n_batches: 2
+    assert first.returncode == 0, first.stdout
+    assert "Checkpoint committed: checkpoint-step-7 (global step 7)" in first.stdout
+    shutil.copytree(reference / "ck", tmp_path / "old")
+    shutil.rmtree(tmp_path / "ck")
+    proc = run(job_args(tmp_path, "--resume-from", str(tmp_path / "old" / "checkpoint-epoch-2")), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    assert "Resuming at the start of epoch 4" in proc.stdout
+    assert_same_weights(final_tensors(tmp_path), final_tensors(reference), "resumed from an older epoch checkpoint")
+
+
 # ---- bad input: one line, exit status 2 -------------------------------------------------------------------
 
 
@@ -372,6 +387,16 @@ def test_no_resume_refuses_to_mix_with_an_earlier_run(reference, tmp_path):
     shutil.copytree(reference / "data", tmp_path / "data")
     proc = run(job_args(tmp_path, "--no-resume"), cwd=tmp_path)
     assert_error_exit(proc, "--no-resume", "already holds checkpoints", "checkpoint-epoch-3")
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_checkpoint_next_to_newer_ones_exits_2(reference, tmp_path):
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    shutil.copytree(reference / "data", tmp_path / "data")
+    older = tmp_path / "ck" / "checkpoint-epoch-2"
+    proc = run(job_args(tmp_path, "--resume-from", str(older)), cwd=tmp_path)
+    assert_error_exit(proc, str(older), "newer checkpoints", "checkpoint-epoch-3", "Move or delete them")
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(os.listdir(reference / "ck"))  # nothing was touched
 
 
 # ---- SIGKILL at random moments ----------------------------------------------------------------------------
