@@ -185,6 +185,9 @@ _OVERRIDES = {
 # ---- data -----------------------------------------------------------------------------------------------
 
 
+VAL_METRICS = ("val_loss", "val_accuracy", "val_f1_macro")  # what evaluate() returns after every epoch
+
+
 class InputError(ValueError):
     """Unusable data, model or flag combination; the message names the file, line or flag."""
 
@@ -659,6 +662,13 @@ def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool) -> None
     log.info(
         "Data: %d training / %d validation examples from %s", len(train_examples), len(val_examples), train_file.parent
     )
+    best = ccfg.manager_kwargs()["metric_for_best"]
+    if best is not None and best not in VAL_METRICS:
+        # Found now, not at the first epoch end hours later.
+        raise InputError(
+            f"checkpointing.metric_for_best: {best!r} is not a metric this trainer computes "
+            f"(one of {', '.join(VAL_METRICS)})"
+        )
     mgr = CheckpointManager(**ccfg.manager_kwargs())
     try:
         if no_resume and mgr.list_local():
@@ -686,6 +696,13 @@ def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool) -> None
             tcfg.gradient_accumulation_steps,
             run.total_steps,
             run.device,
+        )
+        every, minutes = ccfg.save_every_n_batches, ccfg.save_every_n_minutes
+        log.info(
+            "Step checkpoints: %s%s",
+            "off" if every is None else f"every {every} optimizer steps ({every * tcfg.gradient_accumulation_steps} "
+            "batches)",
+            "" if minutes is None else f", and after {minutes:g} minutes without one",
         )
         stop = tcfg.max_steps is not None and global_step >= tcfg.max_steps
         run.model.train()

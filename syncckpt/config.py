@@ -42,8 +42,8 @@ STRICT = ConfigDict(extra="forbid", strict=True, validate_default=True)
 class CheckpointingConfig(BaseModel):
     """The ``checkpointing:`` section. Key names follow the original write-up; the new keys are cloud extras.
 
-    ``save_every_n_batches`` counts optimizer steps (the write-up's ``checkpoint-step-2000`` was taken at batch
-    15992 with gradient accumulation 8); ``null`` disables step checkpoints.
+    ``save_every_n_batches`` counts optimizer steps (with gradient accumulation 8, ``checkpoint-step-2000`` is
+    taken after batch 15999, counted from 0); ``null`` disables step checkpoints, a missing key means 500.
 
     >>> CheckpointingConfig.model_validate({"save_every_n_batches": None}).manager_kwargs()["save_every_n_steps"]
     >>> CheckpointingConfig(save_strategy="epoch").manager_kwargs()["metric_for_best"] is None

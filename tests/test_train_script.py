@@ -295,6 +295,7 @@ def reference(tmp_path_factory) -> Path:
 def test_demo_job_runs_end_to_end(reference):
     log = (reference / "log.txt").read_text()
     assert "No data in" in log and "No checkpoint found in" in log
+    assert "Step checkpoints: every 2 optimizer steps (4 batches)" in log  # the interval in the user's unit too
     assert re.search(r"Epoch 4/4: val_loss=\S+ val_accuracy=\S+ val_f1_macro=\S+", log)
     assert log.rstrip().endswith("Training complete"), log[-2000:]
     assert (reference / "data" / "train.jsonl").is_file()
@@ -359,6 +360,15 @@ def test_unknown_config_key_exits_2_naming_key_and_file(tmp_path):
     config.write_text("checkpointing:\n  save_every_n_batchs: 2\n")
     proc = run(job_args(tmp_path, config=config), cwd=tmp_path)
     assert_error_exit(proc, str(config), "checkpointing.save_every_n_batchs", "unknown key")
+
+
+@pytest.mark.slow
+def test_metric_for_best_the_trainer_does_not_compute_exits_2_before_training(tmp_path):
+    config = tmp_path / "f1.yaml"
+    config.write_text(TINY_CONFIG.replace("checkpointing: {", "checkpointing: {metric_for_best: val_f1, "))
+    proc = run(job_args(tmp_path, config=config), cwd=tmp_path)
+    assert_error_exit(proc, "checkpointing.metric_for_best", "'val_f1'", "val_f1_macro")
+    assert "Checkpoint committed" not in proc.stdout
 
 
 @pytest.mark.slow
