@@ -655,7 +655,8 @@ class CheckpointManager:
                     self._start_save("step", global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
             remaining = max(0.0, self._term_at + self.grace_period - time.monotonic())  # type: ignore[operator]
             ok = self.wait(remaining)
-            log.warning("SIGTERM: %s; exiting", "checkpoint saved and mirrored" if ok else "flush incomplete")
+            done = "checkpoint saved and mirrored" if self._uploader is not None else "checkpoint saved"
+            log.warning("SIGTERM: %s; exiting", done if ok else "flush incomplete")
         finally:
             self._term_done.set()
         raise SystemExit(143)
@@ -668,7 +669,9 @@ class CheckpointManager:
         ok = self.wait(remaining)
         log.warning(
             "SIGTERM: training did not reach a step boundary in time; %s; exiting",
-            "committed checkpoints are mirrored" if ok else "flush incomplete",
+            ("committed checkpoints are mirrored" if self._uploader is not None else "committed checkpoints are saved")
+            if ok
+            else "flush incomplete",
         )
         logging.shutdown()
         os._exit(143)

@@ -854,6 +854,30 @@ def test_failed_upload_at_interpreter_exit_is_logged_not_an_atexit_traceback(tmp
     assert (tmp_path / "ck" / "checkpoint-step-1" / "manifest.json").exists()  # the local save committed
 
 
+def test_sigterm_without_a_remote_saves_and_says_saved_not_mirrored(tmp_path):
+    """A real SIGTERM (the process signals itself) to a local-only run: the next step() saves where the loop is
+    and exits 143, and the log does not claim a mirror that does not exist."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, os, signal, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from syncckpt import CheckpointManager\n"
+        f"m = CheckpointManager({str(tmp_path / 'ck')!r}, save_every_n_steps=100, grace_period=30)\n"
+        "m.register(model=torch.nn.Linear(2, 2))\n"
+        "for s in range(1, 10):\n"
+        "    if s == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    m.step(s, batch_idx=s - 1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 143, out.stderr
+    assert "SIGTERM: checkpoint saved; exiting" in out.stderr, out.stderr
+    assert "mirrored" not in out.stderr, out.stderr
+    assert folders(tmp_path / "ck") == ["checkpoint-step-3"]
+
+
 @pytest.mark.parametrize(
     "name", ["../x", "rng", "state", "manifest", "LATEST", "trainer", "", "a/b", "a.b", "1x", "x" * 65, "a b"]
 )
