@@ -310,7 +310,6 @@ class Uploader:
         self._remote_manifests[manifest.name] = manifest
         for d in deletions:
             self._remote_manifests.pop(d, None)
-            log.info("Removed old remote checkpoint %s/%s", self.url, d)
         if latest is not None:
             self._latest = latest
         if self.incremental:
@@ -320,13 +319,15 @@ class Uploader:
         shutil.rmtree(job.staging, ignore_errors=True)
         release_free_memory()  # part and multipart buffers freed in the upload threads' arenas
         log.info(
-            "Mirrored %s to %s (%d bytes sent of %d in %.1fs)",
+            "Mirrored %s to %s (%d bytes sent for %d bytes of data, in %.1fs)",
             manifest.name,
             self.url,
             sent,
             manifest.total_size,
             time.monotonic() - t0,
         )
+        for d in deletions:  # deleted after the new checkpoint and LATEST were written; logged after it, too
+            log.info("Removed old remote checkpoint %s/%s", self.url, d)
 
     def _upload_parts(self, folder: Path, manifest: Manifest) -> tuple[Manifest, bytes, int]:
         """Upload the blobs of ``manifest``'s files that the remote lacks; return the remote manifest."""
