@@ -214,6 +214,15 @@ def test_help_lists_the_flags(script, capsys):
         assert flag in out
 
 
+@pytest.mark.parametrize("alias", ["train_hallucination_kaggle_resume.py", "train_hallucination_model.py"])
+def test_the_write_ups_script_names_run_this_trainer(alias):
+    """The write-up's notebook cells call these names; they must be this trainer with the same flags."""
+    main = run([sys.executable, str(SCRIPT), "--help"], cwd=REPO)
+    other = run([sys.executable, str(SCRIPT.with_name(alias)), "--help"], cwd=REPO)
+    assert main.returncode == other.returncode == 0, other.stdout
+    assert other.stdout == main.stdout and "--resume-from" in other.stdout
+
+
 @pytest.fixture
 def root_logging():
     """main() configures the root logger for a script run; put pytest's configuration back afterwards."""
