@@ -688,6 +688,9 @@ def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool) -> None
         elif not no_resume:
             info = mgr.resume()  # logs where it resumes from, or that it starts from scratch
         global_step = info.global_step if info else 0
+        if info and info.epoch >= tcfg.epochs:
+            log.info("Training already complete (%d epochs, global step %d): nothing left to train", tcfg.epochs,
+                     global_step)
         log.info(
             "Training %d epochs x %d batches (batch size %d, accumulation %d): %d optimizer steps on %s",
             tcfg.epochs,

@@ -682,7 +682,9 @@ class CheckpointManager:
 
         With ``path`` (a checkpoint folder, a folder of checkpoints, or a remote checkpoint URL) resume from that.
         Returns None when there is nothing to resume. Raises CheckpointNotFound when ``path`` holds no valid
-        checkpoint, StateMismatch when a checkpoint does not fit the registered objects.
+        checkpoint, StateMismatch when a checkpoint does not fit the registered objects, and SyncCkptError when
+        ``path`` is older than a checkpoint this manager's folder or remote already holds (retention would delete
+        the new run's checkpoints as they land; save the new run elsewhere or move the newer ones away).
         """
         self._check_usable()
         if not self._objects:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from .manifest import Latest, Manifest, parse_checkpoint_name, sha256_hex
 
-KIND_PRIORITY = {"step": 2, "epoch": 1, "best": 0}  # on equal global steps: step > epoch > best (the seed's order)
+# On equal global steps: epoch > best > step. A step checkpoint at an epoch's last batch is taken before that
+# epoch's validation and its epoch/best checkpoints at the same step; resuming from those skips validating again.
+KIND_PRIORITY = {"epoch": 2, "best": 1, "step": 0}
 
 
 @dataclass(frozen=True)

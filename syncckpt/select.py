@@ -2,7 +2,8 @@
 
 Candidates are tried in the order returned here; the caller verifies each and moves on to the next when
 verification fails. Healthy checkpoints come before unhealthy ones (non-finite weights), newest first by global
-step, then the seed's priority (step > epoch > best), and a local copy before a remote copy of the same checkpoint.
+step, then epoch > best > step (at an epoch's end the step checkpoint was taken before validation), and a local
+copy before a remote copy of the same checkpoint.
 
 >>> c = [Candidate("checkpoint-step-500", "step", 500, 0, "remote", "aa"),
 ...      Candidate("checkpoint-epoch-0", "epoch", 500, 0, "local", "bb"),
@@ -10,9 +11,9 @@ step, then the seed's priority (step > epoch > best), and a local copy before a 
 ...      Candidate("checkpoint-step-600", "step", 600, 0, "local", "cc", healthy=False)]
 >>> for x in order_candidates(c):
 ...     print(x.name, x.location)
+checkpoint-epoch-0 local
 checkpoint-step-500 local
 checkpoint-step-500 remote
-checkpoint-epoch-0 local
 checkpoint-step-600 local
 """
 

@@ -221,13 +221,14 @@ def test_retention_on_disk_keep_last_1_keep_epochs_2(tmp_path):
 # ---- resume --------------------------------------------------------------------------------------------------------
 
 
-def test_resume_prefers_step_then_epoch_then_best_on_equal_steps(tmp_path):
+def test_resume_prefers_epoch_then_best_then_step_on_equal_steps(tmp_path):
+    """At an epoch's end the step checkpoint precedes validation; the epoch one saves validating again."""
     with new_mgr(tmp_path, metric_for_best="acc") as mgr:
         mgr.register(model=make_model())
         mgr.save(10, epoch=0, batch_idx=9)
         mgr.save_epoch(0, global_step=10, metrics={"acc": 1.0})
     assert folders(tmp_path) == ["best_model", "checkpoint-epoch-0", "checkpoint-step-10"]
-    for expected in ("checkpoint-step-10", "checkpoint-epoch-0", "best_model"):
+    for expected in ("checkpoint-epoch-0", "best_model", "checkpoint-step-10"):
         with new_mgr(tmp_path) as mgr:
             mgr.register(model=make_model(1))
             info = mgr.resume()

@@ -98,12 +98,12 @@ def test_nothing_to_do():
     assert plan_deletions([step(1)], keep_last=1, keep_epochs=0) == []
 
 
-def test_recency_orders_by_step_then_step_over_epoch_over_best():
+def test_recency_orders_by_step_then_epoch_over_best_over_step():
     refs = [BEST, Ref("checkpoint-epoch-0", "epoch", 150, 0), step(150), step(149), step(151)]
     assert [r.name for r in sorted(refs, key=recency, reverse=True)] == [
         "checkpoint-step-151",
-        "checkpoint-step-150",
         "checkpoint-epoch-0",
         "best_model",
+        "checkpoint-step-150",
         "checkpoint-step-149",
     ]

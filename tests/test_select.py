@@ -19,9 +19,10 @@ def test_newest_global_step_first():
     assert [n for n, _ in order(cands)] == ["checkpoint-step-300", "checkpoint-step-200", "checkpoint-step-100"]
 
 
-def test_on_equal_steps_step_beats_epoch_beats_best():
-    cands = [cand("best_model", 500), cand("checkpoint-epoch-1", 500), cand("checkpoint-step-500", 500)]
-    assert [n for n, _ in order(cands)] == ["checkpoint-step-500", "checkpoint-epoch-1", "best_model"]
+def test_on_equal_steps_epoch_beats_best_beats_step():
+    """At an epoch's end the step checkpoint was taken before validation and the epoch/best ones after it."""
+    cands = [cand("best_model", 500), cand("checkpoint-step-500", 500), cand("checkpoint-epoch-1", 500)]
+    assert [n for n, _ in order(cands)] == ["checkpoint-epoch-1", "best_model", "checkpoint-step-500"]
 
 
 def test_a_newer_epoch_or_best_beats_an_older_step():

@@ -152,8 +152,8 @@ class Job:
 
 
 def newest_checkpoint(ck: Path) -> tuple[str, int]:
-    """The checkpoint a resume tries first: highest global step, then step > epoch > best (the seed's order)."""
-    priority = {"step": 2, "epoch": 1, "best": 0}
+    """The checkpoint a resume tries first: highest global step, then epoch > best > step."""
+    priority = {"epoch": 2, "best": 1, "step": 0}
     found = []
     for manifest in ck.glob("*/manifest.json"):
         m = json.loads(manifest.read_text())
@@ -327,6 +327,7 @@ def test_rerun_after_completion_resumes_and_changes_nothing(reference, tmp_path)
     assert proc.returncode == 0, proc.stdout
     assert f"Resuming from global step {TOTAL_STEPS}" in proc.stdout
     assert "Checkpoint committed: checkpoint-step-" not in proc.stdout  # nothing left to train
+    assert f"Training already complete (4 epochs, global step {TOTAL_STEPS}): nothing left to train" in proc.stdout
     assert_same_weights(final_tensors(workdir), final_tensors(reference), "rerun of a finished job")
 
 
