@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--no-resume", action="store_true", help="start from scratch instead of resuming the newest checkpoint"
     )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over the --remote run even if another live session holds its lease (that session's "
+        "uploads are then refused)",
+    )
     return p
 
 
@@ -653,7 +659,7 @@ def train_epoch(run: Run, mgr: Any, epoch: int, first: int, global_step: int) ->
     return global_step, False
 
 
-def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool) -> None:
+def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool, takeover: bool = False) -> None:
     from syncckpt import CheckpointManager
 
     tcfg, ccfg = cfg.training, cfg.checkpointing
@@ -669,7 +675,7 @@ def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool) -> None
             f"checkpointing.metric_for_best: {best!r} is not a metric this trainer computes "
             f"(one of {', '.join(VAL_METRICS)})"
         )
-    mgr = CheckpointManager(**ccfg.manager_kwargs())
+    mgr = CheckpointManager(**ccfg.manager_kwargs(), takeover=takeover)
     try:
         if no_resume and mgr.list_local():
             # New checkpoints would mix with the old run's, retention could keep the old (higher-step) ones and
@@ -767,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_train_config(args)
         with logging_redirect_tqdm():
-            train(cfg, resume_from=args.resume_from, no_resume=args.no_resume)
+            train(cfg, resume_from=args.resume_from, no_resume=args.no_resume, takeover=args.takeover)
     except (SyncCkptError, InputError) as e:
         # Bad input, not a bug: one line the user can act on, and argparse's exit status for bad input.
         message = " ".join(str(e).split())

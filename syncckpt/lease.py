@@ -122,7 +122,7 @@ class Lease:
             raise LeaseHeld(
                 f"{self.remote.url} is being written by another session ({holder}, heartbeat {age:.0f}s ago). "
                 f"If that session is dead its lease expires in {max(ttl - age, 0):.0f}s; to take over now pass "
-                "takeover=True to CheckpointManager (or --takeover on the command line)."
+                "takeover=True to CheckpointManager (--takeover for syncckpt push/watch and train_hallucination.py)."
             )
         self.remote.write_bytes(LEASE_NAME, self._record())
         self._start()

@@ -361,6 +361,26 @@ def test_max_steps_saves_where_it_stops_and_an_older_checkpoint_resumes_into_a_n
     assert_same_weights(final_tensors(tmp_path), final_tensors(reference), "resumed from an older epoch checkpoint")
 
 
+@pytest.mark.slow
+def test_takeover_flag_takes_a_remote_run_from_a_live_session(tmp_path):
+    """This test process holds the run's lease (a live session); the trainer refuses it with a one-line error
+    that names --takeover, and with --takeover goes on."""
+    from syncckpt.lease import Lease
+    from syncckpt.remote import open_remote
+
+    remote = (tmp_path / "bucket" / "run").as_uri()
+    live = Lease(open_remote(remote))
+    live.acquire()  # held, with its heartbeat, by this live process
+    try:
+        refused = run(job_args(tmp_path, "--remote", remote, "--max-steps", "2"), cwd=tmp_path)
+        assert_error_exit(refused, "being written by another session", "--takeover")
+        taken = run(job_args(tmp_path, "--remote", remote, "--max-steps", "2", "--takeover"), cwd=tmp_path)
+    finally:
+        live.release()
+    assert taken.returncode == 0, taken.stdout
+    assert "(takeover=True)" in taken.stdout and "Mirrored checkpoint-step-2" in taken.stdout, taken.stdout
+
+
 # ---- bad input: one line, exit status 2 -------------------------------------------------------------------
 
 
