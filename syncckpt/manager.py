@@ -47,7 +47,7 @@ from ._memory import release_free_memory
 from ._threads import lower_priority
 from .distributed import Dist
 from .env import check_disk_budget, default_checkpoint_dir
-from .errors import CheckpointCorrupt, CheckpointNotFound, StateMismatch, SyncCkptError
+from .errors import CheckpointCorrupt, CheckpointNotFound, ConfigError, StateMismatch, SyncCkptError
 from .format import iter_file_chunks, load_safetensors_bytes, unflatten_state
 from .manifest import Manifest, checkpoint_name, json_safe_metrics
 from .retention import Ref, plan_deletions
@@ -198,7 +198,10 @@ class CheckpointManager:
         self._sharded: bool | None = None  # known at the first save: does the state hold DTensors?
         self._is_main = self._dist is None or self._dist.is_main
         self._save_seq = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, a read-only mount: the user's setting, not a bug
+            raise ConfigError(f"checkpoint directory {self.directory}: {e.strerror or e}") from None
         if self._is_main:
             for what in local.cleanup_leftovers(self.directory):
                 log.info("Checkpoint folder %s: %s", self.directory, what)

@@ -126,6 +126,15 @@ def test_console_script_help_and_ls(run: Path) -> None:
     assert [line.split()[0] for line in lines[1:]] == ["checkpoint-step-3", "checkpoint-step-2", "checkpoint-step-1"]
 
 
+def test_python_dash_m_syncckpt_is_the_same_command(run: Path) -> None:
+    """A notebook kernel or an unpacked archive may not have the console script on PATH."""
+    script = subprocess.run([syncckpt_script(), "ls", str(run)], capture_output=True, text=True, timeout=120)
+    module = subprocess.run([sys.executable, "-m", "syncckpt", "ls", str(run)], capture_output=True, text=True,
+                            timeout=120)
+    assert module.returncode == 0, module.stderr
+    assert module.stdout == script.stdout
+
+
 # ---- ls -------------------------------------------------------------------------------------------------------------
 def test_ls_local_newest_first(capsys: pytest.CaptureFixture[str], run: Path) -> None:
     code, out, err = cli(capsys, "ls", str(run))

@@ -855,6 +855,25 @@ def test_failed_upload_at_interpreter_exit_is_logged_not_an_atexit_traceback(tmp
     assert (tmp_path / "ck" / "checkpoint-step-1" / "manifest.json").exists()  # the local save committed
 
 
+@pytest.mark.parametrize(("url", "meant"), [("s3:/bucket/run", "s3://bucket/run"), ("gs//bucket/run", "gs://bucket/run")])
+def test_a_mistyped_store_url_is_refused_not_mirrored_to_a_local_folder(tmp_path, monkeypatch, url, meant):
+    """fsspec would read these as local paths: the "mirror" would sit on the disk the user meant to back up."""
+    from syncckpt.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
+        new_mgr(tmp_path / "ck", remote=url)
+    assert not (tmp_path / url.split("/")[0]).exists()
+
+
+def test_a_checkpoint_directory_that_is_a_file_is_a_config_error(tmp_path):
+    from syncckpt.errors import ConfigError
+
+    (tmp_path / "ck").write_text("not a folder")
+    with pytest.raises(ConfigError, match="checkpoint directory .*/ck"):
+        new_mgr(tmp_path / "ck")
+
+
 def test_sigterm_without_a_remote_saves_and_says_saved_not_mirrored(tmp_path):
     """A real SIGTERM (the process signals itself) to a local-only run: the next step() saves where the loop is
     and exits 143, and the log does not claim a mirror that does not exist."""

@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from ..errors import ConfigError
 from .base import Remote, RemoteStat
+
+_ALMOST_A_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)(:/?|//)(?!/)")
 
 
 def open_remote(url: str, storage_options: dict[str, Any] | None = None, **options: Any) -> Remote:
@@ -18,6 +22,7 @@ def open_remote(url: str, storage_options: dict[str, Any] | None = None, **optio
 
     ``options`` are backend keyword arguments (``max_workers``; ``min_commit_interval`` for the Hub).
     """
+    check_url(url)
     if url.startswith("hf://"):
         from .hub import HubRemote
 
@@ -27,4 +32,21 @@ def open_remote(url: str, storage_options: dict[str, Any] | None = None, **optio
     return FsspecRemote(url, storage_options=storage_options, **options)
 
 
-__all__ = ["Remote", "RemoteStat", "open_remote"]
+def check_url(url: str) -> None:
+    """Refuse a store URL with a mistyped ``://`` (``s3:/bucket/run``, ``gs//bucket/run``): fsspec would take it
+    for a local path and the checkpoints would sit on the disk the user meant to back up.
+
+    >>> check_url("s3:/bucket/run")
+    Traceback (most recent call last):
+    ...
+    syncckpt.errors.ConfigError: 's3:/bucket/run' is not a valid store URL: did you mean 's3://bucket/run'?
+    """
+    import fsspec
+
+    m = _ALMOST_A_URL.match(url)
+    if "://" not in url and m and m.group(1).lower() in fsspec.available_protocols():
+        fixed = f"{m.group(1)}://{url[m.end():]}"
+        raise ConfigError(f"{url!r} is not a valid store URL: did you mean {fixed!r}?")
+
+
+__all__ = ["Remote", "RemoteStat", "check_url", "open_remote"]
