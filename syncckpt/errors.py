@@ -51,4 +51,4 @@ class LeaseHeld(RemoteConflict):
 
 
 class ConfigError(SyncCkptError, ValueError):
-    """An invalid configuration file or value; the message names the key and the file."""
+    """An invalid setting (a CheckpointManager argument, a config file value); the message names it (and the file)."""

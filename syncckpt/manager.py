@@ -149,17 +149,17 @@ class CheckpointManager:
         background_nice: int = 19,
     ) -> None:
         if save_every_n_steps is not None and save_every_n_steps < 1:
-            raise ValueError(f"save_every_n_steps must be >= 1 or None, got {save_every_n_steps}")
+            raise ConfigError(f"save_every_n_steps must be >= 1 or None, got {save_every_n_steps}")
         if save_every_n_minutes is not None and save_every_n_minutes <= 0:
-            raise ValueError(f"save_every_n_minutes must be > 0 or None, got {save_every_n_minutes}")
+            raise ConfigError(f"save_every_n_minutes must be > 0 or None, got {save_every_n_minutes}")
         if keep_last < 1 or keep_epochs < 0 or save_every_n_epochs < 1:
-            raise ValueError("keep_last must be >= 1, keep_epochs >= 0 and save_every_n_epochs >= 1")
+            raise ConfigError("keep_last must be >= 1, keep_epochs >= 0 and save_every_n_epochs >= 1")
         if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+            raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
         if on_upload_error not in ("warn", "raise"):
-            raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
+            raise ConfigError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
         if not 0 <= background_nice <= 19:
-            raise ValueError(f"background_nice must be between 0 and 19, got {background_nice}")
+            raise ConfigError(f"background_nice must be between 0 and 19, got {background_nice}")
         self.directory = Path(directory) if directory is not None else default_checkpoint_dir()
         self.save_every_n_steps = save_every_n_steps
         self.save_every_n_minutes = save_every_n_minutes

@@ -925,7 +925,9 @@ def test_register_refuses_objects_without_state_dict(tmp_path, obj):
     ],
 )
 def test_invalid_settings_are_refused(tmp_path, kwargs):
-    with pytest.raises(ValueError):
+    from syncckpt.errors import ConfigError
+
+    with pytest.raises(ConfigError):  # also a ValueError
         new_mgr(tmp_path, **kwargs)
 
 
