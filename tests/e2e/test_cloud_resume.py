@@ -68,7 +68,7 @@ def test_fresh_session_resumes_from_remote_bit_identical(tmp_path, reference, re
     assert remote_names == {"checkpoint-step-16", "checkpoint-step-18", "checkpoint-epoch-1", "checkpoint-epoch-2"} or (
         len([n for n in remote_names if "step" in n]) == 2 and len([n for n in remote_names if "epoch" in n]) == 2
     )
-    assert r.read_latest().name == "checkpoint-step-18"
+    assert r.read_latest().name == "checkpoint-epoch-2"  # same global step as step-18; taken after it
 
 
 def test_remote_holds_exactly_what_local_retention_keeps(tmp_path, s3_remote_url, s3_storage_options):
@@ -79,4 +79,4 @@ def test_remote_holds_exactly_what_local_retention_keeps(tmp_path, s3_remote_url
     local_names = sorted(c.name for c in list_checkpoints(ck))
     assert local_names == ["checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-step-18"]
     assert sorted(r.list_checkpoints()) == local_names
-    assert r.read_latest().name == "checkpoint-step-18"
+    assert r.read_latest().name == "checkpoint-epoch-2"  # same global step as step-18; taken after it
