@@ -191,9 +191,6 @@ _OVERRIDES = {
 # ---- data -----------------------------------------------------------------------------------------------
 
 
-VAL_METRICS = ("val_loss", "val_accuracy", "val_f1_macro")  # what evaluate() returns after every epoch
-
-
 class InputError(ValueError):
     """Unusable data, model or flag combination; the message names the file, line or flag."""
 
@@ -516,6 +513,9 @@ def macro_f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
     return float(np.mean(f1s))
 
 
+VAL_METRICS = ("val_loss", "val_accuracy", "val_f1_macro")  # what evaluate() returns after every epoch
+
+
 @torch.no_grad()
 def evaluate(model: Any, loader: DataLoader, device: torch.device, autocast: Any, num_labels: int) -> dict[str, float]:
     model.eval()
@@ -668,14 +668,15 @@ def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool, takeove
     log.info(
         "Data: %d training / %d validation examples from %s", len(train_examples), len(val_examples), train_file.parent
     )
-    best = ccfg.manager_kwargs()["metric_for_best"]
+    kwargs = ccfg.manager_kwargs()
+    best = kwargs["metric_for_best"]
     if best is not None and best not in VAL_METRICS:
         # Found now, not at the first epoch end hours later.
         raise InputError(
             f"checkpointing.metric_for_best: {best!r} is not a metric this trainer computes "
             f"(one of {', '.join(VAL_METRICS)})"
         )
-    mgr = CheckpointManager(**ccfg.manager_kwargs(), takeover=takeover)
+    mgr = CheckpointManager(**kwargs, takeover=takeover)
     try:
         if no_resume and mgr.list_local():
             # New checkpoints would mix with the old run's, retention could keep the old (higher-step) ones and

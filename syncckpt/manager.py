@@ -670,11 +670,9 @@ class CheckpointManager:
             return
         remaining = max(0.0, self._term_at + self.grace_period - time.monotonic())  # type: ignore[operator]
         ok = self.wait(remaining)
+        done = "committed checkpoints are mirrored" if self._uploader is not None else "committed checkpoints are saved"
         log.warning(
-            "SIGTERM: training did not reach a step boundary in time; %s; exiting",
-            ("committed checkpoints are mirrored" if self._uploader is not None else "committed checkpoints are saved")
-            if ok
-            else "flush incomplete",
+            "SIGTERM: training did not reach a step boundary in time; %s; exiting", done if ok else "flush incomplete"
         )
         logging.shutdown()
         os._exit(143)
