@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-resume", action="store_true", help="start from scratch instead of resuming the newest checkpoint"
     )
     p.add_argument(
+        "--start-fresh-if-damaged",
+        action="store_true",
+        help="when checkpoints exist but none verifies, train from scratch beside them (they stay quarantined) "
+        "instead of exiting with status 2",
+    )
+    p.add_argument(
         "--takeover",
         action="store_true",
         help="take over the --remote run even if another live session holds its lease (that session's "
@@ -659,8 +665,15 @@ def train_epoch(run: Run, mgr: Any, epoch: int, first: int, global_step: int) ->
     return global_step, False
 
 
-def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool, takeover: bool = False) -> None:
-    from syncckpt import CheckpointManager
+def train(
+    cfg: TrainConfig,
+    *,
+    resume_from: str | None,
+    no_resume: bool,
+    takeover: bool = False,
+    start_fresh_if_damaged: bool = False,
+) -> None:
+    from syncckpt import CheckpointManager, NoValidCheckpoint
 
     tcfg, ccfg = cfg.training, cfg.checkpointing
     train_file, val_file = prepare_data_dir(cfg.data)
@@ -693,7 +706,14 @@ def train(cfg: TrainConfig, *, resume_from: str | None, no_resume: bool, takeove
         if resume_from:
             info = mgr.resume(resume_from)
         elif not no_resume:
-            info = mgr.resume()  # logs where it resumes from, or that it starts from scratch
+            try:  # logs where it resumes from, or that it starts from scratch
+                info = mgr.resume(start_fresh_if_damaged=start_fresh_if_damaged)
+            except NoValidCheckpoint as e:
+                raise InputError(
+                    f"no valid checkpoint in {e.where}: {e.report}. They are kept aside (quarantined), never "
+                    "overwritten. Choices: --resume-from PATH_OR_URL of a good copy; --start-fresh-if-damaged to "
+                    "train from step 0 beside them; or delete them with `syncckpt rm`"
+                ) from None
         global_step = info.global_step if info else 0
         if info and info.epoch >= tcfg.epochs:
             log.info("Training already complete (%d epochs, global step %d): nothing left to train", tcfg.epochs,
@@ -774,7 +794,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_train_config(args)
         with logging_redirect_tqdm():
-            train(cfg, resume_from=args.resume_from, no_resume=args.no_resume, takeover=args.takeover)
+            train(
+                cfg,
+                resume_from=args.resume_from,
+                no_resume=args.no_resume,
+                takeover=args.takeover,
+                start_fresh_if_damaged=args.start_fresh_if_damaged,
+            )
     except (SyncCkptError, InputError) as e:
         # Bad input, not a bug: one line the user can act on, and argparse's exit status for bad input.
         message = " ".join(str(e).split())

@@ -10,12 +10,16 @@ Subcommands (each accepts ``--json``)::
     syncckpt ls checkpoints/ [--remote s3://bucket/runs/a]
         Checkpoints, newest first: checkpoint, kind, step, epoch, size, created (UTC), healthy (no non-finite
         weights when saved; ls reads no data, use verify) and mirrored (the remote named by --remote holds an
-        identical manifest; always "yes" when listing a remote run; "-" when unknown).
+        identical manifest; always "yes" when listing a remote run; "-" when unknown). Quarantined checkpoints
+        (ones that failed verification at a resume, kept aside: see syncckpt.quarantine) follow the table, one
+        "QUARANTINED  NAME: reason" line each.
 
     syncckpt verify s3://bucket/runs/a[/checkpoint-step-500]
         Check every file of one checkpoint (or of every checkpoint of a run or folder) against the SHA-256
         manifest. Remote checkpoints are downloaded, one at a time, into a temporary folder under $TMPDIR that is
-        removed afterwards. Prints "ok" or "INVALID" with the file and the reason, per checkpoint.
+        removed afterwards. Prints "ok" or "INVALID" with the file and the reason, per checkpoint. Quarantined
+        checkpoints are reported as QUARANTINED with the reason found then (not downloaded again) and count as
+        invalid.
 
     syncckpt pull s3://bucket/runs/a checkpoints/ [--checkpoint NAME|latest]
         Download a checkpoint (default: the newest valid one, in resume order) into checkpoints/NAME, digests
@@ -32,7 +36,14 @@ Subcommands (each accepts ``--json``)::
     syncckpt prune s3://bucket/runs/a --keep-last 2 [--keep-epochs 3] [--dry-run]
         Delete all but the newest N step checkpoints (and M epoch checkpoints; all are kept without
         --keep-epochs) from a local folder or a remote run. best_model and the newest healthy checkpoint are
-        always kept. Prints what is (or would be) deleted.
+        always kept. A checkpoint kept in place of a deleted one is verified first; one that fails takes no
+        slot and is quarantined, not deleted, so a valid checkpoint is never deleted while an invalid newer one
+        is kept. Quarantined checkpoints are neither counted nor deleted. Prints what is (or would be) deleted.
+
+    syncckpt rm s3://bucket/runs/a/checkpoint-step-500 [--force]
+        Delete one checkpoint (manifest first, then its files) and its quarantined copies; on a remote run,
+        LATEST then names the newest remaining checkpoint. Deleting the last valid checkpoint (the one named
+        verifies and no other does) is refused without --force.
 
     syncckpt watch output/ s3://bucket/runs/a [--interval 30] [--settle 30] [--keep-last 2] [--once]
         A sidecar that mirrors what any trainer writes into output/, without touching the training code:
@@ -84,6 +95,7 @@ usage: syncckpt ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -101,14 +113,15 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from . import local
+from . import local, quarantine
 from .errors import CheckpointCorrupt, CheckpointNotFound, RemoteError, SyncCkptError
 from .lease import Lease
 from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content
-from .pull import pull, remote_candidates, split_checkpoint_url
+from .pull import pull, remote_listing, split_checkpoint_url
 from .remote import Remote, open_remote
+from .resume import repoint_latest
 from .retention import Ref, next_latest, plan_deletions, recency
-from .select import Candidate, order_candidates
+from .select import order_candidates
 
 log = logging.getLogger("syncckpt")
 
@@ -306,12 +319,6 @@ def _remote(ctx: _Context, url: str) -> Iterator[Remote]:
         remote.close()
 
 
-def _remote_index(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:
-    """remote_candidates, but a store that cannot be listed is an error here, not an empty run."""
-    remote.list_checkpoints()
-    return remote_candidates(remote)
-
-
 def _check_name(name: str, what: str) -> str:
     if parse_checkpoint_name(name) is None:
         raise UsageError(f"{what} {name!r} is not a checkpoint name (checkpoint-step-N, checkpoint-epoch-N, "
@@ -361,11 +368,12 @@ def _cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
         run_url, only = split_checkpoint_url(args.url)
         with _remote(ctx, run_url) as remote:
             url = remote.url
-            _, manifests = _remote_index(remote)
-        for name, m in manifests.items():
+            listing = remote_listing(remote, strict=True)
+        for name, m in listing.manifests.items():
             if only is None or name == only:
                 rows.append(_row(m, mirrored=True))
-        if only is not None and not rows:
+        held = [q for q in listing.quarantined if only is None or q.name == only]
+        if only is not None and not rows and not held:
             raise CheckpointNotFound(f"{url}/{only}: no such checkpoint")
     else:
         path = Path(args.url)
@@ -377,10 +385,11 @@ def _cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
             checkpoints = [local.LocalCheckpoint(path.name, path, m, digest)]
         else:
             checkpoints = local.list_checkpoints(path)
+        held = quarantine.list_local(path)
         remote_manifests: dict[str, Manifest] | None = None
         if args.remote:
             with _remote(ctx, args.remote) as remote:
-                _, remote_manifests = _remote_index(remote)
+                remote_manifests = remote_listing(remote, strict=True).manifests
         for c in checkpoints:
             mirrored = None
             if remote_manifests is not None:
@@ -394,8 +403,16 @@ def _cmd_ls(args: argparse.Namespace, ctx: _Context) -> int:
         [[r["name"], r["kind"], str(r["global_step"]), str(r["epoch"]), _human_size(r["size"]), r["created_iso"],
           yes_no[r["healthy"]], yes_no[r["mirrored"]]] for r in rows],
     )
-    ctx.emit({"url": url, "checkpoints": rows}, table if rows else f"no checkpoints in {url}")
+    text = table if rows else f"no checkpoints in {url}"
+    if held:
+        text += "\n" + "\n".join(_quarantine_line(q) for q in held)
+    ctx.emit({"url": url, "checkpoints": rows, "quarantined": [dataclasses.asdict(q) for q in held]}, text)
     return EXIT_OK
+
+
+def _quarantine_line(q: quarantine.Quarantined) -> str:
+    kept = f" (kept as {q.where})" if q.location == "local" else ""
+    return f"QUARANTINED  {q.name}: {q.reason}{kept}"
 
 
 def _row(m: Manifest, mirrored: bool | None) -> dict[str, Any]:
@@ -415,12 +432,18 @@ class _Checked:
 
 def _cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
     results: list[_Checked] = []
+    held: list[quarantine.Quarantined] = []
     if _is_remote(args.url):
         run_url, name = split_checkpoint_url(args.url)
         with _remote(ctx, run_url) as remote:
             url = remote.url if name is None else f"{remote.url}/{name}"
-            names = [name] if name else sorted(remote.list_checkpoints())
-            if not names:
+            if name is None:  # quarantined ones were verified before: reported, not downloaded again
+                listing = remote_listing(remote, strict=True)
+                held = listing.quarantined
+                names = sorted([*listing.manifests, *listing.unreadable])
+            else:
+                names = [name]
+            if not names and not held:
                 raise CheckpointNotFound(f"{remote.url}: no checkpoints there")
             for n in names:
                 results.append(_verify_remote(remote, n, explicit=name is not None))
@@ -435,7 +458,8 @@ def _cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
             folders = [path]
         else:
             folders = sorted(p for p in path.iterdir() if p.is_dir() and parse_checkpoint_name(p.name) is not None)
-            if not folders:
+            held = quarantine.list_local(path)
+            if not folders and not held:
                 raise CheckpointNotFound(f"{path}: no checkpoints there")
         results = [_verify_local(p, ctx) for p in folders]
     lines = []
@@ -444,13 +468,17 @@ def _cmd_verify(args: argparse.Namespace, ctx: _Context) -> int:
             lines.append(f"ok       {r.name} ({r.files} files, {_human_size(r.size)})")
         else:
             lines.append(f"INVALID  {r.name}: {r.error}")
+    lines += [_quarantine_line(q) for q in held]
     bad = [r for r in results if r.error is not None]
-    lines.append(f"{len(bad)} of {len(results)} checkpoints INVALID" if bad else f"all {len(results)} valid")
-    ctx.emit({"url": url, "valid": not bad,
+    total, invalid = len(results) + len(held), len(bad) + len(held)
+    summary = f"{invalid} of {total} checkpoints INVALID" if invalid else f"all {total} valid"
+    lines.append(summary + (f" ({len(held)} quarantined earlier)" if held else ""))
+    ctx.emit({"url": url, "valid": not invalid,
               "checkpoints": [{"name": r.name, "valid": r.error is None, "error": r.error, "files": r.files,
-                               "size": r.size} for r in results]},
+                               "size": r.size} for r in results],
+              "quarantined": [dataclasses.asdict(q) for q in held]},
              "\n".join(lines))
-    return EXIT_INVALID if bad else EXIT_OK
+    return EXIT_INVALID if invalid else EXIT_OK
 
 
 def _verify_local(path: Path, ctx: _Context) -> _Checked:
@@ -503,7 +531,8 @@ def _cmd_pull(args: argparse.Namespace, ctx: _Context) -> int:
                 raise CheckpointNotFound(f"{remote.url}/{name}: no such checkpoint (no {MANIFEST_NAME})") from None
             tries = [(name, manifest)]
         else:
-            cands, manifests = _remote_index(remote)
+            listing = remote_listing(remote, strict=True)
+            cands, manifests = listing.candidates, listing.manifests
             if not cands:
                 raise CheckpointNotFound(f"{remote.url}: no checkpoints there")
             tries = [(c.name, manifests[c.name]) for c in order_candidates(cands)]
@@ -634,17 +663,23 @@ def _cmd_prune(args: argparse.Namespace, ctx: _Context) -> int:
     if _is_remote(args.url):
         with _remote(ctx, args.url) as remote:
             url = remote.url
-            cands, _ = _remote_index(remote)
-            refs = [_ref(c.name, c.kind, c.global_step, c.epoch, c.healthy) for c in cands]
-            doomed = plan_deletions(refs, args.keep_last, keep_epochs)
-            if doomed and not args.dry_run:
+            listing = remote_listing(remote, strict=True)
+            cands = {c.name: c for c in listing.candidates}
+            refs = [_ref(c.name, c.kind, c.global_step, c.epoch, c.healthy) for c in listing.candidates]
+            doomed, invalid = _plan_prune(refs, args.keep_last, keep_epochs,
+                                          lambda n: _verify_remote(remote, n, explicit=False).error)
+            if (doomed or invalid) and not args.dry_run:
                 lease = Lease(remote, takeover=args.takeover)
                 lease.acquire()
                 try:
+                    for name, reason in invalid.items():
+                        lease.check()
+                        quarantine.quarantine_remote(remote, name, cands[name].manifest_sha256, reason)
                     for name in doomed:
                         lease.check()
                         remote.delete_checkpoint(name)
                         log.info("Deleted %s/%s", url, name)
+                    repoint_latest(remote, {*doomed, *invalid}, listing.candidates)
                     remote.collect_unused_blobs()
                 finally:
                     lease.release()
@@ -656,16 +691,101 @@ def _cmd_prune(args: argparse.Namespace, ctx: _Context) -> int:
         checkpoints = local.list_checkpoints(path)
         refs = [_ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, c.manifest.healthy)
                 for c in checkpoints]
-        doomed = plan_deletions(refs, args.keep_last, keep_epochs)
+        doomed, invalid = _plan_prune(refs, args.keep_last, keep_epochs, lambda n: _verify_local(path / n, ctx).error)
         if not args.dry_run:
+            for name, reason in invalid.items():
+                quarantine.quarantine_local(path, name, reason)
             for name in doomed:
                 local.delete(path, name)
-    kept = sorted(r.name for r in refs if r.name not in doomed)
+    kept = sorted(r.name for r in refs if r.name not in doomed and r.name not in invalid)
     verb = "would delete" if args.dry_run else "deleted"
-    lines = [f"{verb} {n}" for n in doomed] or [f"nothing to delete in {url}"]
+    lines = [f"INVALID  {n}: {e} ({'would be ' if args.dry_run else ''}quarantined, not deleted)"
+             for n, e in invalid.items()]
+    lines += [f"{verb} {n}" for n in doomed] or [f"nothing to delete in {url}"]
     lines.append(f"kept {len(kept)}: {', '.join(kept) or '-'}")
-    ctx.emit({"url": url, "dry_run": bool(args.dry_run), "deleted": doomed, "kept": kept}, "\n".join(lines))
+    ctx.emit({"url": url, "dry_run": bool(args.dry_run), "deleted": doomed, "kept": kept, "invalid": invalid},
+             "\n".join(lines))
     return EXIT_OK
+
+
+def _plan_prune(
+    refs: list[Ref], keep_last: int, keep_epochs: int, check: Callable[[str], str | None]
+) -> tuple[list[str], dict[str, str]]:
+    """Retention's plan, with every kept checkpoint that outranks a deleted one of its kind verified first: an
+    invalid one takes no slot (it is quarantined, not deleted), so a valid older one is never deleted in its
+    favour. Returns (names to delete, invalid name -> reason)."""
+    invalid: dict[str, str] = {}
+    valid: set[str] = set()
+    while True:
+        live = [r for r in refs if r.name not in invalid]
+        doomed = plan_deletions(live, keep_last, keep_epochs)
+        gone = [r for r in live if r.name in doomed]
+        suspects = [r for r in live if r.name not in doomed and r.name not in valid
+                    and any(d.kind == r.kind and recency(d) < recency(r) for d in gone)]
+        if not suspects:
+            return doomed, invalid
+        for r in sorted(suspects, key=recency, reverse=True):
+            error = check(r.name)
+            if error is None:
+                valid.add(r.name)
+            else:
+                invalid[r.name] = error
+
+
+# ---- rm -------------------------------------------------------------------------------------------------------------
+def _cmd_rm(args: argparse.Namespace, ctx: _Context) -> int:
+    run_url, name = _split(args.url)
+    if name is None:
+        raise UsageError(f"{args.url}: name one checkpoint, e.g. {args.url.rstrip('/')}/checkpoint-step-500")
+    if _is_remote(args.url):
+        with _remote(ctx, run_url) as remote:
+            url = remote.url
+            listing = remote_listing(remote, strict=True)
+            held = [q.where for q in listing.quarantined if q.name == name]
+            visible = name in listing.manifests
+            if not (visible or held or name in listing.unreadable):
+                raise CheckpointNotFound(f"{url}/{name}: no such checkpoint")
+            if visible and not args.force:
+                others = [c.name for c in order_candidates(listing.candidates) if c.name != name]
+                _refuse_last_valid(f"{url}/{name}", others, lambda n: _verify_remote(remote, n, explicit=False).error)
+            lease = Lease(remote, takeover=args.takeover)
+            lease.acquire()
+            try:
+                remote.delete_checkpoint(name)  # manifest first, then its files
+                quarantine.unmark_remote(remote, name)
+                repoint_latest(remote, name, listing.candidates)
+                remote.collect_unused_blobs()
+            finally:
+                lease.release()
+    else:
+        path = Path(run_url)
+        url = str(path)
+        held = [q.where for q in quarantine.list_local(path) if q.name == name]
+        visible = (path / name).is_dir()
+        if not (visible or held):
+            raise CheckpointNotFound(f"{path / name}: no such checkpoint (nor a quarantined copy of it)")
+        if visible and not args.force:
+            others = [c.name for c in sorted(local.list_checkpoints(path), key=lambda c: recency(
+                _ref(c.name, c.manifest.kind, c.manifest.global_step, healthy=c.manifest.healthy)), reverse=True)
+                if c.name != name]
+            _refuse_last_valid(str(path / name), others, lambda n: _verify_local(path / n, ctx).error)
+        if visible:
+            local.delete(path, name)
+        quarantine.delete_local(path, name)
+    deleted = ([f"{url}/{name}"] if visible else []) + held
+    ctx.emit({"url": url, "checkpoint": name, "deleted": deleted}, "\n".join(f"deleted {d}" for d in deleted))
+    return EXIT_OK
+
+
+def _refuse_last_valid(where: str, others: list[str], check: Callable[[str], str | None]) -> None:
+    """Deleting a valid checkpoint is refused when no other one verifies (newest first, stopping at the first)."""
+    name = where.rsplit("/", 1)[-1]
+    if check(name) is not None:
+        return  # a damaged one: deleting it loses nothing
+    if any(check(n) is None for n in others):
+        return
+    raise UsageError(f"refusing to delete {where}: it is the last valid checkpoint there; pass --force to delete "
+                     "it anyway")
 
 
 # ---- watch ----------------------------------------------------------------------------------------------------------
@@ -689,7 +809,7 @@ class _Watcher:
             for p in self.stage.iterdir():
                 if p.is_dir() and parse_checkpoint_name(p.name) is not None:
                     local.delete(self.stage, p.name)
-        _, manifests = remote_candidates(self.uploader.remote)
+        manifests = remote_listing(self.uploader.remote).manifests
         for m in manifests.values():
             self.known[m.name] = m
             self.max_step = max(self.max_step, m.global_step)
@@ -973,6 +1093,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-epochs", type=_at_least(0), metavar="M",
                    help="epoch checkpoints to keep (default: all)")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--takeover", action="store_true", help="take over the run from another live session")
+
+    p = sub("rm", _cmd_rm, "delete one checkpoint (and its quarantined copies) from a local folder or a remote run")
+    p.add_argument("url", metavar="URL/CHECKPOINT", help="e.g. checkpoints/checkpoint-step-500 or s3://b/run/best_model")
+    p.add_argument("--force", action="store_true", help="delete it even when it is the last valid checkpoint")
     p.add_argument("--takeover", action="store_true", help="take over the run from another live session")
 
     p = sub("watch", _cmd_watch, "mirror the complete checkpoints a trainer writes into DIR (a sidecar)")

@@ -30,6 +30,17 @@ class UnsupportedFormat(CheckpointCorrupt):
     """A manifest with a format version this release cannot read."""
 
 
+class NoValidCheckpoint(CheckpointNotFound, CheckpointCorrupt):
+    """Checkpoints exist, but every one failed verification (they are quarantined, not deleted). Resume from a
+    good copy, or allow a fresh start explicitly (``resume(start_fresh_if_damaged=True)``,
+    ``--start-fresh-if-damaged``). ``where`` names the folder (and remote) searched, ``report`` each damaged
+    checkpoint and its reason."""
+
+    def __init__(self, message: str, *, where: str = "", report: str = "") -> None:
+        super().__init__(message)
+        self.where, self.report = where, report
+
+
 class StateNotSerializable(SyncCkptError, TypeError):
     """A state_dict value is neither a tensor nor JSON-able; the message names the key path."""
 

@@ -205,10 +205,18 @@ def read_manifest(path: Path) -> tuple[Manifest, str]:
 def list_checkpoints(directory: Path) -> list[LocalCheckpoint]:
     """Committed checkpoints in ``directory``; folders with a missing or unreadable manifest are skipped with
     a warning (they never count as checkpoints)."""
+    return scan(directory)[0]
+
+
+def scan(directory: Path) -> tuple[list[LocalCheckpoint], dict[str, str]]:
+    """:func:`list_checkpoints`, plus the folders whose manifest is present but does not parse (name -> reason).
+
+    A folder without a manifest is not counted as damaged: another writer (the transformers Trainer) may still be
+    filling it. Quarantined folders (``.quarantine-*``) and hidden leftovers are not checkpoint names."""
     directory = Path(directory)
     if not directory.is_dir():
-        return []
-    out = []
+        return [], {}
+    out, bad = [], {}
     for p in sorted(directory.iterdir()):
         if not p.is_dir() or parse_checkpoint_name(p.name) is None:
             continue
@@ -216,9 +224,11 @@ def list_checkpoints(directory: Path) -> list[LocalCheckpoint]:
             m, digest = read_manifest(p)
         except CheckpointCorrupt as e:
             log.warning("Ignoring %s: %s", p, e)
+            if (p / MANIFEST_NAME).exists():
+                bad[p.name] = str(e)
             continue
         out.append(LocalCheckpoint(p.name, p, m, digest))
-    return out
+    return out, bad
 
 
 def read_verified(path: Path, manifest: Manifest) -> dict[str, bytes]:

@@ -47,12 +47,19 @@ from ._memory import release_free_memory
 from ._threads import lower_priority
 from .distributed import Dist
 from .env import check_disk_budget, default_checkpoint_dir
-from .errors import CheckpointCorrupt, CheckpointNotFound, ConfigError, StateMismatch, SyncCkptError
+from .errors import (
+    CheckpointCorrupt,
+    CheckpointNotFound,
+    ConfigError,
+    NoValidCheckpoint,
+    StateMismatch,
+    SyncCkptError,
+)
 from .format import iter_file_chunks, load_safetensors_bytes, unflatten_state
 from .manifest import Manifest, checkpoint_name, json_safe_metrics
+from .resume import find_resumable, newer_valid, pull_checkpoint_url
 from .retention import Ref, plan_deletions
 from .sampler import ResumableSampler
-from .select import Candidate, order_candidates
 from .snapshot import Snapshot, StagingArena, check_object_name, collect_state, state_sizes, take_snapshot
 
 log = logging.getLogger("syncckpt")
@@ -187,6 +194,7 @@ class CheckpointManager:
         self._warned_no_batch = False
         self._best_warned = False
         self._resumed_from: str | None = None
+        self._fresh_beside_damaged = False
         self._last_committed: str | None = None
         self._save_error: str | None = None
         self._prefaulted = False
@@ -678,21 +686,29 @@ class CheckpointManager:
         os._exit(143)
 
     # ---- resume -------------------------------------------------------------------------------------------------
-    def resume(self, path: str | os.PathLike[str] | None = None) -> ResumeInfo | None:
+    def resume(
+        self, path: str | os.PathLike[str] | None = None, *, start_fresh_if_damaged: bool = False
+    ) -> ResumeInfo | None:
         """Restore every registered object from the newest valid checkpoint (local or remote), in place.
 
         With ``path`` (a checkpoint folder, a folder of checkpoints, or a remote checkpoint URL) resume from that.
-        Returns None when there is nothing to resume. Raises CheckpointNotFound when ``path`` holds no valid
-        checkpoint, StateMismatch when a checkpoint does not fit the registered objects, and SyncCkptError when
-        ``path`` is older than a checkpoint this manager's folder or remote already holds (retention would delete
-        the new run's checkpoints as they land; save the new run elsewhere or move the newer ones away).
+        Returns None when there is nothing to resume. A checkpoint that fails verification is skipped with a
+        warning and quarantined (moved aside, never deleted; see :mod:`syncckpt.quarantine`). When checkpoints
+        exist but none verifies, one warning names each and its reason, and resume raises NoValidCheckpoint
+        unless ``start_fresh_if_damaged`` is True (then it returns None). Raises CheckpointNotFound when
+        ``path`` holds no valid checkpoint, StateMismatch when a checkpoint does not fit the registered objects,
+        and SyncCkptError when ``path`` is older than a valid checkpoint this manager's folder or remote already
+        holds (retention would delete the new run's checkpoints as they land; save the new run elsewhere or
+        move the newer ones away).
         """
         self._check_usable()
         if not self._objects:
             raise SyncCkptError("register() the model, optimizer, ... before resume()")
         if self._is_main:
             try:
-                loaded = self._load_explicit(str(path)) if path is not None else self._load_newest()
+                loaded = (
+                    self._load_explicit(str(path)) if path is not None else self._load_newest(start_fresh_if_damaged)
+                )
                 if path is not None and loaded is not None:
                     self._refuse_older_than_saved(loaded[0], loaded[2])
             except SyncCkptError as e:
@@ -713,8 +729,9 @@ class CheckpointManager:
                 manifest, files = local.verify(ckpt)
                 loaded = manifest, self._decode(manifest, files, ckpt), ckpt, choice["source"]
         if loaded is None:
-            where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
-            log.info("No checkpoint found in %s; starting from scratch", where)
+            if not self._fresh_beside_damaged:
+                where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
+                log.info("No checkpoint found in %s; starting from scratch", where)
             return None
         manifest, decoded, ckpt_path, source = loaded
         self._restore(manifest, decoded, ckpt_path)
@@ -751,8 +768,6 @@ class CheckpointManager:
 
     def _load_explicit(self, path: str) -> _Loaded:
         if "://" in path and not path.startswith("file://"):
-            from .pull import pull_checkpoint_url
-
             manifest, files, ckpt = pull_checkpoint_url(path, self.directory, self._storage_options())
             return manifest, self._decode(manifest, files, ckpt), ckpt, "remote"
         p = Path(path.removeprefix("file://"))
@@ -762,25 +777,22 @@ class CheckpointManager:
             except CheckpointCorrupt as e:
                 raise CheckpointNotFound(f"--resume-from {p}: {e}") from None
             return manifest, self._decode(manifest, files, p), p, "local"
-        if p.is_dir():
-            loaded = self._try_candidates(self._local_candidates(p), p, remote=None)
-            if loaded is not None:
-                return loaded
+        if p.is_dir():  # someone else's folder (a read-only input, an older run): verified, never quarantined
+            search = find_resumable(p, decode=self._decode, quarantine_damaged=p.resolve() == self.directory.resolve())
+            if search.found is not None:
+                f = search.found
+                return f.manifest, f.decoded, f.path, f.source
         raise CheckpointNotFound(
             f"{p}: no valid checkpoint there (expected a checkpoint folder with manifest.json "
             "or a folder of checkpoint-* folders)"
         )
 
     def _refuse_older_than_saved(self, manifest: Manifest, source: Path) -> None:
-        """Resuming an explicit checkpoint while this run's folder (or remote) holds newer ones would lose the new
-        run: retention keeps the highest global steps, so it would delete each new checkpoint as it is committed,
-        and a later automatic resume would pick the old run's newest. Refuse before anything is restored."""
-        newer = [c.name for c in self._local_candidates(self.directory) if c.global_step > manifest.global_step]
-        where = [f"{self.directory}: {', '.join(sorted(newer))}"] if newer else []
-        if self._uploader is not None:
-            remote = [c.name for c in self._uploader.candidates() if c.global_step > manifest.global_step]
-            if remote:
-                where.append(f"{self._uploader.url}: {', '.join(sorted(remote))}")
+        """Resuming an explicit checkpoint while this run's folder (or remote) holds newer valid ones would lose the
+        new run: retention keeps the highest global steps, so it would delete each new checkpoint as it is
+        committed, and a later automatic resume would pick the old run's newest. Refuse before anything is
+        restored. Newer ones that fail verification are quarantined instead: they never block going back."""
+        where = newer_valid(self.directory, self._uploader.remote if self._uploader else None, manifest)
         if where:
             raise SyncCkptError(
                 f"cannot resume from {source} (global step {manifest.global_step}): newer checkpoints of an earlier "
@@ -789,49 +801,29 @@ class CheckpointManager:
                 "them first, or save this run elsewhere (another checkpoint directory and remote prefix)"
             )
 
-    def _local_candidates(self, directory: Path) -> list[Candidate]:
-        return [
-            Candidate(
-                c.name,
-                c.manifest.kind,
-                c.manifest.global_step,
-                c.manifest.epoch,
-                "local",
-                c.manifest_sha256,
-                c.manifest.healthy,
-            )
-            for c in local.list_checkpoints(directory)
-        ]
-
-    def _load_newest(self) -> _Loaded | None:
-        cands = self._local_candidates(self.directory)
+    def _load_newest(self, start_fresh_if_damaged: bool) -> _Loaded | None:
+        remote = self._uploader.remote if self._uploader is not None else None
+        search = find_resumable(self.directory, remote, decode=self._decode)
         if self._uploader is not None:
-            cands += self._uploader.candidates()
-        return self._try_candidates(cands, self.directory, remote=self._uploader)
-
-    def _try_candidates(self, cands: list[Candidate], directory: Path, remote: Any) -> _Loaded | None:
-        """Verify and decode candidates in resume order; a damaged or hostile one is skipped with a warning."""
-        ordered = order_candidates(cands)
-        if ordered and not ordered[0].healthy:
-            log.warning("No healthy checkpoint found; trying unhealthy ones (non-finite weights)")
-        newest = max((c.global_step for c in cands), default=None)
-        for c in ordered:
-            try:
-                if c.location == "local":
-                    manifest, files = local.verify(directory / c.name)
-                    path, source = directory / c.name, "local"
-                else:
-                    manifest, files, path = remote.pull(c, directory)
-                    source = remote.url
-                decoded = self._decode(manifest, files, path)
-            except CheckpointCorrupt as e:
-                log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
-                continue
-            if c.healthy and newest is not None and any(not x.healthy and x.global_step > c.global_step for x in cands):
-                log.warning(
-                    "Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights", c.name
+            self._uploader.forget_remote_state()  # LATEST or the quarantine index may have changed
+        if search.found is not None:
+            f = search.found
+            return f.manifest, f.decoded, f.path, f.source
+        if search.nothing_valid:
+            where = str(self.directory) + (f" or {self._uploader.url}" if self._uploader else "")
+            report = search.damage_report()
+            log.warning("No valid checkpoint in %s: %s", where, report)
+            if not start_fresh_if_damaged:
+                raise NoValidCheckpoint(
+                    f"no valid checkpoint in {where}: every one failed verification ({report}); they are kept "
+                    "aside (quarantined). Resume from a good copy with resume(path), or pass "
+                    "start_fresh_if_damaged=True to train from scratch beside them",
+                    where=where,
+                    report=report,
                 )
-            return manifest, decoded, path, source
+            log.warning("Starting from scratch as asked (start_fresh_if_damaged); the damaged checkpoints stay "
+                        "quarantined")
+            self._fresh_beside_damaged = True
         return None
 
     def _load_sharded(self, states: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -13,50 +13,93 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
 
-from . import local
-from .errors import CheckpointCorrupt, CheckpointNotFound, RemoteError
+from . import local, quarantine
+from .errors import CheckpointCorrupt, RemoteError
 from .manifest import Manifest, parse_checkpoint_name, sha256_hex
-from .remote import Remote, open_remote
+from .remote import Remote
 from .select import Candidate
 
 log = logging.getLogger("syncckpt")
 
 
-def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:
-    """Every remote checkpoint whose manifest parses, as selection candidates (plus the manifests by name).
+@dataclass
+class RemoteListing:
+    """What a remote run holds, as resume, retention and the CLI see it.
+
+    ``candidates``/``manifests``: checkpoints whose manifest parses and that are not quarantined.
+    ``unreadable``: name -> (SHA-256 of the manifest's bytes or None, why it does not parse).
+    ``quarantined``: checkpoints the run's quarantine index keeps aside. ``index``: that index as read.
+    """
+
+    candidates: list[Candidate] = field(default_factory=list)
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+    unreadable: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+    quarantined: list[quarantine.Quarantined] = field(default_factory=list)
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)
+    listed: bool = True  # False: the store could not be listed (resume goes on with local checkpoints)
+
+
+def remote_listing(remote: Remote, *, strict: bool = False) -> RemoteListing:
+    """List a remote run: every checkpoint whose manifest parses, minus the quarantined ones.
 
     The LATEST object is only a hint: when it is missing, stale or points at something that is not there the
-    listing wins, and a warning names the problem.
+    listing wins, and a warning names the problem. ``strict``: a store that cannot be listed raises instead of
+    reading as an empty run (the CLI).
     """
     try:
         names = remote.list_checkpoints()
     except (OSError, RemoteError) as e:
+        if strict:
+            raise
         log.warning("Cannot list %s (%s); resuming from local checkpoints only", remote.url, e)
-        return [], {}
+        return RemoteListing(listed=False)
 
-    def read(name: str) -> tuple[str, Manifest, bytes] | None:
+    def read(name: str) -> tuple[str, Manifest | None, str | None, str | None]:
         try:
             m, data = remote.read_manifest(name)
-            return name, m, data
+            return name, m, sha256_hex(data), None
         except (CheckpointCorrupt, FileNotFoundError, OSError, RemoteError) as e:
             log.warning("Skipping remote checkpoint %s/%s: %s", remote.url, name, e)
-            return None
+            digest = None
+            if isinstance(e, CheckpointCorrupt):
+                try:  # the digest keys the quarantine index; an oversized object stays None
+                    digest = sha256_hex(remote.read_bytes(f"{name}/manifest.json"))
+                except (CheckpointCorrupt, FileNotFoundError, OSError, RemoteError):
+                    pass
+            return name, None, digest, str(e) if isinstance(e, CheckpointCorrupt) else None
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="syncckpt-list") as ex:
-        found = [r for r in ex.map(read, names) if r is not None]
-    cands = [Candidate(n, m.kind, m.global_step, m.epoch, "remote", sha256_hex(d), m.healthy) for n, m, d in found]
-    manifests = {n: m for n, m, _ in found}
+        found = list(ex.map(read, names))
+    try:
+        index = quarantine.read_index(remote)
+    except (OSError, RemoteError) as e:
+        log.warning("Cannot read %s/%s (%s); no checkpoint is taken as quarantined", remote.url,
+                    quarantine.INDEX_NAME, e)
+        index = {}
+    out = RemoteListing(index=index)
+    out.quarantined = quarantine.list_remote(index, remote.url, {n: d for n, _, d, _ in found})
+    hidden = {q.name for q in out.quarantined}
+    for n, m, digest, reason in found:
+        if n in hidden:
+            continue
+        if m is None:
+            if reason is not None:
+                out.unreadable[n] = (digest, reason)
+            continue
+        out.candidates.append(Candidate(n, m.kind, m.global_step, m.epoch, "remote", digest or "", m.healthy))
+        out.manifests[n] = m
     latest = remote.read_latest()
-    if found:
+    if out.candidates and (latest is None or latest.name not in hidden):
         if latest is None:
             log.warning("%s/LATEST is missing or damaged; found checkpoints by listing", remote.url)
         else:
-            match = [c for c in cands if c.name == latest.name]
+            match = [c for c in out.candidates if c.name == latest.name]
             if not match:
                 log.warning(
                     "%s/LATEST points at %s, which is missing or incomplete; found checkpoints by listing",
@@ -69,7 +112,13 @@ def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manife
                     remote.url,
                     latest.name,
                 )
-    return cands, manifests
+    return out
+
+
+def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:
+    """:func:`remote_listing`'s candidates and their manifests by name (quarantined checkpoints left out)."""
+    listing = remote_listing(remote)
+    return listing.candidates, listing.manifests
 
 
 def pull(
@@ -134,30 +183,3 @@ def split_checkpoint_url(url: str) -> tuple[str, str | None]:
     if parse_checkpoint_name(last) is not None and "://" in head + "/":
         return head, last
     return stripped, None
-
-
-def pull_checkpoint_url(
-    url: str,
-    directory: Path,
-    storage_options: dict[str, Any] | None = None,
-) -> tuple[Manifest, dict[str, bytes], Path]:
-    """Resolve a remote checkpoint URL (or a run URL: its newest valid checkpoint) and pull it."""
-    run_url, name = split_checkpoint_url(url)
-    remote = open_remote(run_url, storage_options)
-    try:
-        if name is not None:
-            try:
-                return pull(remote, name, directory)
-            except (CheckpointCorrupt, FileNotFoundError) as e:
-                raise CheckpointNotFound(f"{url}: no valid checkpoint there ({e})") from None
-        cands, manifests = remote_candidates(remote)
-        from .select import order_candidates
-
-        for c in order_candidates(cands):
-            try:
-                return pull(remote, c.name, directory, manifests[c.name])
-            except CheckpointCorrupt as e:
-                log.warning("Skipping remote checkpoint %s: %s", c.name, e)
-        raise CheckpointNotFound(f"{url}: no valid checkpoint there")
-    finally:
-        remote.close()

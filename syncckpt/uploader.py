@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import local
+from . import local, quarantine
 from ._failpoints import failpoint
 from ._memory import ByteBudget, release_free_memory
 from ._threads import lower_priority
@@ -46,14 +46,12 @@ from .blobs import blob_rel, part_ranges
 from .errors import CheckpointCorrupt, RemoteConflict, RemoteError
 from .lease import Lease
 from .manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content, sha256_hex
-from .pull import pull, pull_checkpoint_url, remote_candidates
 from .remote import open_remote
 from .retention import Ref, next_latest
-from .select import Candidate
 
 log = logging.getLogger("syncckpt")
 
-__all__ = ["Uploader", "pull_checkpoint_url"]
+__all__ = ["Uploader"]
 
 
 # Parts are read whole and held until sent; parts go up to blobs.CHUNK_BYTES (64 MiB), so bound their bytes, not
@@ -147,20 +145,16 @@ class Uploader:
         upload finished): queue it unless the remote already holds an identical manifest."""
         try:
             remote_manifest, _ = self.remote.read_manifest(manifest.name)
-            if same_content(remote_manifest, manifest):
+            if same_content(remote_manifest, manifest) and manifest.name not in self._quarantine_index():
                 return
         except (FileNotFoundError, CheckpointCorrupt, OSError, RemoteError):
             pass
         log.info("Checkpoint %s is not on %s yet; mirroring it", manifest.name, self.url)
         self.submit(directory, manifest)
 
-    def candidates(self) -> list[Candidate]:
-        cands, manifests = remote_candidates(self.remote)
-        self._remote_manifests.update(manifests)
-        return cands
-
-    def pull(self, cand: Candidate, directory: Path) -> tuple[Manifest, dict[str, bytes], Path]:
-        return pull(self.remote, cand.name, directory, self._remote_manifests.get(cand.name))
+    def forget_remote_state(self) -> None:
+        """Re-read LATEST before the next commit (resume may have quarantined what it named)."""
+        self._latest = None
 
     def wait(self, timeout: float | None = None, *, stop_on_failure: bool = False) -> bool:
         """Block until the queue is empty and nothing is in flight. False on timeout, and with
@@ -290,10 +284,11 @@ class Uploader:
         manifest_bytes = (job.staging / MANIFEST_NAME).read_bytes()
         manifest = Manifest.from_bytes(manifest_bytes)
         self.lease.check()
-        deletions = self._plan_remote_retention(manifest)
+        index = self._quarantine_index()
+        deletions = self._plan_remote_retention(manifest, index)
         if self.incremental:
             manifest, manifest_bytes, sent = self._upload_parts(job.staging, manifest)
-            latest = self._next_latest(manifest, manifest_bytes)
+            latest = self._next_latest(manifest, manifest_bytes, index)
             failpoint("remote-manifest")
             self.remote.write_bytes(f"{manifest.name}/{MANIFEST_NAME}", manifest_bytes)
             if latest is not None:
@@ -303,10 +298,13 @@ class Uploader:
                 failpoint("remote-delete")
                 self.remote.delete_checkpoint(d)
         else:
-            latest = self._next_latest(manifest, manifest_bytes)
+            latest = self._next_latest(manifest, manifest_bytes, index)
             self.remote.commit_checkpoint(manifest.name, job.staging, manifest, manifest_bytes, latest, deletions)
             sent = manifest.total_size + len(manifest_bytes)
         self.bytes_uploaded += sent
+        if manifest.name in index:  # a verified copy replaced the quarantined one
+            quarantine.unmark_remote(self.remote, manifest.name)
+            log.info("The quarantined copy of %s on %s is replaced by a verified one", manifest.name, self.url)
         self._remote_manifests[manifest.name] = manifest
         for d in deletions:
             self._remote_manifests.pop(d, None)
@@ -373,15 +371,24 @@ class Uploader:
         data = remote_manifest.to_bytes()
         return remote_manifest, data, sent + len(data)
 
-    def _next_latest(self, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:
+    def _next_latest(self, manifest: Manifest, manifest_bytes: bytes, index: dict[str, Any]) -> Latest | None:
         if self._latest is None:
             self._latest = self.remote.read_latest()
-        return next_latest(self._latest, manifest, manifest_bytes)
+        current = None if self._latest is not None and self._latest.name in index else self._latest
+        return next_latest(current, manifest, manifest_bytes)
 
-    def _plan_remote_retention(self, new: Manifest) -> list[str]:
+    def _quarantine_index(self) -> dict[str, Any]:
+        try:
+            return quarantine.read_index(self.remote)
+        except (OSError, RemoteError) as e:
+            log.warning("Cannot read %s/%s (%s)", self.url, quarantine.INDEX_NAME, e)
+            return {}
+
+    def _plan_remote_retention(self, new: Manifest, index: dict[str, Any]) -> list[str]:
+        """Quarantined checkpoints are neither kept nor deleted by retention: they take no slot."""
         if self._retention is None:
             return []
-        names = set(self.remote.list_checkpoints())
+        names = set(self.remote.list_checkpoints()) - set(index)
         refs = [Ref(new.name, new.kind, new.global_step, new.epoch, new.healthy)]
         for name in names - {new.name}:
             m = self._remote_manifests.get(name)

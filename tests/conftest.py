@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
+from hub_server import TOKEN, HubServer  # noqa: E402
 from servers import FakeGcsServer, MotoS3Server  # noqa: E402
 
 S3_BUCKET = "syncckpt-test"
@@ -95,3 +96,32 @@ def fault_s3_storage_options(
     options = s3_server.options(fast=True)
     options["client_kwargs"]["endpoint_url"] = fault_proxy.url
     return options
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> Iterator[HubServer]:
+    """The in-memory Hub (tests/hub_server.py) speaking the endpoints huggingface_hub calls."""
+    with HubServer(lfs_threshold=4096) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """huggingface_hub pointed at ``hub_server``: HF_ENDPOINT/HF_TOKEN in the environment, and the constants it read
+    at import time patched (ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET: the server speaks plain LFS only)."""
+    import importlib
+
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf_constants, "ENDPOINT", hub_server.url)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    # huggingface_hub.utils exposes a `tqdm` class under the module's name: fetch the module itself.
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    hub_server.clear_injections()
+    yield hub_server
+    hub_server.clear_injections()

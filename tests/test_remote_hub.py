@@ -1,13 +1,11 @@
 """HubRemote against an in-memory Hub (tests/hub_server.py) speaking the endpoints huggingface_hub 2.4 calls.
 
-The fixture points huggingface_hub at the local server: HF_ENDPOINT/HF_TOKEN in the environment, the constants
-it read at import time patched (ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET: the server speaks plain LFS only),
-and ``endpoint`` passed explicitly through storage_options, which is what HubRemote actually uses.
+The ``hub`` fixture (conftest.py) points huggingface_hub at the local server; ``endpoint`` is also passed explicitly
+through storage_options, which is what HubRemote actually uses.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -33,28 +31,6 @@ from syncckpt.remote.retry import RetryPolicy  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 FAST = RetryPolicy(attempts=3, initial_wait=0.01, max_wait=0.02, max_total=30)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with HubServer(lfs_threshold=4096) as hub:
-        yield hub
-
-
-@pytest.fixture
-def hub(server, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-    # huggingface_hub.utils exposes a `tqdm` class under the module's name: fetch the module itself.
-    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", True)
-    server.clear_injections()
-    yield server
-    server.clear_injections()
 
 
 @pytest.fixture

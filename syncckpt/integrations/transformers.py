@@ -49,12 +49,12 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .. import local
-from ..errors import CheckpointCorrupt, CheckpointNotFound, SyncCkptError
+from ..errors import NoValidCheckpoint, SyncCkptError
 from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
-from ..pull import pull, pull_checkpoint_url, remote_candidates, split_checkpoint_url
+from ..pull import split_checkpoint_url
 from ..remote import open_remote
+from ..resume import find_resumable, pull_checkpoint_url
 from ..retention import Ref, plan_deletions, recency
-from ..select import Candidate, order_candidates
 
 log = logging.getLogger("syncckpt")
 
@@ -345,29 +345,19 @@ def resume_checkpoint(remote: str, output_dir: str | os.PathLike[str],
         _, _, path = pull_checkpoint_url(remote, out, storage_options)
         log.info("Resuming from checkpoint: %s", path)
         return str(path)
-    cands = [Candidate(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, "local",
-                       c.manifest_sha256, c.manifest.healthy)
-             for c in local.list_checkpoints(out) if _is_trainer_checkpoint(c.name)]
     store = open_remote(run_url, storage_options)
     try:
-        remote_cands, manifests = remote_candidates(store)
-        cands += [c for c in remote_cands if _is_trainer_checkpoint(c.name)]
-        for c in order_candidates(cands):
-            try:
-                if c.location == "local":
-                    local.verify(out / c.name)
-                    path = out / c.name
-                else:
-                    _, _, path = pull(store, c.name, out, manifests[c.name])
-            except (CheckpointCorrupt, FileNotFoundError) as e:
-                log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
-                continue
-            log.info("Resuming from checkpoint: %s (global step %d, %s)", path, c.global_step,
-                     "local" if c.location == "local" else f"pulled from {store.url}")
-            return str(path)
+        search = find_resumable(out, store, accept=_is_trainer_checkpoint)
     finally:
         store.close()
-    if cands:
-        raise CheckpointNotFound(f"no checkpoint-N in {out} or {store.url} verified; see the warnings above")
+    if search.found is not None:
+        f = search.found
+        log.info("Resuming from checkpoint: %s (global step %d, %s)", f.path, f.manifest.global_step,
+                 "local" if f.source == "local" else f"pulled from {store.url}")
+        return str(f.path)
+    if search.nothing_valid:
+        log.warning("No valid checkpoint-N in %s or %s: %s", out, store.url, search.damage_report())
+        raise NoValidCheckpoint(f"no checkpoint-N in {out} or {store.url} verified (they are quarantined); see the "
+                                "warnings above")
     log.info("No checkpoint found in %s or %s; training starts from scratch", out, store.url)
     return None
