@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from syncckpt import CheckpointManager
+from syncckpt import CheckpointManager, quarantine
 from syncckpt.cli import main
 from syncckpt.lease import Lease
 from syncckpt.manifest import Manifest
@@ -563,3 +563,77 @@ def test_s3_round_trip_never_prints_credentials(
     code, _ = run_cli("--verbose", "ls", missing_bucket)
     assert code == 2
     assert all(secret not in text for text in seen)
+
+
+# ---- a damaged checkpoint never wins: prune, rm, ls and verify ----------------------------------------------------
+@pytest.fixture(params=["local", "file", "s3"])
+def damaged_run(request, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, list[str]]:
+    """Steps 1-3 with step 3 damaged (a flipped byte in its model file), in a local folder or a remote run;
+    returns (URL, extra CLI arguments)."""
+    directory = tmp_path / "ckpts"
+    make_run(directory)
+    flip_byte(directory / "checkpoint-step-3" / "model.safetensors")
+    if request.param == "local":
+        return str(directory), []
+    if request.param == "file":
+        url, options, args = f"file://{tmp_path}/remote/run", None, []
+    else:
+        options = request.getfixturevalue("s3_storage_options")
+        url = request.getfixturevalue("s3_remote_url")
+        args = ["--storage-option", f"client_kwargs={json.dumps(options['client_kwargs'])}"]
+    remote = open_remote(url, options)
+    try:  # push as-is: push verifies first and would refuse the damaged folder
+        for name in ("checkpoint-step-1", "checkpoint-step-2", "checkpoint-step-3"):
+            folder = directory / name
+            manifest = Manifest.from_bytes((folder / "manifest.json").read_bytes())
+            remote.commit_checkpoint(name, folder, manifest, (folder / "manifest.json").read_bytes(), None)
+    finally:
+        remote.close()
+    return url, args
+
+
+def test_prune_never_keeps_an_invalid_checkpoint_over_a_valid_one(capsys, damaged_run) -> None:
+    url, args = damaged_run
+    code, data = cli_json(capsys, *args, "prune", url, "--keep-last", "1", "--dry-run")
+    assert code == 0 and data["deleted"] == ["checkpoint-step-1"] and data["kept"] == ["checkpoint-step-2"]
+    assert "SHA-256 mismatch" in data["invalid"]["checkpoint-step-3"]
+    code, out, _ = cli(capsys, *args, "prune", url, "--keep-last", "1")
+    assert code == 0 and "INVALID  checkpoint-step-3" in out and "quarantined, not deleted" in out
+    code, data = cli_json(capsys, *args, "ls", url)
+    assert [r["name"] for r in data["checkpoints"]] == ["checkpoint-step-2"]
+    assert [q["name"] for q in data["quarantined"]] == ["checkpoint-step-3"]
+    code, out, _ = cli(capsys, *args, "verify", url)  # reported from the quarantine, not downloaded again
+    assert code == 1 and "ok       checkpoint-step-2" in out
+    assert "QUARANTINED  checkpoint-step-3: " in out and "SHA-256 mismatch" in out
+    assert "1 of 2 checkpoints INVALID (1 quarantined earlier)" in out
+
+
+def test_rm_deletes_one_checkpoint_and_refuses_the_last_valid_one(capsys, damaged_run) -> None:
+    url, args = damaged_run
+    assert cli(capsys, *args, "rm", f"{url}/checkpoint-step-1")[0] == 0
+    code, out, err = cli(capsys, *args, "rm", f"{url}/checkpoint-step-2")
+    assert code == 2 and "refusing to delete" in err and "last valid checkpoint" in err and "--force" in err
+    code, out, _ = cli(capsys, *args, "rm", f"{url}/checkpoint-step-3")  # the damaged one: nothing valid is lost
+    assert code == 0 and "deleted" in out
+    code, data = cli_json(capsys, *args, "ls", url)
+    assert [r["name"] for r in data["checkpoints"]] == ["checkpoint-step-2"] and data["quarantined"] == []
+    assert cli(capsys, *args, "rm", "--force", f"{url}/checkpoint-step-2")[0] == 0
+    assert cli(capsys, *args, "rm", f"{url}/checkpoint-step-2")[0] == 2  # gone: "no such checkpoint"
+
+
+def test_rm_on_a_remote_run_repoints_latest_and_removes_the_quarantine_entry(capsys, tmp_path: Path) -> None:
+    directory, url = tmp_path / "ckpts", f"file://{tmp_path}/remote/run"
+    make_run(directory, remote=url)
+    remote = open_remote(url)
+    assert remote.read_latest().name == "checkpoint-step-3"
+    quarantine.quarantine_remote(remote, "checkpoint-step-1", remote.read_latest().manifest_sha256, "for the test")
+    assert cli(capsys, "rm", f"{url}/checkpoint-step-3")[0] == 0
+    assert remote.read_latest().name == "checkpoint-step-2"
+    assert cli(capsys, "rm", f"{url}/checkpoint-step-1")[0] == 0
+    assert quarantine.read_index(remote) == {}
+    assert remote_names(url) == ["checkpoint-step-2"]
+
+
+def test_rm_needs_a_checkpoint_name(capsys, run: Path) -> None:
+    code, _, err = cli(capsys, "rm", str(run))
+    assert code == 2 and "name one checkpoint" in err

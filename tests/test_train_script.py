@@ -156,6 +156,8 @@ def newest_checkpoint(ck: Path) -> tuple[str, int]:
     priority = {"epoch": 2, "best": 1, "step": 0}
     found = []
     for manifest in ck.glob("*/manifest.json"):
+        if manifest.parent.name.startswith("."):  # a killed save's .tmp-*, a .old-*, a .quarantine-* folder
+            continue
         m = json.loads(manifest.read_text())
         found.append((m["global_step"], priority[m["kind"]], m["name"]))
     step, _, name = max(found)
@@ -437,6 +439,56 @@ def test_resume_from_an_older_checkpoint_next_to_newer_ones_exits_2(reference, t
     proc = run(job_args(tmp_path, "--resume-from", str(older)), cwd=tmp_path)
     assert_error_exit(proc, str(older), "newer checkpoints", "checkpoint-epoch-3", "Move or delete them")
     assert sorted(os.listdir(tmp_path / "ck")) == sorted(os.listdir(reference / "ck"))  # nothing was touched
+
+
+def damage(ck: Path, newer_than: int = -1) -> list[str]:
+    """Flip a byte in the model file of every checkpoint above global step ``newer_than``, once per inode
+    (best_model hard-links an epoch checkpoint's files); returns the names damaged."""
+    seen, names = set(), []
+    for manifest in sorted(ck.glob("*/manifest.json")):
+        folder = manifest.parent
+        if folder.name.startswith(".") or json.loads(manifest.read_text())["global_step"] <= newer_than:
+            continue
+        model = folder / "model.safetensors"
+        if model.stat().st_ino not in seen:
+            seen.add(model.stat().st_ino)
+            flip_a_byte(model)
+        names.append(folder.name)
+    return names
+
+
+@pytest.mark.slow
+def test_every_checkpoint_damaged_exits_2_with_the_choices_unless_told_to_start_fresh(reference, tmp_path):
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    shutil.copytree(reference / "data", tmp_path / "data")
+    damaged = damage(tmp_path / "ck")
+    proc = run(job_args(tmp_path), cwd=tmp_path)
+    line = assert_error_exit(proc, "no valid checkpoint", "SHA-256 mismatch", "--start-fresh-if-damaged",
+                             "--resume-from", "quarantined", *damaged)
+    assert "No checkpoint found" not in proc.stdout and "starting from scratch" not in proc.stdout, line
+    assert not list((tmp_path / "ck").glob("checkpoint-*")) and not (tmp_path / "ck" / "best_model").exists()
+    assert len(list((tmp_path / "ck").glob(".quarantine-*"))) == len(damaged)  # kept aside, not deleted
+
+    again = run(job_args(tmp_path, "--start-fresh-if-damaged", "--max-steps", "2"), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout
+    assert "Starting from scratch as asked" in again.stdout
+    assert "Checkpoint committed: checkpoint-step-2 (global step 2)" in again.stdout
+    assert (tmp_path / "ck" / "checkpoint-step-2").is_dir()
+    assert len(list((tmp_path / "ck").glob(".quarantine-*"))) == len(damaged)
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_checkpoint_next_to_damaged_newer_ones_is_not_refused(reference, tmp_path):
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    shutil.copytree(reference / "data", tmp_path / "data")
+    older = tmp_path / "ck" / "checkpoint-epoch-2"
+    damaged = damage(tmp_path / "ck", newer_than=json.loads((older / "manifest.json").read_text())["global_step"])
+    assert "checkpoint-epoch-3" in damaged
+    proc = run(job_args(tmp_path, "--resume-from", str(older)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    assert "Resuming at the start of epoch 4" in proc.stdout
+    assert all(f"Quarantined {name}" in proc.stdout for name in damaged), proc.stdout
+    assert_same_weights(final_tensors(tmp_path), final_tensors(reference), "resumed next to damaged newer ones")
 
 
 # ---- SIGKILL at random moments ----------------------------------------------------------------------------

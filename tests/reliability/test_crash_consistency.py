@@ -27,6 +27,7 @@ from forkserver import ForkServer, Run
 from storage_checks import audit_local, audit_remote
 
 from syncckpt._failpoints import NAMES as FAILPOINTS
+from syncckpt._failpoints import QUARANTINE_NAMES as QUARANTINE_POINTS
 from syncckpt.manifest import parse_checkpoint_name
 from syncckpt.remote import open_remote
 
@@ -185,3 +186,52 @@ def test_sigkill_never_loses_a_committed_checkpoint(store, tmp_path, heavy, serv
     assert resumes_checked >= n_trials // 2, f"only {resumes_checked} processes got as far as resuming"
     assert not never_hit, (f"failpoints {never_hit} were never reached by {kind} trials: the phase they name is not "
                            "covered (is the failpoint wired into the code path a CheckpointManager mirror uses?)")
+
+
+@pytest.mark.parametrize("point", QUARANTINE_POINTS)
+@pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
+def test_sigkill_during_quarantine_never_loses_a_valid_checkpoint(store, point, tmp_path, server):
+    """A resume that finds the newest checkpoint damaged moves it aside (locally a rename, remotely an index entry
+    and a LATEST repoint). A SIGKILL at each step of that leaves every valid checkpoint valid, and the next session
+    resumes from the newest valid one."""
+    kind, url, options = store
+    ck = tmp_path / "ck"
+    argv = ["--ckpt-dir", str(ck), "--remote", url] + (["--storage-options", json.dumps(options)] if options else [])
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    remote = open_remote(url, options)
+    writer = server.run(argv, env=dict(aws), kill_when=lambda ls: 0.0 if len(mirrored_lines(ls)) >= 3 else None)
+    assert writer.died_by_sigkill, writer.lines[-20:]
+
+    remote_side = point != "quarantine-rename"
+    if remote_side:  # a new machine: nothing local, the newest remote checkpoint is damaged
+        shutil.rmtree(ck)
+        before = audit_remote(remote, tmp_path / "scratch")
+    else:
+        before = audit_local(ck)
+    assert len(before.valid) >= 2 and not before.problems, before
+    newest = max(before.valid, key=lambda n: before.valid[n])
+    rel = f"{newest}/model.safetensors"
+    if remote_side:
+        data = bytearray(remote.read_bytes(rel, max_size=1 << 30))
+        data[-3] ^= 1
+        remote.write_bytes(rel, bytes(data))
+    else:
+        data = bytearray((ck / rel).read_bytes())
+        data[-3] ^= 1
+        (ck / rel).write_bytes(bytes(data))
+
+    killed = server.run(argv, env={**aws, "SYNCCKPT_FAILPOINT": point})
+    assert killed.failpoint_fired, f"{point} was not reached:\n" + "\n".join(killed.lines[-20:])
+    after = audit_remote(remote, tmp_path / "scratch") if remote_side else audit_local(ck)
+    survivors = {n: s for n, s in before.valid.items() if n != newest}
+    assert {n: after.valid.get(n) for n in survivors} == survivors, (point, before, after)
+
+    resumed = server.run(argv, env=dict(aws), kill_when=lambda ls: 0.0 if any(RESUMED.match(x) for x in ls) else None)
+    got = [int(m.group(1)) for ln in resumed.lines if (m := RESUMED.match(ln))]
+    assert got == [max(survivors.values())], "\n".join(resumed.lines[:20])
+    remote.close()
+    print(f"\n[crash/{kind}] kill at {point}: {len(survivors)} valid checkpoints kept, resumed from step {got[0]}")
+
+
+def mirrored_lines(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if MIRRORED.search(ln)]
