@@ -3,7 +3,8 @@
 Atomicity is by rename (Orbax calls this strategy "rename"): a checkpoint is written into a hidden temporary
 sibling, every file and the folder are fsynced, ``manifest.json`` is written last, and one ``rename`` makes it
 visible. A crash at any instant leaves either the old set of checkpoints or the new one. Hidden leftovers
-(``.tmp-*``, ``.old-*``, ``.del-*``, ``.upload-*``) are cleaned up by :func:`cleanup_leftovers` on the next start.
+(``.tmp-*``, ``.old-*``, ``.del-*``, ``.upload-*``, ``.pull-*``) are cleaned up by :func:`cleanup_leftovers` on the
+next start; quarantined checkpoints (``.quarantine-*``, see :mod:`syncckpt.quarantine`) are never touched.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
