@@ -28,13 +28,16 @@ class Dist:
     world_size: int
     step_group: Any
     save_group: Any
+    #: True under torch.distributed; False for :class:`Solo`, so callers never branch on "no job".
+    active: bool = True
 
     @classmethod
-    def detect(cls) -> Dist | None:
+    def detect(cls) -> Dist:
         """The job's layout when torch.distributed is initialised (a world of one too: sharded state still goes
-        through DCP); collective (every rank must construct its CheckpointManager at the same point)."""
+        through DCP), else :class:`Solo`; collective (every rank must construct its CheckpointManager at the same
+        point)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return None
+            return Solo()
         step_group = dist.new_group(backend="gloo")
         save_group = dist.new_group(backend="gloo")
         return cls(dist.get_rank(), dist.get_world_size(), step_group, save_group)
@@ -80,3 +83,28 @@ class Dist:
 
     def barrier(self, *, group: Any = None) -> None:
         dist.barrier(group=group or self.step_group)
+
+
+class Solo(Dist):
+    """A process outside any torch.distributed job: rank 0 of 1, and every collective answers at once with what
+    one rank would get (JSON round-tripped, as a real broadcast returns it).
+
+    >>> solo = Solo()
+    >>> solo.is_main, solo.agree(True, False), solo.gather_json({"a": (1, 2)}), solo.active
+    (True, [True, False], [{'a': [1, 2]}], False)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(rank=0, world_size=1, step_group=None, save_group=None, active=False)
+
+    def agree(self, *flags: bool) -> list[bool]:
+        return [bool(f) for f in flags]
+
+    def broadcast_json(self, obj: Any, *, group: Any = None) -> Any:
+        return json.loads(json.dumps(obj))
+
+    def gather_json(self, obj: Any, *, group: Any = None) -> list[Any]:
+        return [json.loads(json.dumps(obj))]
+
+    def barrier(self, *, group: Any = None) -> None:
+        pass

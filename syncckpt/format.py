@@ -30,7 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import StateMismatch, StateNotSerializable, UnsafeCheckpoint
+from .errors import CheckpointCorrupt, StateMismatch, StateNotSerializable, UnsafeCheckpoint
+
+STATE_FILE = "state.json"  # every object's structure and the trainer position (rank 0); state-rankN.json per rank
+DCP_DIR = "dcp"  # sharded (DTensor) leaves, written through torch.distributed.checkpoint by every rank
 
 # torch dtype -> safetensors dtype code. Every dtype a training state can hold keeps its dtype on disk.
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -260,3 +263,81 @@ def load_safetensors_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor
         return load(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
         raise UnsafeCheckpoint(f"{where}: safetensors header does not match its data ({e})") from None
+
+
+# ---- state.json: the objects' structures and the trainer position ------------------------------------------------
+def encode_state(structure: dict[str, Any], trainer: dict[str, Any]) -> bytes:
+    """``state.json``'s bytes: every object's structure (tensors as references) and the trainer position."""
+    return json.dumps({"objects": structure, "trainer": trainer}, allow_nan=False).encode()
+
+
+@dataclass
+class DecodedCheckpoint:
+    """A verified checkpoint's files parsed back: states by object name, the trainer position, and whether
+    DTensor leaves wait in ``dcp/`` to be loaded through DCP."""
+
+    states: dict[str, Any]
+    trainer: dict[str, Any]
+    sharded: bool
+
+
+def decode_checkpoint(files: dict[str, bytes], where: str) -> DecodedCheckpoint:
+    """Parse a verified checkpoint's files into states, touching no registered object.
+
+    Raises CheckpointCorrupt (or UnsafeCheckpoint) for content that passed its digests but is not what it claims
+    (a hostile writer controls both), so resume can fall back to an older checkpoint.
+
+    >>> struct, _ = flatten_state({"lr": 0.1}, "opt")
+    >>> decode_checkpoint({STATE_FILE: encode_state({"opt": struct}, {"global_step": 3})}, "ck").states
+    {'opt': {'lr': 0.1}}
+    """
+    if STATE_FILE not in files:
+        raise CheckpointCorrupt(f"{where}: {STATE_FILE} is missing from the manifest")
+    try:
+        state = json.loads(files[STATE_FILE])
+        structures, trainer = state["objects"], state["trainer"]
+        if not isinstance(structures, dict) or not isinstance(trainer, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise CheckpointCorrupt(f"{where}/{STATE_FILE}: not a syncckpt state file") from None
+    for rel, data in files.items():  # other ranks' RNG structures (distributed checkpoints)
+        if rel.startswith("state-rank") and rel.endswith(".json"):
+            try:
+                structures.update(json.loads(data)["objects"])
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointCorrupt(f"{where}/{rel}: not a syncckpt state file") from None
+    tensors = {
+        rel.removesuffix(".safetensors"): load_safetensors_bytes(data, where=f"{where}/{rel}")
+        for rel, data in files.items()
+        if rel.endswith(".safetensors") and not rel.startswith(DCP_DIR + "/")
+    }
+    try:
+        states = {
+            name: unflatten_state(s, tensors.get(name, {}), where=f"{where}: {name}") for name, s in structures.items()
+        }
+    except StateMismatch as e:  # the structure names a tensor no file holds
+        raise CheckpointCorrupt(str(e)) from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CheckpointCorrupt(f"{where}/{STATE_FILE}: malformed state structure ({e})") from None
+    return DecodedCheckpoint(states, trainer, any(rel.startswith(DCP_DIR + "/") for rel in files))
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def versions() -> dict[str, str]:
+    """The library versions recorded in every manifest."""
+    if not _VERSIONS:
+        import platform
+
+        import safetensors
+
+        from . import __version__
+
+        _VERSIONS.update(
+            syncckpt=__version__,
+            torch=torch.__version__,
+            safetensors=safetensors.__version__,
+            python=platform.python_version(),
+        )
+    return dict(_VERSIONS)

@@ -27,7 +27,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from .errors import CheckpointCorrupt, UnsafeCheckpoint, UnsupportedFormat
 
@@ -35,7 +35,8 @@ FORMAT = "syncckpt"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "LATEST"
-KINDS = ("step", "epoch", "best")
+Kind = Literal["step", "epoch", "best"]
+KINDS: tuple[Kind, ...] = ("step", "epoch", "best")
 
 # Hostile-input ceilings: a manifest is a few KB; a real checkpoint has a handful of files.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -132,7 +133,7 @@ class Manifest:
     """Everything resume and mirroring need to know about one checkpoint, without reading its data."""
 
     name: str
-    kind: str
+    kind: Kind
     global_step: int
     epoch: int
     batch_idx: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .manifest import Latest, Manifest, parse_checkpoint_name, sha256_hex
+from .manifest import Kind, Latest, Manifest, parse_checkpoint_name, sha256_hex
 
 # On equal global steps: epoch > best > step. A step checkpoint at an epoch's last batch is taken before that
 # epoch's validation and its epoch/best checkpoints at the same step; resuming from those skips validating again.
@@ -24,7 +24,7 @@ class Ref:
     """What retention and selection need to know about one checkpoint."""
 
     name: str
-    kind: str
+    kind: Kind
     global_step: int
     epoch: int
     healthy: bool = True

@@ -114,7 +114,8 @@ class ResumableSampler(Sampler[int]):
 
     # -- checkpoint protocol -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Settings that define the order. The manager adds ``position`` (epoch, batch_idx) when it saves."""
+        """Settings that define the order. The saved state also holds ``position`` (epoch, batch_idx): see
+        :meth:`checkpoint_position`."""
         return {
             "seed": self.seed,
             "shuffle": self.shuffle,
@@ -153,6 +154,11 @@ class ResumableSampler(Sampler[int]):
         else:
             self._resume_epoch, self._resume_skip = None, 0
 
-    def _run_at_resumed_iter(self, hook: Callable[[], None]) -> None:
+    # -- resume hooks (syncckpt.restore) ------------------------------------------------------------------------
+    def checkpoint_position(self, epoch: int, batch_idx: int) -> dict[str, Any]:
+        """Saved with the state: the loop position, so a resumed pass skips what was trained."""
+        return {"position": {"epoch": epoch, "batch_idx": batch_idx}}
+
+    def on_resumed_pass(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` when the pass being resumed begins (after the DataLoader drew its worker seed)."""
         self._on_resume_iter = hook

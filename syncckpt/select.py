@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .manifest import Kind
 from .retention import KIND_PRIORITY
 
 
@@ -30,7 +31,7 @@ class Candidate:
     """One place a checkpoint could be resumed from."""
 
     name: str
-    kind: str
+    kind: Kind
     global_step: int
     epoch: int
     location: str  # "local" or "remote"

@@ -63,9 +63,8 @@ from .errors import (
     UnsafeCheckpoint,
     UnsupportedFormat,
 )
-from .format import DTYPE_CODES, plan_layout
+from .format import DCP_DIR, DTYPE_CODES, plan_layout
 
-DCP_DIR = "dcp"
 INDEX_NAME = "index.json"
 FORMAT = "syncckpt-dcp-safetensors"
 FORMAT_VERSION = 1

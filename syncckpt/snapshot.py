@@ -57,6 +57,13 @@ class StagingArena:
             self._buffers[filename] = buf
         return buf
 
+    def reserve(self, *, blocking: bool = True) -> Reservation | None:
+        """Exclusive use of the buffers until the reservation is released, by any thread (the writer releases it
+        once the files are on disk, so the next snapshot may reuse them). None when not ``blocking`` and taken."""
+        if not self.lock.acquire(blocking=blocking):
+            return None
+        return Reservation(self.lock)
+
     def prefault(self, sizes: dict[str, int]) -> None:
         """Allocate and touch buffers ahead of the first save (run it off the training thread)."""
         with self.lock:
@@ -66,6 +73,30 @@ class StagingArena:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self._buffers.values())
+
+
+class Reservation:
+    """A hold on a :class:`StagingArena`; :meth:`release` is idempotent and safe from any thread.
+
+    >>> arena = StagingArena()
+    >>> r = arena.reserve()
+    >>> arena.reserve(blocking=False) is None
+    True
+    >>> r.release(); r.release()
+    >>> arena.reserve(blocking=False) is not None
+    True
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._guard = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._guard:
+            if self._held:
+                self._held = False
+                self._lock.release()
 
 
 def _allocate(nbytes: int) -> torch.Tensor:
@@ -136,8 +167,8 @@ def collect_state(objects: dict[str, Any], extra: dict[str, Any] | None = None) 
 def take_snapshot(states: dict[str, Any], arena: StagingArena) -> Snapshot:
     """Copy ``states`` (name -> state_dict, see :func:`collect_state`) into ``arena``'s buffers.
 
-    The caller holds ``arena.lock`` from here until the files are written, so no second snapshot overwrites
-    buffers the writer is still reading.
+    The caller holds a :meth:`StagingArena.reserve` reservation from here until the files are written, so no
+    second snapshot overwrites buffers the writer is still reading.
     """
     structure: dict[str, Any] = {}
     layouts: list[FileLayout] = []

@@ -162,7 +162,7 @@ def test_dataset_size_change_is_warned(caplog):
 def test_resume_hook_runs_when_the_resumed_pass_begins():
     s = resumed(10, 2, 0, 1, seed=0)
     ran = []
-    s._run_at_resumed_iter(lambda: ran.append(True))
+    s.on_resumed_pass(lambda: ran.append(True))
     s.set_epoch(0)
     assert ran == []
     it = iter(s)

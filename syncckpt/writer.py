@@ -1,0 +1,325 @@
+"""snapshot -> files + hashes -> atomic commit -> local retention -> hand-off to the uploader, off the training thread.
+
+:class:`Writer` owns the staging arena, the one background writer thread and the rank commit. The training thread
+only waits for :meth:`Writer.start`'s memory copy into reused staging buffers (a reservation on the arena, held
+until the writer has the files on disk); serialising, hashing, fsync and the commit run on the writer thread at
+low CPU priority. Under torch.distributed every rank writes its own part into rank 0's temporary folder and rank 0
+commits only when every rank reported success.
+
+>>> import tempfile, torch
+>>> from pathlib import Path
+>>> from syncckpt.distributed import Solo
+>>> w = Writer(Path(tempfile.mkdtemp()), Solo(), uploader=None, keep_last=1, keep_epochs=1, metric_for_best=None)
+>>> w.start({"model": torch.nn.Linear(2, 2)}, ["step"], 5, epoch=0, batch_idx=4, metrics=None)
+>>> w.wait(), w.last_committed
+(True, 'checkpoint-step-5')
+>>> w.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import local, rng, sharded
+from ._failpoints import failpoint
+from ._memory import release_free_memory
+from ._threads import lower_priority
+from .distributed import Dist
+from .env import check_disk_budget
+from .format import STATE_FILE, encode_state, iter_file_chunks, versions
+from .manifest import Kind, Manifest, checkpoint_name, json_safe_metrics
+from .restore import positions
+from .retention import Ref, plan_deletions
+from .schedule import BestMetric
+from .snapshot import Reservation, Snapshot, StagingArena, collect_state, state_sizes, take_snapshot
+
+log = logging.getLogger("syncckpt")
+
+
+@dataclass
+class _Job:
+    snapshot: Snapshot
+    reservation: Reservation
+    trainer: dict[str, Any]
+    commits: list[Manifest]  # the first one gets the data written, the others (best_model) hard-link to it
+    seq: int  # the same on every rank: names the shared temporary folder
+    shards: Any = None  # sharded.ShardSnapshot of DTensor leaves, written through DCP by every rank
+
+
+class Writer:
+    """Background writing and committing of checkpoints into ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        dist: Dist,
+        uploader: Any,
+        *,
+        keep_last: int,
+        keep_epochs: int,
+        metric_for_best: str | None,
+        best: BestMetric | None = None,
+        token: str = "",
+        background_nice: int = 19,
+    ) -> None:
+        self.directory = directory
+        self.dist = dist
+        self.uploader = uploader
+        self.keep_last, self.keep_epochs, self.metric_for_best = keep_last, keep_epochs, metric_for_best
+        self.best = best
+        self.arena = StagingArena()
+        self.last_committed: str | None = None
+        self.last_saved_step: int | None = None
+        self.save_error: str | None = None
+        self.protected: str | None = None  # the checkpoint a run resumed from, until a newer one exists
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="syncckpt-writer", initializer=lower_priority, initargs=(background_nice,)
+        )
+        self._futures: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._sharded: bool | None = None  # known at the first save: does the state hold DTensors?
+        self._prefaulted = False
+        # Files get a CRC32C only when the mirror's store can check an upload against it (GCS).
+        self._crc32c = uploader is not None and uploader.remote.keeps_crc32c
+        self._token = token  # the same on every rank of a job: names the shared temporary folders
+
+    # ---- the training thread --------------------------------------------------------------------------------
+    def start(
+        self,
+        objects: dict[str, Any],
+        kinds: list[Kind],
+        global_step: int,
+        *,
+        epoch: int,
+        batch_idx: int,
+        metrics: dict[str, Any] | None,
+    ) -> None:
+        """Snapshot ``objects`` now (waiting only for a previous save still reading the staging buffers), then
+        write and commit one checkpoint per kind in the background (best_model hard-links the first)."""
+        reservation = self.arena.reserve()
+        assert reservation is not None
+        try:
+            states, shards = self._states(objects, epoch, batch_idx)
+            snap = take_snapshot(states, self.arena)
+            failpoint("snapshot")
+        except BaseException:
+            reservation.release()
+            raise
+        self.last_saved_step = global_step
+        safe_metrics = json_safe_metrics(metrics)
+        best = self.best.bar if self.best is not None and "best" in kinds else (self.best.best if self.best else None)
+        trainer = {"global_step": global_step, "epoch": epoch, "batch_idx": batch_idx, "metrics": safe_metrics,
+                   "best_metric": best}
+        commits = [
+            Manifest(
+                name=checkpoint_name(kind, global_step if kind == "step" else epoch),
+                kind=kind,
+                global_step=global_step,
+                epoch=epoch,
+                batch_idx=batch_idx,
+                files=[],
+                metrics=safe_metrics,
+                versions=versions(),
+                extra={"best_metric": best, "metric_for_best": self.metric_for_best},
+            )
+            for kind in kinds
+        ]
+        self._seq += 1
+        fut = self._executor.submit(self._write, _Job(snap, reservation, trainer, commits, self._seq, shards))
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()] + [fut]
+
+    def _states(self, objects: dict[str, Any], epoch: int, batch_idx: int) -> tuple[dict[str, Any], Any]:
+        states = collect_state(objects)
+        shards = None
+        if self.dist.active and self._sharded is not False:
+            # Sharded (FSDP2/DTensor) leaves go through DCP, every rank writing its own shards.
+            states, dtensors = sharded.split_dtensors(states)
+            self._sharded = bool(dtensors)
+            if dtensors:
+                shards = sharded.snapshot_shards(dtensors)
+        if not self.dist.is_main:  # replicated state is written once, by rank 0; each rank keeps its own RNG
+            return {f"rng-rank{self.dist.rank}": rng.capture()}, shards
+        for name, extra in positions(objects, epoch, batch_idx).items():
+            states[name] = {**states[name], **extra}
+        states["rng"] = rng.capture()
+        return states, shards
+
+    def prefault(self, objects: dict[str, Any]) -> None:
+        """Size and touch the staging buffers in the background before the first save is due (once)."""
+        if self._prefaulted or not objects:
+            return
+        self._prefaulted = True
+        reservation = self.arena.reserve(blocking=False)
+        if reservation is None:
+            return
+        try:
+            sizes = state_sizes(collect_state(objects))
+        except Exception:  # noqa: BLE001 - a state problem surfaces with a clear error at the first real save
+            reservation.release()
+            return
+
+        def run() -> None:
+            try:
+                for filename, nbytes in sizes.items():
+                    self.arena.buffer(filename, nbytes)
+            finally:
+                reservation.release()
+
+        self._executor.submit(run)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every started save is committed locally (or failed). True when all done."""
+        with self._lock:
+            futures = list(self._futures)
+        _, pending = wait_futures(futures, timeout=timeout)
+        return not pending
+
+    def in_progress(self) -> int:
+        with self._lock:
+            return sum(not f.done() for f in self._futures)
+
+    def close(self, timeout: float | None = None) -> None:
+        self.wait(timeout)
+        self._executor.shutdown(wait=True)
+
+    # ---- the writer thread ----------------------------------------------------------------------------------
+    def _write(self, job: _Job) -> None:
+        """Health check, files + hashes, atomic commit, retention, hand-off to the uploader."""
+        try:
+            bad = job.snapshot.nonfinite_tensors()
+            if bad:
+                log.warning(
+                    "Non-finite values in %s; %s is marked unhealthy and will not replace the last healthy checkpoint",
+                    ", ".join(bad[:5]),
+                    job.commits[0].name,
+                )
+            tmp_name = f".tmp-{job.commits[0].name}-{self._token}-{job.seq}" if self.dist.active else None
+            if not self.dist.is_main:  # other ranks write their part into rank 0's temporary folder, then report
+                tmp = self.directory / tmp_name  # type: ignore[operator]
+                tmp.mkdir(parents=True, exist_ok=True)
+                self._write_with_ranks(tmp, job, bad)
+                return
+            self._commit_all(job, bad, tmp_name)
+            if self.protected is not None:
+                self.protected = None  # a newer checkpoint exists now
+            self._apply_local_retention()
+            release_free_memory()  # the writer thread's arena: hashing and health-check buffers
+        except Exception as e:  # noqa: BLE001 - the training loop must survive a failed save (full disk, ...)
+            if self.best is not None and any(m.kind == "best" for m in job.commits):
+                if self.best.best != job.trainer["best_metric"]:
+                    self.best.lost()
+            self.save_error = f"{job.commits[0].name}: {e}"
+            log.warning(
+                "Checkpoint %s was NOT saved: %s. Checkpoints are not being saved until this is fixed; "
+                "training continues and the previous checkpoint is intact.",
+                job.commits[0].name,
+                e,
+            )
+        finally:
+            job.reservation.release()
+
+    def _commit_all(self, job: _Job, bad: list[str], tmp_name: str | None) -> None:
+        first: Manifest | None = None
+        for m in job.commits:
+            m.healthy, m.unhealthy_tensors, m.world_size = not bad, bad, self.dist.world_size
+            if first is None:
+                first = committed = local.commit(
+                    self.directory, m, lambda tmp: self._write_with_ranks(tmp, job, bad), tmp_name=tmp_name
+                )
+            else:
+                src = self.directory / first.name
+                committed = local.commit(
+                    self.directory, m, lambda tmp, s=src, f=first: local.link_files(s, tmp, f.files)
+                )
+            self._committed(committed)
+
+    def _committed(self, committed: Manifest) -> None:
+        if self.last_committed is None:  # sizes are known now: warn early if retention cannot fit
+            check_disk_budget(
+                self.directory,
+                committed.total_size,
+                self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0),
+            )
+        self.last_committed = committed.name
+        if self.save_error:
+            log.warning("Checkpoints are being saved again (%s)", committed.name)
+            self.save_error = None
+        log.info(
+            "Checkpoint committed: %s (global step %d%s)",
+            committed.name,
+            committed.global_step,
+            "" if committed.healthy else ", UNHEALTHY",
+        )
+        if committed.kind == "best" and self.best is not None:
+            self.best.landed(committed.extra.get("best_metric"))
+        if self.uploader is not None:
+            self.uploader.submit(self.directory, committed)
+
+    def _write_own(self, tmp: Path, job: _Job) -> list[local.FileEntry]:
+        entries = []
+        if job.shards is not None:  # first, so that no rank skips DCP's collectives
+            rels = sharded.save_shards(job.shards, tmp, process_group=self.dist.save_group)
+            entries.extend(local.hash_file(tmp, rel) for rel in rels)
+        for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers, strict=True):
+            entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c))
+            failpoint("serialize")
+        job.reservation.release()  # buffers are on disk: the next snapshot may reuse them
+        state_file = STATE_FILE if self.dist.rank == 0 else f"state-rank{self.dist.rank}.json"
+        state_bytes = encode_state(job.snapshot.structure, job.trainer)
+        entries.append(local.write_file(tmp, state_file, [state_bytes], crc32c=self._crc32c))
+        return entries
+
+    def _write_with_ranks(self, tmp: Path, job: _Job, bad: list[str]) -> list[local.FileEntry]:
+        """Write this rank's files, then gather every rank's entries on all ranks (a collective on the writer
+        thread's group; one rank alone gathers only its own). Rank 0 commits only when every rank reports
+        success; a dead rank fails the gather."""
+        error = None
+        own: list[local.FileEntry] = []
+        try:
+            own = self._write_own(tmp, job)
+        except Exception as e:  # noqa: BLE001 - reported through the gather so no rank waits forever
+            error = e
+        if not self.dist.active:
+            if error is not None:
+                raise error
+            return own
+        reports = self.dist.gather_json(
+            {"files": [e.to_dict() for e in own], "bad": bad, "error": None if error is None else str(error)}
+        )
+        if error is not None:
+            raise error
+        failed = [f"rank {r}: {rep['error']}" for r, rep in enumerate(reports) if rep["error"]]
+        if failed:
+            raise OSError("not every rank wrote its part: " + "; ".join(failed))
+        entries: list[local.FileEntry] = []
+        for rep in reports:
+            entries.extend(
+                local.FileEntry(f["path"], f["size"], f["sha256"], crc32c=f.get("crc32c")) for f in rep["files"]
+            )
+            bad.extend(x for x in rep["bad"] if x not in bad)
+        return entries
+
+    def _apply_local_retention(self) -> None:
+        refs = [
+            Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, c.manifest.healthy)
+            for c in local.list_checkpoints(self.directory)
+        ]
+        for name in plan_deletions(refs, self.keep_last, self.keep_epochs, self.protected_names()):
+            failpoint("retention-delete")
+            local.delete(self.directory, name)
+            log.info("Removed old checkpoint %s", name)
+
+    def protected_names(self) -> set[str]:
+        return {self.protected} if self.protected else set()
+
+    def remote_retention(self, refs: list[Ref]) -> list[str]:
+        """The uploader's retention plan: the same rule as the local folder's."""
+        return plan_deletions(refs, self.keep_last, self.keep_epochs, self.protected_names())
