@@ -38,43 +38,21 @@ What blocks whom:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import math
-import os
-import re
 import threading
 import warnings
-from bisect import bisect_right, insort
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.futures import Future as TorchFuture
 
-from ._failpoints import failpoint
 from .errors import (
     CheckpointCorrupt,
     StateMismatch,
     StateNotSerializable,
     SyncCkptError,
-    UnsafeCheckpoint,
-    UnsupportedFormat,
 )
-from .format import DCP_DIR, DTYPE_CODES, plan_layout
-
-INDEX_NAME = "index.json"
-FORMAT = "syncckpt-dcp-safetensors"
-FORMAT_VERSION = 1
-# safetensors header metadata, as torch's HuggingFaceStorageWriter writes it (torch/distributed/checkpoint/_hf_utils)
-_SHARDING_KEY = "DCP_SHARDING_INFO"
-_OFFSETS_KEY = "saved_offsets"
-
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,200}\.safetensors$")
-_MAX_DIM = 1 << 62
-_DTYPES: dict[str, torch.dtype] = {str(dt).removeprefix("torch."): dt for dt in DTYPE_CODES}  # what safetensors holds
+from .format import DCP_DIR, DTYPE_CODES
 
 
 class ShardedSaveFailed(SyncCkptError):
@@ -159,144 +137,6 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
 # -------------------------------------------------------------------------------------------------------- save
 
 
-def _dcp_classes():
-    from torch.distributed.checkpoint import StorageReader, StorageWriter
-
-    return StorageWriter, StorageReader
-
-
-def _make_writer(root: Path):
-    StorageWriter, _ = _dcp_classes()
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.checkpoint.planner import WriteItemType
-    from torch.distributed.checkpoint.storage import WriteResult
-
-    class _ShardWriter(StorageWriter):
-        """Per-rank safetensors shard files + a JSON index written by the coordinator once all shards are on disk."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.root = root
-            self.written: list[str] = []
-            self.is_coordinator = False
-
-        def reset(self, checkpoint_id: Any = None) -> None:
-            self.written = []
-
-        def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-            self.is_coordinator = is_coordinator
-
-        def prepare_local_plan(self, plan):
-            fqns = set()
-            for item in plan.items:
-                if item.type == WriteItemType.BYTE_IO:
-                    raise StateNotSerializable(f"{item.index.fqn}: not a tensor; save_shards writes tensors only")
-                if item.index.fqn in fqns:  # one safetensors key per tensor per file
-                    raise StateNotSerializable(f"{item.index.fqn}: several local chunks on one rank")
-                fqns.add(item.index.fqn)
-            self.root.mkdir(parents=True, exist_ok=True)
-            if (self.root / INDEX_NAME).exists():
-                raise FileExistsError(f"{self.root / INDEX_NAME} exists: save_shards needs a fresh folder")
-            return plan
-
-        def prepare_global_plan(self, plans):
-            n = len(plans)
-            return [
-                dataclasses.replace(p, storage_data=f"shard-{i:05d}-of-{n:05d}.safetensors")
-                for i, p in enumerate(plans)
-            ]
-
-        def write_data(self, plan, planner) -> TorchFuture:
-            fut: TorchFuture = TorchFuture()
-            results = []
-            if plan.items:
-                name = plan.storage_data
-                tensors: dict[str, torch.Tensor] = {}
-                offsets: dict[str, dict[str, list[int]]] = {}
-                for item in plan.items:
-                    t = planner.resolve_data(item)
-                    if not isinstance(t, torch.Tensor):
-                        raise StateNotSerializable(f"{item.index.fqn}: not a tensor")
-                    t = t.detach().to("cpu").contiguous()
-                    tensors[item.index.fqn] = t
-                    offsets[item.index.fqn] = {_OFFSETS_KEY: list(item.tensor_data.chunk.offsets)}
-                    results.append(
-                        WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(), storage_data=name)
-                    )
-                _write_safetensors(self.root / name, tensors, {_SHARDING_KEY: json.dumps(offsets)})
-                self.written.append(name)
-                failpoint("sharded-after-write")
-            fut.set_result(results)
-            return fut
-
-        def finish(self, metadata, results) -> None:
-            where: dict[tuple[str, tuple[int, ...]], str] = {}
-            files: dict[str, int] = {}
-            for rank, rank_results in enumerate(results):
-                for wr in rank_results:
-                    where[(wr.index.fqn, tuple(wr.index.offset))] = wr.storage_data
-                    files[wr.storage_data] = rank
-            entries: dict[str, Any] = {}
-            for fqn, md in sorted(metadata.state_dict_metadata.items()):
-                if not isinstance(md, TensorStorageMetadata):
-                    raise StateNotSerializable(f"{fqn}: not a tensor")
-                entries[fqn] = {
-                    "dtype": str(md.properties.dtype).removeprefix("torch."),
-                    "size": list(md.size),
-                    "chunks": [
-                        {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": where[(fqn, tuple(c.offsets))]}
-                        for c in md.chunks
-                    ],
-                }
-            index = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "world_size": len(results),
-                "files": [{"path": f, "rank": r} for f, r in sorted(files.items())],
-                "tensors": entries,
-            }
-            tmp = self.root / (INDEX_NAME + ".tmp")
-            tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-            _fsync(tmp)
-            os.replace(tmp, self.root / INDEX_NAME)
-            _fsync_dir(self.root)
-            self.written.append(INDEX_NAME)
-
-        @classmethod
-        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-            return False
-
-    return _ShardWriter()
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Header, then each tensor's bytes straight from its (contiguous CPU) memory, then fsync: no serialised copy
-    of the whole file in memory (``safetensors.torch.save_file`` builds one)."""
-    layout = plan_layout(path.name, list(tensors.items()), metadata)
-    with open(path, "wb") as f:
-        f.write(layout.header)
-        for slot in layout.slots:
-            if slot.nbytes:
-                f.write(memoryview(tensors[slot.name].reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # directories cannot be opened/fsynced on some platforms
-        pass
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence DCP's "assuming the intent is to save/load in a single process" (it is). ``catch_warnings`` swaps
@@ -331,7 +171,9 @@ def save_shards(tensors: Mapping[str, torch.Tensor], folder: Path, *, process_gr
 
     snap = snapshot_shards(tensors)
     root = Path(folder) / DCP_DIR
-    writer = _make_writer(root)
+    from ._dcp_storage import ShardWriter
+
+    writer = ShardWriter(root)
     planner = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
     try:
         if _distributed():
@@ -348,237 +190,16 @@ def save_shards(tensors: Mapping[str, torch.Tensor], folder: Path, *, process_gr
     return [f"{DCP_DIR}/{name}" for name in writer.written]
 
 
-_async_lock = threading.Lock()
-_async_executor: ThreadPoolExecutor | None = None
+def read_index(root: Path) -> dict[str, Any]:
+    """Parse and verify ``root/index.json`` (``root`` is ``folder/dcp``): every file it names exists, every
+    tensor's chunks lie inside it, do not overlap and cover it exactly. Tensor name -> entry (dtype, size,
+    chunks)."""
+    from ._dcp_storage import read_index as parse
+
+    return parse(root)
 
 
-def save_shards_async(
-    tensors: Mapping[str, torch.Tensor],
-    folder: Path,
-    *,
-    process_group: Any = None,
-    executor: ThreadPoolExecutor | None = None,
-) -> Future[list[str]]:
-    """:func:`snapshot_shards` now (the only blocking part), then :func:`save_shards` on a background thread.
-
-    Every rank must call it in the same order; saves run one at a time on ``executor`` (default: one shared
-    worker thread), so their collectives never interleave. Pass a dedicated gloo ``process_group``.
-    """
-    global _async_executor
-    snap = snapshot_shards(tensors)
-    if executor is None:
-        with _async_lock:
-            if _async_executor is None:
-                _async_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-shards")
-            executor = _async_executor
-    return executor.submit(save_shards, snap, folder, process_group=process_group)
-
-
-# -------------------------------------------------------------------------------------------------------- index
-
-
-@dataclasses.dataclass(frozen=True)
-class _Chunk:
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    file: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    dtype: torch.dtype
-    size: tuple[int, ...]
-    chunks: tuple[_Chunk, ...]
-
-
-def _int_list(v: Any, where: str, ndim: int | None = None) -> tuple[int, ...]:
-    if not isinstance(v, list) or (ndim is not None and len(v) != ndim) or len(v) > 64:
-        raise UnsafeCheckpoint(f"{where}: expected a list of {ndim if ndim is not None else 'at most 64'} ints")
-    for x in v:
-        if type(x) is not int or not 0 <= x < _MAX_DIM:
-            raise UnsafeCheckpoint(f"{where}: {x!r} is not an int in [0, 2**62)")
-    return tuple(v)
-
-
-def read_index(root: Path) -> dict[str, _Entry]:
-    """Parse and verify ``root/index.json`` (``root`` is ``folder/dcp``): every file it names exists, every tensor's
-    chunks lie inside it, do not overlap and cover it exactly."""
-    path = Path(root) / INDEX_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointCorrupt(f"{path} is missing: the sharded save never completed (or this is not one)") from None
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise CheckpointCorrupt(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointCorrupt(f"{path}: not a {FORMAT} index")
-    if doc.get("version") != FORMAT_VERSION:
-        raise UnsupportedFormat(f"{path}: index version {doc.get('version')!r}; this release reads {FORMAT_VERSION}")
-    files_doc, tensors_doc = doc.get("files"), doc.get("tensors")
-    if not isinstance(files_doc, list) or not isinstance(tensors_doc, dict):
-        raise CheckpointCorrupt(f"{path}: 'files' must be a list and 'tensors' an object")
-    files: set[str] = set()
-    for f in files_doc:
-        name = f.get("path") if isinstance(f, dict) else None
-        if not isinstance(name, str) or not _FILE_NAME.match(name):
-            raise UnsafeCheckpoint(f"{path}: bad shard file name {name!r}")
-        if not (Path(root) / name).is_file():
-            raise CheckpointCorrupt(f"{path}: shard {name} is missing")
-        files.add(name)
-    out: dict[str, _Entry] = {}
-    for fqn, e in tensors_doc.items():
-        where = f"{path}: {fqn}"
-        if not isinstance(e, dict) or not isinstance(e.get("chunks"), list) or e.get("dtype") not in _DTYPES:
-            raise CheckpointCorrupt(f"{where}: bad entry (dtype must be one of {sorted(_DTYPES)})")
-        size = _int_list(e.get("size"), f"{where}: size")
-        chunks = []
-        for c in e["chunks"]:
-            if not isinstance(c, dict) or c.get("file") not in files:
-                raise CheckpointCorrupt(f"{where}: chunk {c!r} names no listed shard file")
-            chunks.append(
-                _Chunk(
-                    _int_list(c.get("offsets"), f"{where}: offsets", len(size)),
-                    _int_list(c.get("sizes"), f"{where}: sizes", len(size)),
-                    c["file"],
-                )
-            )
-        _check_cover(where, size, chunks)
-        out[fqn] = _Entry(_DTYPES[e["dtype"]], size, tuple(chunks))
-    return out
-
-
-def _check_cover(where: str, size: tuple[int, ...], chunks: list[_Chunk]) -> None:
-    """Chunks inside the tensor, pairwise disjoint, volumes summing to the tensor's: an exact cover."""
-    if not chunks:
-        raise CheckpointCorrupt(f"{where}: no chunks")
-    volume = 0
-    for c in chunks:
-        if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, size, strict=True)):
-            raise UnsafeCheckpoint(f"{where}: chunk at {list(c.offsets)} of {list(c.sizes)} exceeds {list(size)}")
-        volume += math.prod(c.sizes)
-    if volume != math.prod(size):
-        raise CheckpointCorrupt(f"{where}: chunks hold {volume} elements, the tensor has {math.prod(size)}")
-    if len(size) == 0 or len(chunks) == 1:
-        return
-    # sweep along the longest dim (as DCP's own save-plan validation does): only chunks whose intervals on that
-    # dim are still open can overlap the current one
-    dim = max(range(len(size)), key=lambda d: size[d])
-    active: list[tuple[int, int]] = []
-    for i in sorted(range(len(chunks)), key=lambda i: (chunks[i].offsets[dim], chunks[i].offsets)):
-        c = chunks[i]
-        if math.prod(c.sizes) == 0:
-            continue
-        start = c.offsets[dim]
-        del active[: bisect_right(active, (start, len(chunks)))]
-        for _, j in active:
-            o = chunks[j]
-            if all(a < b + t and b < a + s for a, s, b, t in zip(c.offsets, c.sizes, o.offsets, o.sizes, strict=True)):
-                raise CheckpointCorrupt(f"{where}: chunks at {list(c.offsets)} and {list(o.offsets)} overlap")
-        insort(active, (start + c.sizes[dim], i))
-
-
-# -------------------------------------------------------------------------------------------------------- load
-
-
-def _make_reader(root: Path, index: dict[str, _Entry]):
-    _, StorageReader = _dcp_classes()
-    from torch.distributed.checkpoint.metadata import (
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    class _ShardReader(StorageReader):
-        """DCP metadata from our JSON index; tensor slices from the shard files through ``safe_open``."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.root = root
-            self.files: dict[MetadataIndex, _Chunk] = {}
-
-        def reset(self, checkpoint_id: Any = None) -> None:
-            pass
-
-        def read_metadata(self) -> Metadata:
-            sd_md, storage = {}, {}
-            for fqn, e in index.items():
-                sd_md[fqn] = TensorStorageMetadata(
-                    properties=TensorProperties(dtype=e.dtype),
-                    size=torch.Size(e.size),
-                    chunks=[
-                        ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)) for c in e.chunks
-                    ],
-                )
-                for c in e.chunks:
-                    storage[MetadataIndex(fqn, c.offsets)] = c
-            return Metadata(state_dict_metadata=sd_md, storage_data=storage)
-
-        def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kw: Any) -> None:
-            self.files = metadata.storage_data
-
-        def prepare_local_plan(self, plan):
-            return plan
-
-        def prepare_global_plan(self, plans):
-            return plans
-
-        def read_data(self, plan, planner) -> TorchFuture:
-            from safetensors import safe_open
-
-            per_file: dict[str, list[Any]] = {}
-            for req in plan.items:
-                per_file.setdefault(self.files[req.storage_index].file, []).append(req)
-            for name, reqs in per_file.items():
-                path = self.root / name
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    try:
-                        saved = json.loads((f.metadata() or {})[_SHARDING_KEY])
-                    except (KeyError, ValueError):
-                        raise CheckpointCorrupt(f"{path}: no {_SHARDING_KEY} header") from None
-                    keys = set(f.keys())
-                    for req in reqs:
-                        fqn, chunk = req.storage_index.fqn, self.files[req.storage_index]
-                        entry = index[fqn]
-                        if (
-                            fqn not in keys
-                            or not isinstance(saved.get(fqn), dict)
-                            or list(saved[fqn].get(_OFFSETS_KEY, ())) != list(chunk.offsets)
-                        ):
-                            raise CheckpointCorrupt(f"{path}: no chunk of {fqn} at {list(chunk.offsets)}")
-                        if tuple(f.get_slice(fqn).get_shape()) != chunk.sizes:
-                            raise CheckpointCorrupt(
-                                f"{path}: {fqn} has shape {f.get_slice(fqn).get_shape()}, the "
-                                f"index says {list(chunk.sizes)}"
-                            )
-                        if all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == chunk.sizes:
-                            src = f.get_tensor(fqn)  # the whole chunk (also scalars and empty chunks)
-                        else:
-                            src = f.get_slice(fqn)[
-                                tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths, strict=True))
-                            ]
-                        if src.dtype != entry.dtype:
-                            raise CheckpointCorrupt(f"{path}: {fqn} is {src.dtype}, the index says {entry.dtype}")
-                        dst = planner.resolve_tensor(req).detach()
-                        if dst.shape != src.shape:
-                            raise CheckpointCorrupt(f"{path}: {fqn}: read {list(src.shape)} for {list(dst.shape)}")
-                        dst.copy_(src)
-                        planner.commit_tensor(req, dst)
-            fut: TorchFuture = TorchFuture()
-            fut.set_result(None)
-            return fut
-
-        @classmethod
-        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-            return False
-
-    return _ShardReader()
-
-
-def _check_targets(targets: Mapping[str, torch.Tensor], index: dict[str, _Entry], strict: bool) -> None:
+def _check_targets(targets: Mapping[str, torch.Tensor], index: dict[str, Any], strict: bool) -> None:
     problems = []
     for name, t in targets.items():
         _check_name(name)
@@ -611,6 +232,8 @@ def load_shards(
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+    from ._dcp_storage import ShardReader
+
     root = Path(folder) / DCP_DIR
     error: BaseException | None = None
     try:
@@ -618,7 +241,7 @@ def load_shards(
         _check_targets(targets, index, strict)
         planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
         with _quiet(), torch.no_grad():  # no_dist on purpose: see the module docstring
-            dcp.load(dict(targets), storage_reader=_make_reader(root, index), planner=planner, no_dist=True)
+            dcp.load(dict(targets), storage_reader=ShardReader(root, index), planner=planner, no_dist=True)
     except CheckpointException as e:  # no_dist: the original exception object of this rank, unpickled by no one
         error = min(e.failures.items())[1][0]
     except Exception as e:
