@@ -68,44 +68,55 @@ def flatten_state(state: Any, prefix: str) -> tuple[Any, list[tuple[str, torch.T
     safetensors state dict. Raises StateNotSerializable naming the key path of anything that is neither a tensor
     nor JSON-able.
     """
-    tensors: list[tuple[str, torch.Tensor]] = []
-    used: set[str] = set()
-    seen: dict[tuple, str] = {}
+    flat = _Flattener(prefix)
+    return flat.enc(state, []), flat.tensors
 
-    def name_for(path: list[str]) -> str:
+
+class _Flattener:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self._used: set[str] = set()
+        self._seen: dict[tuple, str] = {}
+
+    def _name_for(self, path: list[str]) -> str:
         base = ".".join(path) or "tensor"
         name, n = base, 1
-        while name in used:
+        while name in self._used:
             name, n = f"{base}#{n}", n + 1
-        used.add(name)
+        self._used.add(name)
         return name
 
-    def add_tensor(t: torch.Tensor, path: list[str]) -> str:
+    def _add_tensor(self, t: torch.Tensor, path: list[str]) -> str:
         if t.dtype not in DTYPE_CODES:
             raise StateNotSerializable(
-                f"{_where(prefix, path)}: tensor dtype {t.dtype} cannot be stored in safetensors"
+                f"{_where(self.prefix, path)}: tensor dtype {t.dtype} cannot be stored in safetensors"
             )
         if t.is_sparse or t.layout != torch.strided:
-            raise StateNotSerializable(f"{_where(prefix, path)}: {t.layout} tensors are not supported; densify first")
+            raise StateNotSerializable(
+                f"{_where(self.prefix, path)}: {t.layout} tensors are not supported; densify first"
+            )
+        key = None
         if t.numel() > 0:
             key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            if key in seen:  # tied weights: store once, hand back the same tensor to both keys
-                return seen[key]
-        name = name_for(path)
-        tensors.append((name, t))
-        if t.numel() > 0:
-            seen[key] = name
+            if key in self._seen:  # tied weights: store once, hand back the same tensor to both keys
+                return self._seen[key]
+        name = self._name_for(path)
+        self.tensors.append((name, t))
+        if key is not None:
+            self._seen[key] = name
         return name
 
-    def enc(v: Any, path: list[str]) -> Any:
+    def enc(self, v: Any, path: list[str]) -> Any:
         if isinstance(v, torch.Tensor):
-            return {"__tensor__": add_tensor(v.detach(), path)}
+            return {"__tensor__": self._add_tensor(v.detach(), path)}
         if isinstance(v, np.ndarray):
             try:
                 t = torch.from_numpy(np.ascontiguousarray(v).reshape(v.shape))  # keeps 0-d arrays 0-d
             except TypeError:
-                raise StateNotSerializable(f"{_where(prefix, path)}: numpy dtype {v.dtype} is not supported") from None
-            return {"__ndarray__": add_tensor(t, path)}
+                where = _where(self.prefix, path)
+                raise StateNotSerializable(f"{where}: numpy dtype {v.dtype} is not supported") from None
+            return {"__ndarray__": self._add_tensor(t, path)}
         if isinstance(v, np.generic):
             v = v.item()
         if v is None or isinstance(v, (bool, int, str)):
@@ -115,26 +126,27 @@ def flatten_state(state: Any, prefix: str) -> tuple[Any, list[tuple[str, torch.T
         if isinstance(v, bytes):
             return {"__bytes__": base64.b64encode(v).decode()}
         if isinstance(v, tuple):  # also torch.Size
-            return {"__tuple__": [enc(x, path + [str(i)]) for i, x in enumerate(v)]}
+            return {"__tuple__": [self.enc(x, path + [str(i)]) for i, x in enumerate(v)]}
         if isinstance(v, list):
-            return [enc(x, path + [str(i)]) for i, x in enumerate(v)]
+            return [self.enc(x, path + [str(i)]) for i, x in enumerate(v)]
         if isinstance(v, dict):
-            if all(isinstance(k, str) and k not in _MARKERS for k in v):
-                return {k: enc(x, path + [k]) for k, x in v.items()}
-            items = []
-            for k, x in v.items():
-                if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
-                    raise StateNotSerializable(
-                        f"{_where(prefix, path)}: dict key {k!r} ({type(k).__name__}) is not JSON-able"
-                    )
-                items.append([enc(k, path), enc(x, path + [str(k)])])
-            return {"__dict__": items}
+            return self._enc_dict(v, path)
         raise StateNotSerializable(
-            f"{_where(prefix, path)}: value of type {type(v).__module__}.{type(v).__qualname__} is neither a tensor "
-            "nor JSON-able; convert it in state_dict() (syncckpt never pickles)"
+            f"{_where(self.prefix, path)}: value of type {type(v).__module__}.{type(v).__qualname__} is neither a "
+            "tensor nor JSON-able; convert it in state_dict() (syncckpt never pickles)"
         )
 
-    return enc(state, []), tensors
+    def _enc_dict(self, v: dict[Any, Any], path: list[str]) -> Any:
+        if all(isinstance(k, str) and k not in _MARKERS for k in v):
+            return {k: self.enc(x, path + [k]) for k, x in v.items()}
+        items = []
+        for k, x in v.items():
+            if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
+                raise StateNotSerializable(
+                    f"{_where(self.prefix, path)}: dict key {k!r} ({type(k).__name__}) is not JSON-able"
+                )
+            items.append([self.enc(k, path), self.enc(x, path + [str(k)])])
+        return {"__dict__": items}
 
 
 def _where(prefix: str, path: list[str]) -> str:

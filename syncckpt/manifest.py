@@ -11,8 +11,8 @@ and validates is not a checkpoint.
 >>> m2 = Manifest.from_bytes(m.to_bytes())
 >>> m2.global_step, m2.files[0].path
 (10, 'model.safetensors')
->>> verify_bytes(m2.files[0], b"abc")
->>> verify_bytes(m2.files[0], b"abd")
+>>> verify_digest(m2.files[0], 3, sha256_hex(b"abc"))
+>>> verify_digest(m2.files[0], 3, sha256_hex(b"abd"))
 Traceback (most recent call last):
 ...
 syncckpt.errors.CheckpointCorrupt: model.safetensors: SHA-256 mismatch (expected ba7816bf8f01..., got a52d159f262b...)
@@ -196,28 +196,8 @@ class Manifest:
             raise CheckpointCorrupt(f"{where}: 'files' must be a non-empty list")
         if len(files_raw) > MAX_FILES:
             raise UnsafeCheckpoint(f"{where}: lists {len(files_raw)} files; refusing more than {MAX_FILES}")
-        files: list[FileEntry] = []
         seen: set[str] = set()
-        for i, fr in enumerate(files_raw):
-            if not isinstance(fr, dict):
-                raise CheckpointCorrupt(f"{where}: files[{i}] is not an object")
-            path = check_relative_path(fr.get("path"), where=where)  # type: ignore[arg-type]
-            if path == MANIFEST_NAME or path in seen:
-                raise CheckpointCorrupt(f"{where}: file {path!r} listed twice or shadows the manifest")
-            seen.add(path)
-            size = fr.get("size")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise CheckpointCorrupt(f"{where}: {path}: size {size!r} is not a non-negative integer")
-            if size > MAX_FILE_SIZE:
-                raise UnsafeCheckpoint(f"{where}: {path} claims {size} bytes (over 1 TiB); refusing it")
-            digest = fr.get("sha256")
-            if not isinstance(digest, str) or not _HEX64.match(digest):
-                raise CheckpointCorrupt(f"{where}: {path}: sha256 {digest!r} is not 64 lowercase hex digits")
-            crc = fr.get("crc32c")
-            if crc is not None and not (isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc)):
-                raise CheckpointCorrupt(f"{where}: {path}: crc32c {crc!r} is not 8 lowercase hex digits")
-            parts = _parse_parts(fr.get("parts"), size, f"{where}: {path}")
-            files.append(FileEntry(path, size, digest, parts, crc))
+        files = [_parse_file(i, fr, seen, where) for i, fr in enumerate(files_raw)]
         step = _get(raw, "global_step", int, where)
         epoch = _get(raw, "epoch", int, where)
         batch_idx = _get(raw, "batch_idx", int, where)
@@ -253,6 +233,29 @@ class Manifest:
             world_size=world_size,
             extra=extra,
         )
+
+
+def _parse_file(i: int, fr: Any, seen: set[str], where: str) -> FileEntry:
+    """One untrusted ``files[i]`` entry; ``seen`` collects paths so one listed twice is refused."""
+    if not isinstance(fr, dict):
+        raise CheckpointCorrupt(f"{where}: files[{i}] is not an object")
+    path = check_relative_path(fr.get("path"), where=where)  # type: ignore[arg-type]
+    if path == MANIFEST_NAME or path in seen:
+        raise CheckpointCorrupt(f"{where}: file {path!r} listed twice or shadows the manifest")
+    seen.add(path)
+    size = fr.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise CheckpointCorrupt(f"{where}: {path}: size {size!r} is not a non-negative integer")
+    if size > MAX_FILE_SIZE:
+        raise UnsafeCheckpoint(f"{where}: {path} claims {size} bytes (over 1 TiB); refusing it")
+    digest = fr.get("sha256")
+    if not isinstance(digest, str) or not _HEX64.match(digest):
+        raise CheckpointCorrupt(f"{where}: {path}: sha256 {digest!r} is not 64 lowercase hex digits")
+    crc = fr.get("crc32c")
+    if crc is not None and not (isinstance(crc, str) and re.fullmatch(r"[0-9a-f]{8}", crc)):
+        raise CheckpointCorrupt(f"{where}: {path}: crc32c {crc!r} is not 8 lowercase hex digits")
+    parts = _parse_parts(fr.get("parts"), size, f"{where}: {path}")
+    return FileEntry(path, size, digest, parts, crc)
 
 
 MAX_PARTS = 1_000_000
@@ -383,11 +386,6 @@ def same_content(a: Manifest, b: Manifest) -> bool:
     only in how the remote stores the files)."""
     key = lambda m: (m.name, sorted((f.path, f.size, f.sha256) for f in m.files))  # noqa: E731
     return key(a) == key(b)
-
-
-def verify_bytes(entry: FileEntry, data: bytes | memoryview) -> None:
-    """Check bytes held in memory against their manifest entry."""
-    verify_digest(entry, len(data), sha256_hex(data))
 
 
 def verify_digest(entry: FileEntry, size: int, digest: str) -> None:

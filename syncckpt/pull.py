@@ -94,25 +94,32 @@ def remote_listing(remote: Remote, *, strict: bool = False) -> RemoteListing:
             continue
         out.candidates.append(Candidate(n, m.kind, m.global_step, m.epoch, "remote", digest or "", m.healthy))
         out.manifests[n] = m
-    latest = remote.read_latest()
-    if out.candidates and (latest is None or latest.name not in hidden):
-        if latest is None:
-            log.warning("%s/LATEST is missing or damaged; found checkpoints by listing", remote.url)
-        else:
-            match = [c for c in out.candidates if c.name == latest.name]
-            if not match:
-                log.warning(
-                    "%s/LATEST points at %s, which is missing or incomplete; found checkpoints by listing",
-                    remote.url,
-                    latest.name,
-                )
-            elif match[0].manifest_sha256 != latest.manifest_sha256:
-                log.warning(
-                    "%s/LATEST does not match the manifest of %s (wrong digest); trusting the manifest",
-                    remote.url,
-                    latest.name,
-                )
+    _check_latest(remote, out.candidates, hidden)
     return out
+
+
+def _check_latest(remote: Remote, candidates: list[Candidate], hidden: set[str]) -> None:
+    """Warn when LATEST is missing, stale or wrong (the listing wins); LATEST naming a quarantined checkpoint was
+    reported when it was quarantined."""
+    latest = remote.read_latest()
+    if not candidates or (latest is not None and latest.name in hidden):
+        return
+    if latest is None:
+        log.warning("%s/LATEST is missing or damaged; found checkpoints by listing", remote.url)
+        return
+    match = [c for c in candidates if c.name == latest.name]
+    if not match:
+        log.warning(
+            "%s/LATEST points at %s, which is missing or incomplete; found checkpoints by listing",
+            remote.url,
+            latest.name,
+        )
+    elif match[0].manifest_sha256 != latest.manifest_sha256:
+        log.warning(
+            "%s/LATEST does not match the manifest of %s (wrong digest); trusting the manifest",
+            remote.url,
+            latest.name,
+        )
 
 
 def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:

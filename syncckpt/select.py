@@ -46,8 +46,3 @@ def order_candidates(candidates: Iterable[Candidate]) -> list[Candidate]:
         key=lambda c: (c.healthy, c.global_step, KIND_PRIORITY[c.kind], c.location == "local"),
         reverse=True,
     )
-
-
-def needs_download(candidate: Candidate, local: Iterable[Candidate]) -> bool:
-    """A remote checkpoint whose identical manifest is already on disk is not downloaded again."""
-    return not any(x.name == candidate.name and x.manifest_sha256 == candidate.manifest_sha256 for x in local)

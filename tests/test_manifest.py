@@ -15,7 +15,6 @@ from syncckpt.manifest import (
     Manifest,
     json_safe_metrics,
     sha256_hex,
-    verify_bytes,
     verify_digest,
 )
 
@@ -335,7 +334,6 @@ def test_deeply_nested_latest_is_none():
 
 def test_verify_accepts_matching_bytes():
     entry = FileEntry("model.safetensors", 3, DIGEST)
-    verify_bytes(entry, b"abc")
     verify_digest(entry, 3, DIGEST)
 
 
@@ -346,7 +344,7 @@ def test_verify_size_mismatch_names_the_file():
 
 def test_verify_digest_mismatch_names_the_file():
     with pytest.raises(CheckpointCorrupt, match=r"^sub/state\.json: SHA-256 mismatch"):
-        verify_bytes(FileEntry("sub/state.json", 3, DIGEST), b"abd")
+        verify_digest(FileEntry("sub/state.json", 3, DIGEST), 3, sha256_hex(b"abd"))
 
 
 def test_json_safe_metrics_turns_odd_values_into_json_scalars():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from syncckpt.select import Candidate, needs_download, order_candidates
+from syncckpt.select import Candidate, order_candidates
 
 
 def cand(name: str, step: int, location: str = "local", sha: str = "a" * 64, healthy: bool = True) -> Candidate:
@@ -58,15 +58,3 @@ def test_a_newer_remote_beats_an_older_local():
 def test_order_candidates_accepts_any_iterable_and_empty():
     assert order_candidates(iter([])) == []
     assert len(order_candidates(cand(f"checkpoint-step-{i}", i) for i in range(3))) == 3
-
-
-def test_needs_download_only_when_no_identical_local_copy():
-    remote = cand("checkpoint-step-5", 5, "remote", sha="b" * 64)
-    assert needs_download(remote, []) is True
-    assert needs_download(remote, [cand("checkpoint-step-5", 5, "local", sha="b" * 64)]) is False
-    assert needs_download(remote, [cand("checkpoint-step-5", 5, "local", sha="c" * 64)]) is True
-    assert needs_download(remote, [cand("checkpoint-step-6", 6, "local", sha="b" * 64)]) is True
-    assert (
-        needs_download(remote, iter([cand("checkpoint-step-4", 4), cand("checkpoint-step-5", 5, sha="b" * 64)]))
-        is False
-    )
