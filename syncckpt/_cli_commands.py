@@ -20,6 +20,7 @@ from .errors import CheckpointCorrupt, CheckpointNotFound
 from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content
 from .pull import pull
 from .remote import Remote
+from .resume import first_valid
 from .retention import Ref, next_latest, plan_deletions, recency
 from .select import order_candidates
 from .store import Store, folder_error, is_remote_url, open_mirror, open_store, split_url
@@ -155,39 +156,38 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest}: exists and is not a folder")
     with open_mirror(run, ctx.open) as store:
+        errors: list[str] = []
         if name is not None:
-            tries = [(name, store.read_manifest(name))]
+            manifest = store.read_manifest(name)
+            path, fetched = _pull_one(store.remote, name, manifest, dest)
         else:
             listing = store.listing()
             if not listing.candidates:
                 raise CheckpointNotFound(f"{store.url}: no checkpoints there")
-            tries = [(c.name, listing.checkpoints[c.name]) for c in order_candidates(listing.candidates)]
-        errors = []
-        for n, manifest in tries:  # newest valid first: a damaged one is skipped for the next
-            try:
-                path, fetched = _pull_one(store.remote, n, manifest, dest)
-            except CheckpointCorrupt as e:
-                if name is not None:
-                    raise
-                log.warning("Skipping %s: %s", store.where(n), e)
-                errors.append(f"{n}: {e}")
-                continue
-            verb = "pulled" if fetched else "already present (verified)"
-            ctx.emit(
-                {
-                    "url": store.url,
-                    "checkpoint": n,
-                    "path": str(path),
-                    "global_step": manifest.global_step,
-                    "files": len(manifest.files),
-                    "size": manifest.total_size,
-                    "downloaded": fetched,
-                },
-                f"{verb}: {n} (step {manifest.global_step}, {len(manifest.files)} files, "
-                f"{human_size(manifest.total_size)}) -> {path}",
+            won = first_valid(  # newest valid first, as resume picks: a damaged one is skipped for the next
+                order_candidates(listing.candidates),
+                lambda c: _pull_one(store.remote, c.name, listing.checkpoints[c.name], dest),
+                lambda c, reason: errors.append(f"{c.name}: {reason}"),
             )
-            return EXIT_OK
-    raise CheckpointCorrupt(f"{store.url}: no valid checkpoint there; " + "; ".join(errors))
+            if won is None:
+                raise CheckpointCorrupt(f"{store.url}: no valid checkpoint there; " + "; ".join(errors))
+            (cand, (path, fetched)), name = won, won[0].name
+            manifest = listing.checkpoints[cand.name]
+    verb = "pulled" if fetched else "already present (verified)"
+    ctx.emit(
+        {
+            "url": store.url,
+            "checkpoint": name,
+            "path": str(path),
+            "global_step": manifest.global_step,
+            "files": len(manifest.files),
+            "size": manifest.total_size,
+            "downloaded": fetched,
+        },
+        f"{verb}: {name} (step {manifest.global_step}, {len(manifest.files)} files, "
+        f"{human_size(manifest.total_size)}) -> {path}",
+    )
+    return EXIT_OK
 
 
 def _pull_one(remote: Remote, name: str, manifest: Manifest, dest: Path) -> tuple[Path, bool]:

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import local, quarantine
 from ._failpoints import failpoint
@@ -44,6 +44,7 @@ from .select import Candidate, order_candidates
 log = logging.getLogger("syncckpt")
 
 Decode = Callable[[Manifest, dict[str, bytes], Path], Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,22 +125,36 @@ def find_resumable(
     ordered = order_candidates(cands)
     if ordered and not ordered[0].healthy:
         log.warning("No healthy checkpoint found; trying unhealthy ones (non-finite weights)")
+
+    def failed(c: Candidate, reason: str) -> None:
+        done = quarantine_damaged and _quarantine(c, reason, directory, remote, listing)
+        where = str(directory / c.name) if c.location == "local" else f"{remote.url}/{c.name}"  # type: ignore[union-attr]
+        damaged.append(Damaged(c.name, c.location, where, reason, done))
+
+    won = first_valid(ordered, lambda c: _load(c, directory, remote, listing, decode), failed)
+    if won is None:
+        return Search(None, damaged, quarantined)
+    c, found = won
+    if c.healthy and any(not x.healthy and x.global_step > c.global_step for x in cands):
+        log.warning("Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights", c.name)
+    return Search(found, damaged, quarantined)
+
+
+def first_valid(
+    ordered: Iterable[Candidate], load: Callable[[Candidate], T], failed: Callable[[Candidate, str], None]
+) -> tuple[Candidate, T] | None:
+    """The one candidate loop: ``load`` each candidate in order (it verifies, and raises CheckpointCorrupt when
+    the checkpoint is damaged) until one passes. A damaged one is logged and handed to ``failed``; one that
+    vanished meanwhile (FileNotFoundError: another session's retention) is only skipped."""
     for c in ordered:
         try:
-            found = _load(c, directory, remote, listing, decode)
-        except FileNotFoundError as e:  # vanished while we looked (another session's retention): not damage
+            return c, load(c)
+        except FileNotFoundError as e:
             log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
-            continue
         except CheckpointCorrupt as e:
             log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
-            done = quarantine_damaged and _quarantine(c, str(e), directory, remote, listing)
-            where = str(directory / c.name) if c.location == "local" else f"{remote.url}/{c.name}"  # type: ignore[union-attr]
-            damaged.append(Damaged(c.name, c.location, where, str(e), done))
-            continue
-        if c.healthy and any(not x.healthy and x.global_step > c.global_step for x in cands):
-            log.warning("Resuming from %s, the newest healthy checkpoint; newer ones hold non-finite weights", c.name)
-        return Search(found, damaged, quarantined)
-    return Search(None, damaged, quarantined)
+            failed(c, str(e))
+    return None
 
 
 def pull_checkpoint_url(
@@ -185,24 +200,22 @@ def newer_valid(
         listing = remote_listing(remote)
         sources.append((listing.candidates, remote, listing))
     for cands, store, listing in sources:
-        for c in order_candidates(x for x in cands if x.global_step > than.global_step):
-            if c.name == than.name:
-                continue
-            try:
-                if store is None:
-                    local.verify(directory / c.name)
-                else:
-                    with tempfile.TemporaryDirectory(dir=directory, prefix=".pull-verify-") as tmp:
-                        store.download_checkpoint(c.name, listing.manifests[c.name], Path(tmp))  # type: ignore[union-attr]
-            except FileNotFoundError:
-                continue
-            except CheckpointCorrupt as e:
-                log.warning("Skipping checkpoint %s (%s): %s", c.name, c.location, e)
-                if quarantine_damaged:
-                    _quarantine(c, str(e), directory, store, listing)
-                continue
-            out.append(f"{directory if store is None else store.url}: {c.name}")
-            break
+
+        def check(c: Candidate, store: Remote | None = store, listing: RemoteListing | None = listing) -> None:
+            if store is None:
+                local.verify(directory / c.name)
+                return
+            with tempfile.TemporaryDirectory(dir=directory, prefix=".pull-verify-") as tmp:
+                store.download_checkpoint(c.name, listing.manifests[c.name], Path(tmp))  # type: ignore[union-attr]
+
+        def failed(c: Candidate, reason: str, store: Remote | None = store, listing: RemoteListing | None = listing):
+            if quarantine_damaged:
+                _quarantine(c, reason, directory, store, listing)
+
+        newer = order_candidates(x for x in cands if x.global_step > than.global_step and x.name != than.name)
+        won = first_valid(newer, check, failed)
+        if won is not None:
+            out.append(f"{directory if store is None else store.url}: {won[0].name}")
     return out
 
 
