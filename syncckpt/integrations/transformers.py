@@ -32,14 +32,12 @@ loads them.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import re
 import shutil
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -50,6 +48,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .. import local
 from ..errors import NoValidCheckpoint, SyncCkptError
+from ..lifecycle import Lifecycle
 from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
 from ..pull import split_checkpoint_url
 from ..remote import open_remote
@@ -151,8 +150,7 @@ class SyncCheckpointCallback(TrainerCallback):
         self._best_name: str | None = None
         self._error: str | None = None
         self._pid = os.getpid()
-        self_ref = weakref.ref(self)
-        self._atexit = lambda: (cb := self_ref()) is not None and cb._flush_at_exit()
+        self._life: Lifecycle | None = None  # the interpreter-exit flush, as the manager's
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -244,7 +242,8 @@ class SyncCheckpointCallback(TrainerCallback):
             uploader.close(timeout)
         finally:
             self._hasher = None
-            atexit.unregister(self._atexit)
+            if self._life is not None:
+                self._life.close()
             if remove_staging and self._stage_root is not None:
                 shutil.rmtree(self._stage_root, ignore_errors=True)
 
@@ -270,7 +269,8 @@ class SyncCheckpointCallback(TrainerCallback):
         )
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-hash")
         self._pid = os.getpid()
-        atexit.register(self._atexit)
+        self._life = Lifecycle(flush=self.wait, grace_period=self.flush_timeout, mirrored=True, handle_sigterm=False,
+                               on_exit=self._flush_at_exit)
         log.info("Mirroring Trainer checkpoints from %s to %s (remote keeps %s)", args.output_dir,
                  self._uploader.url, self._rotation_limit or "all")
 
