@@ -152,6 +152,18 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def best_metric(self) -> float | None:
+        """The best-metric value recorded at save time (``extra["best_metric"]``), when it is a number."""
+        value = self.extra.get("best_metric")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def source(self) -> str | None:
+        """Which tool wrote an adopted checkpoint (``extra["source"]``: "transformers", "lightning", ...)."""
+        value = self.extra.get("source")
+        return value if isinstance(value, str) else None
+
     def file(self, path: str) -> FileEntry:
         for f in self.files:
             if f.path == path:

@@ -163,7 +163,7 @@ class Watcher:
         for m in manifests.values():
             self.known[m.name] = m
             self.max_step = max(self.max_step, m.global_step)
-            key = _ckpt_key(m.extra)
+            key = _ckpt_key(m)
             if key is not None:
                 self.ckpt_files.add(key)
 
@@ -196,7 +196,7 @@ class Watcher:
             if folder == self.stage:
                 local.delete(self.stage, manifest.name)  # the uploader's staging links keep the bytes
         self.known[manifest.name] = manifest
-        key = _ckpt_key(manifest.extra)
+        key = _ckpt_key(manifest)
         if key is not None:
             self.ckpt_files.add(key)
         return True
@@ -342,8 +342,9 @@ def _flush(uploader: Uploader, abort: threading.Event) -> bool:
     return True
 
 
-def _ckpt_key(extra: dict[str, Any]) -> tuple[str, int, int] | None:
-    if extra.get("source") != "lightning":
+def _ckpt_key(manifest: Manifest) -> tuple[str, int, int] | None:
+    extra = manifest.extra
+    if manifest.source != "lightning":
         return None
     try:
         return str(extra["source_file"]), int(extra["source_size"]), int(extra["source_mtime_ns"])

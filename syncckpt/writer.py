@@ -259,7 +259,7 @@ class Writer:
             "" if committed.healthy else ", UNHEALTHY",
         )
         if committed.kind == "best" and self.best is not None:
-            self.best.landed(committed.extra.get("best_metric"))
+            self.best.landed(committed.best_metric)
         if self.uploader is not None:
             self.uploader.submit(self.directory, committed)
 
