@@ -780,7 +780,8 @@ def save_final_model(model: Any, tokenizer: Any, dest: Path) -> None:
 
 def load_train_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: getattr(args, flag) for flag, key in _OVERRIDES.items()}
-    return load_config(args.config, TrainConfig, search_dirs=[REPO_ROOT], overrides=overrides)
+    flags = {key: "--" + flag.replace("_", "-") for flag, key in _OVERRIDES.items()}  # errors name the flag
+    return load_config(args.config, TrainConfig, search_dirs=[REPO_ROOT], overrides=overrides, override_names=flags)
 
 
 def setup_logging() -> None:

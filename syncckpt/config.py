@@ -181,12 +181,15 @@ def load_config(
     *,
     search_dirs: Iterable[str | os.PathLike[str]] = (),
     overrides: Mapping[str, Any] | None = None,
+    override_names: Mapping[str, str] | None = None,
 ) -> M:
     """Read a YAML config and validate it with ``schema``; any problem is one :class:`ConfigError` line.
 
     ``overrides`` maps dotted key paths to values (e.g. ``{"checkpointing.remote": "s3://b/run"}``); ``None``
     values are skipped, so unset command-line flags can be passed straight through. The message of every error
-    names the file and the key path, e.g. ``config/base_config.yaml: checkpointing.save_every_n_batches: ...``.
+    names the file and the key path, e.g. ``config/base_config.yaml: checkpointing.save_every_n_batches: ...``,
+    or, for a value that came from an override, how the user gave it (``override_names``: dotted key path ->
+    name, e.g. ``{"training.epochs": "--epochs"}``): ``--epochs: input should be greater than or equal to 1``.
     """
     path = resolve_config_path(path_or_name, search_dirs)
     try:
@@ -204,14 +207,19 @@ def load_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    given = {}
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value, source=str(path))
-    return validate_config(data, schema, source=str(path))
+            given[dotted] = (override_names or {}).get(dotted, f"{path}: {dotted}")
+    return validate_config(data, schema, source=str(path), names=given)
 
 
-def validate_config(data: Mapping[str, Any], schema: type[M], *, source: str = "<config>") -> M:
-    """Validate already-parsed config data; raise :class:`ConfigError` naming ``source`` and the key path.
+def validate_config(
+    data: Mapping[str, Any], schema: type[M], *, source: str = "<config>", names: Mapping[str, str] | None = None
+) -> M:
+    """Validate already-parsed config data; raise :class:`ConfigError` naming ``source`` and the key path (or the
+    name in ``names`` given for that key path, e.g. the command-line flag that set it).
 
     >>> validate_config({"save_every_n_batches": "500"}, CheckpointingConfig, source="cfg.yaml")
     Traceback (most recent call last):
@@ -223,7 +231,7 @@ def validate_config(data: Mapping[str, Any], schema: type[M], *, source: str = "
     try:
         return schema.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(_one_line(e, schema, source)) from None
+        raise ConfigError(_one_line(e, schema, source, names or {})) from None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, source: str) -> None:
@@ -239,13 +247,13 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, *, source: str) -
     node[leaf] = value
 
 
-def _one_line(err: ValidationError, schema: type[BaseModel], source: str) -> str:
+def _one_line(err: ValidationError, schema: type[BaseModel], source: str, names: Mapping[str, str]) -> str:
     errors = err.errors(include_url=False)
     first = errors[0]
     loc = [p for p in first["loc"] if not _is_union_branch(p)]
     key = ".".join(str(p) for p in loc) or "(top level)"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{source}: {key}: {_describe(first, loc, schema)}{more}"
+    return f"{names.get(key, f'{source}: {key}')}: {_describe(first, loc, schema)}{more}"
 
 
 def _is_union_branch(part: Any) -> bool:

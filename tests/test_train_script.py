@@ -28,6 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from syncckpt.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_hallucination.py"
 
@@ -287,6 +289,27 @@ def test_cli_flags_override_the_config(script, tmp_path):
     cfg = script.load_train_config(args)
     assert cfg.training.epochs == 2 and cfg.checkpointing.save_every_n_batches == 3
     assert cfg.checkpointing.remote == "memory://run" and cfg.training.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--save-every-n-batches", "0"), ("--epochs", "0"), ("--batch-size", "0"), ("--learning-rate", "-1")],
+)
+def test_a_bad_flag_value_is_reported_against_the_flag(script, tmp_path, flag, value):
+    config = tmp_path / "c.yaml"
+    config.write_text("training: {epochs: 9}\ncheckpointing: {save_every_n_batches: 500}\n")
+    args = script.build_parser().parse_args(["--config", str(config), flag, value])
+    with pytest.raises(ConfigError) as err:
+        script.load_train_config(args)
+    assert str(err.value).startswith(f"{flag}: "), err.value
+    assert str(config) not in str(err.value) and value in str(err.value)
+
+
+def test_a_bad_config_value_is_still_reported_against_the_file(script, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("training: {epochs: 0}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: training\.epochs: "):
+        script.load_train_config(script.build_parser().parse_args(["--config", str(config)]))
 
 
 # ---- the demo job end to end ------------------------------------------------------------------------------
