@@ -13,11 +13,12 @@ checkpoint, at the exact batch, with the same optimizer, scheduler, scaler, samp
         --learning-rate 2e-5 --mixed-precision fp16 --model-name bert-base-uncased \\
         --remote s3://my-bucket/runs/nli-1
 
-With no arguments it trains a tiny BERT-like model on a generated demo set, offline, on CPU, in about a minute.
+With ``--demo-data`` it trains a tiny BERT-like model on a generated demo set, offline, on CPU, in about a minute.
 
 Data: ``train.jsonl`` and ``validation.jsonl`` in --data-dir, one JSON object per line with ``premise``,
-``hypothesis`` and ``label`` (0/1/2 or "entailment"/"neutral"/"contradiction"). An empty or missing --data-dir
-gets a small deterministic demo set written into it.
+``hypothesis`` and ``label`` (0/1/2 or "entailment"/"neutral"/"contradiction"). With --demo-data an empty or
+missing --data-dir gets a small deterministic demo set written into it; without it, that is an error (exit 2).
+Without --model-name the model is the tiny demo model, built locally, and the log says so at the start.
 
 Exit status: 0 on success, 2 with a one-line message on bad input (config, data, checkpoint), 130 on Ctrl-C.
 """
@@ -109,6 +110,7 @@ class DataConfig(BaseModel):
     data_dir: str = Field("./data/nli_dataset", min_length=1)
     train_file: str = "train.jsonl"
     validation_file: str = "validation.jsonl"
+    demo_data: bool = Field(False, description="Write the demo NLI set into an empty data_dir (else: an error).")
     demo_train_size: int = Field(480, ge=3)
     demo_validation_size: int = Field(120, ge=3)
 
@@ -137,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", default="base_config", help="config name (config/<name>.yaml) or YAML path (default: base_config)"
     )
-    p.add_argument("--data-dir", help="folder with train.jsonl/validation.jsonl (demo data is written if empty)")
+    p.add_argument("--data-dir", help="folder with train.jsonl/validation.jsonl")
+    p.add_argument(
+        "--demo-data",
+        action="store_const",
+        const=True,
+        help="write a small deterministic demo NLI dataset into --data-dir when it is empty or missing",
+    )
     p.add_argument("--checkpoint-dir", help="local checkpoint folder (overrides checkpointing.save_dir)")
     p.add_argument("--output-dir", help="where final_model/ is written (overrides training.output_dir)")
     p.add_argument("--model-name", help="local path or hub id of a model to fine-tune; default: tiny demo model")
@@ -177,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flag -> dotted config key. Flags left unset (None) keep the config file's value.
 _OVERRIDES = {
     "data_dir": "data.data_dir",
+    "demo_data": "data.demo_data",
     "checkpoint_dir": "checkpointing.save_dir",
     "output_dir": "training.output_dir",
     "model_name": "model.name",
@@ -236,7 +245,8 @@ def _example(row: Any, where: str) -> dict[str, Any]:
 
 
 def prepare_data_dir(cfg: DataConfig) -> tuple[Path, Path]:
-    """The train and validation files; writes the demo set when the folder does not exist or is empty."""
+    """The train and validation files; writes the demo set when the folder does not exist or is empty and the demo
+    set was asked for (a mistyped --data-dir must not train on toy data and exit 0)."""
     data_dir = Path(cfg.data_dir).expanduser()
     if data_dir.exists() and not data_dir.is_dir():
         raise InputError(f"--data-dir {data_dir} is a file, not a folder")
@@ -245,14 +255,20 @@ def prepare_data_dir(cfg: DataConfig) -> tuple[Path, Path]:
         empty = not data_dir.exists() or not any(data_dir.iterdir())
     except OSError as e:
         raise InputError(f"--data-dir {data_dir}: cannot list the folder ({e.strerror or e})") from None
+    if empty and not cfg.demo_data:
+        raise InputError(
+            f"--data-dir {data_dir}: {'empty folder' if data_dir.exists() else 'no such folder'} (expected "
+            f"{cfg.train_file} and {cfg.validation_file}); check the path, or pass --demo-data to write the demo "
+            "NLI dataset there"
+        )
     if empty:
-        log.info("No data in %s; writing the demo NLI dataset there", data_dir)
+        log.info("No data in %s; writing the demo NLI dataset there (--demo-data)", data_dir)
         write_demo_dataset(data_dir, cfg)
     for f in (train, val):
         if not f.is_file():
             raise InputError(
                 f"--data-dir {data_dir}: {f.name} not found (expected {cfg.train_file} and {cfg.validation_file}; "
-                "point --data-dir at an empty folder to get the demo set)"
+                "--demo-data writes the demo set into an empty folder)"
             )
     return train, val
 
@@ -681,6 +697,11 @@ def train(
     log.info(
         "Data: %d training / %d validation examples from %s", len(train_examples), len(val_examples), train_file.parent
     )
+    if cfg.model.name:
+        log.info("Model: %s", cfg.model.name)
+    else:
+        log.info("Model: the tiny demo model, built locally (hidden size %d); pass --model-name to fine-tune a "
+                 "real one", cfg.model.hidden_size)
     kwargs = ccfg.manager_kwargs()
     best = kwargs["metric_for_best"]
     if best is not None and best not in VAL_METRICS:

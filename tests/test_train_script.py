@@ -45,7 +45,7 @@ TOTAL_STEPS = 4 * -(-BATCHES_PER_EPOCH // 2)
 TINY_CONFIG = f"""\
 model: {{max_length: 32, hidden_size: 16, intermediate_size: 32}}
 training: {{epochs: 4, batch_size: 4, gradient_accumulation_steps: 2, learning_rate: 3.0e-3, seed: 7}}
-data: {{demo_train_size: {TRAIN_SIZE}, demo_validation_size: 24}}
+data: {{demo_data: true, demo_train_size: {TRAIN_SIZE}, demo_validation_size: 24}}
 checkpointing: {{save_every_n_batches: 2, keep_last: 2, save_total_limit: 2}}
 """
 
@@ -256,9 +256,9 @@ def test_macro_f1_matches_the_textbook_definition(script):
 
 
 def test_demo_dataset_is_deterministic_and_balanced(script, tmp_path):
-    cfg = script.DataConfig(data_dir=str(tmp_path / "a"), demo_train_size=30, demo_validation_size=9)
-    script.prepare_data_dir(cfg)
-    script.prepare_data_dir(script.DataConfig(data_dir=str(tmp_path / "b"), demo_train_size=30, demo_validation_size=9))
+    sizes = {"demo_data": True, "demo_train_size": 30, "demo_validation_size": 9}
+    script.prepare_data_dir(script.DataConfig(data_dir=str(tmp_path / "a"), **sizes))
+    script.prepare_data_dir(script.DataConfig(data_dir=str(tmp_path / "b"), **sizes))
     assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
     rows = script.read_split(tmp_path / "a" / "train.jsonl")
     assert len(rows) == 30 and sorted({r["label"] for r in rows}) == [0, 1, 2]
@@ -278,6 +278,29 @@ def test_bad_data_is_named_with_file_and_line(script, tmp_path):
     (tmp_path / "d" / "notes.txt").write_text("x")
     with pytest.raises(script.InputError, match="train.jsonl not found"):
         script.prepare_data_dir(script.DataConfig(data_dir=str(tmp_path / "d")))
+
+
+def test_a_mistyped_data_dir_is_an_error_not_demo_data(script, tmp_path):
+    # The user's command: --data-dir nli_datset (a typo) used to train on the generated toy set and exit 0.
+    for missing in (tmp_path / "nli_datset", tmp_path / "empty"):
+        if missing.name == "empty":
+            missing.mkdir()
+        with pytest.raises(script.InputError, match=r"--data-dir .*(no such folder|empty folder).*--demo-data"):
+            script.prepare_data_dir(script.DataConfig(data_dir=str(missing)))
+    assert not (tmp_path / "nli_datset").exists() and not list((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.slow
+def test_without_demo_data_an_empty_data_dir_exits_2_and_the_demo_model_is_announced(tmp_path):
+    config = tmp_path / "plain.yaml"
+    config.write_text(TINY_CONFIG.replace("demo_data: true, ", ""))
+    proc = run(job_args(tmp_path, config=config), cwd=tmp_path)
+    assert_error_exit(proc, "--data-dir", "--demo-data")
+    proc = run(job_args(tmp_path, "--demo-data", "--max-steps", "1", config=config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    model_line = next(line for line in proc.stdout.splitlines() if "Model: " in line)
+    assert "tiny demo model" in model_line and "--model-name" in model_line
+    assert proc.stdout.index("Model: ") < proc.stdout.index("Checkpoint committed")  # said at the top of the run
 
 
 def test_cli_flags_override_the_config(script, tmp_path):
