@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ except ImportError:
     # The script is usually run from an unpacked code archive (Kaggle, Colab) where syncckpt is not installed.
     sys.path.insert(0, str(REPO_ROOT))
 
+from syncckpt._cli_common import parse_storage_options  # noqa: E402
 from syncckpt.config import CheckpointingConfig, load_config  # noqa: E402
 from syncckpt.errors import SyncCkptError  # noqa: E402
 
@@ -168,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-resume", action="store_true", help="start from scratch instead of resuming the newest checkpoint"
     )
     p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to the --remote store (repeatable; VALUE is JSON-decoded where valid), e.g. "
+        "'client_kwargs={\"endpoint_url\": \"https://ACCOUNT.r2.cloudflarestorage.com\"}'; never logged",
+    )
+    p.add_argument(
         "--start-fresh-if-damaged",
         action="store_true",
         help="when checkpoints exist but none verifies, train from scratch beside them (they stay quarantined) "
@@ -263,6 +273,7 @@ def prepare_data_dir(cfg: DataConfig) -> tuple[Path, Path]:
         )
     if empty:
         log.info("No data in %s; writing the demo NLI dataset there (--demo-data)", data_dir)
+        check_writable(data_dir, "--data-dir")
         write_demo_dataset(data_dir, cfg)
     for f in (train, val):
         if not f.is_file():
@@ -271,6 +282,16 @@ def prepare_data_dir(cfg: DataConfig) -> tuple[Path, Path]:
                 "--demo-data writes the demo set into an empty folder)"
             )
     return train, val
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, or raise InputError naming the flag."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {folder}: not writable ({e.strerror or e})") from None
 
 
 _SUBJECTS = [
@@ -688,10 +709,12 @@ def train(
     no_resume: bool,
     takeover: bool = False,
     start_fresh_if_damaged: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     from syncckpt import CheckpointManager, NoValidCheckpoint
 
     tcfg, ccfg = cfg.training, cfg.checkpointing
+    check_writable(Path(tcfg.output_dir).expanduser(), "--output-dir")  # found now, not after hours of training
     train_file, val_file = prepare_data_dir(cfg.data)
     train_examples, val_examples = read_split(train_file), read_split(val_file)
     log.info(
@@ -703,6 +726,7 @@ def train(
         log.info("Model: the tiny demo model, built locally (hidden size %d); pass --model-name to fine-tune a "
                  "real one", cfg.model.hidden_size)
     kwargs = ccfg.manager_kwargs()
+    kwargs["storage_options"] = {**kwargs["storage_options"], **(storage_options or {})}
     best = kwargs["metric_for_best"]
     if best is not None and best not in VAL_METRICS:
         # Found now, not at the first epoch end hours later.
@@ -822,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 no_resume=args.no_resume,
                 takeover=args.takeover,
                 start_fresh_if_damaged=args.start_fresh_if_damaged,
+                storage_options=parse_storage_options(args.storage_option),
             )
     except (SyncCkptError, InputError) as e:
         # Bad input, not a bug: one line the user can act on, and argparse's exit status for bad input.

@@ -49,6 +49,26 @@ class Context:
         return open_remote(url, self.options or None)
 
 
+def parse_storage_options(items: list[str], *, flag: str = "--storage-option") -> dict[str, Any]:
+    """``KEY=VALUE`` items of a repeatable flag (the CLI's and the trainer's) as storage options; VALUE is
+    JSON-decoded where it is valid JSON. A malformed item is a UsageError that never echoes the value (it may be a
+    secret).
+
+    >>> parse_storage_options(["anon=true", 'client_kwargs={"endpoint_url": "http://127.0.0.1:9000"}', "key=AK"])
+    {'anon': True, 'client_kwargs': {'endpoint_url': 'http://127.0.0.1:9000'}, 'key': 'AK'}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} expects KEY=VALUE, got {key.strip()!r} without '='")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def check_name(name: str, what: str) -> str:
     """``name`` when it is a checkpoint name, else a UsageError naming the option it came from."""
     if parse_checkpoint_name(name) is None:

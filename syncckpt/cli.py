@@ -109,7 +109,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._cli_commands import cmd_ls, cmd_prune, cmd_pull, cmd_push, cmd_rm, cmd_verify
-from ._cli_common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Context, UsageError, keep_epochs
+from ._cli_common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Context, UsageError, keep_epochs, parse_storage_options
 from .errors import CheckpointCorrupt, CheckpointNotFound, SyncCkptError
 from .retention import plan_deletions
 from .watch import watch
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     as_json = bool(args.json)
     try:
-        options = _parse_storage_options(list(args.storage_option or []) + list(args.storage_option_sub or []))
+        options = parse_storage_options(list(args.storage_option or []) + list(args.storage_option_sub or []))
     except UsageError as e:
         _report_error(str(e), EXIT_USAGE, as_json, _Scrubber({}, args_list))
         return EXIT_USAGE
@@ -242,20 +242,6 @@ def _logging_to_stderr(ctx: Context) -> Iterator[None]:
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
-
-
-def _parse_storage_options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            # The value is never echoed: it may be a secret.
-            raise UsageError(f"--storage-option expects KEY=VALUE, got {key.strip()!r} without '='")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
 
 
 # ---- watch: the engine lives in syncckpt.watch -----------------------------------------------------------------------

@@ -303,6 +303,31 @@ def test_without_demo_data_an_empty_data_dir_exits_2_and_the_demo_model_is_annou
     assert proc.stdout.index("Model: ") < proc.stdout.index("Checkpoint committed")  # said at the top of the run
 
 
+@pytest.mark.slow
+def test_an_unwritable_output_dir_exits_2_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("x")  # CI runs as root, for whom permission bits stop nothing: a file does
+    proc = run(job_args(tmp_path, "--output-dir", str(tmp_path / "a-file" / "out")), cwd=tmp_path)
+    assert_error_exit(proc, "--output-dir", "not writable")
+    assert "Checkpoint committed" not in proc.stdout and "Epoch 1" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_storage_option_flags_reach_the_store_and_are_never_logged(tmp_path, s3_server, s3_remote_url, monkeypatch):
+    for k, v in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setitem(CHILD_ENV, k, v)
+    endpoint = json.dumps({"endpoint_url": s3_server.endpoint_url})
+    args = job_args(tmp_path, "--remote", s3_remote_url, "--storage-option", f"client_kwargs={endpoint}",
+                    "--storage-option", "key=AKIATESTSYNCCKPT", "--storage-option", "secret=SECRET-DO-NOT-LOG",
+                    "--max-steps", "2")
+    proc = run(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    assert "Mirrored checkpoint-step-2 to s3://" in proc.stdout, proc.stdout
+    assert "SECRET-DO-NOT-LOG" not in proc.stdout
+    bad = run(job_args(tmp_path, "--storage-option", "SECRET-DO-NOT-LOG"), cwd=tmp_path)
+    assert_error_exit(bad, "--storage-option expects KEY=VALUE")
+    assert "SECRET-DO-NOT-LOG" not in bad.stdout.replace("'SECRET-DO-NOT-LOG' without", "")
+
+
 def test_cli_flags_override_the_config(script, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("training: {epochs: 9}\ncheckpointing: {save_every_n_batches: 500}\n")
