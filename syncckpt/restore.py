@@ -132,6 +132,7 @@ def resume_run(
     if loaded is None:
         if not fresh_noted:
             log.info("No checkpoint found in %s; starting from scratch", where)
+            _say_without_logging(f"no checkpoint found in {where}; starting from scratch")
         return Resumed(None)
     manifest, decoded, ckpt_path, source = loaded
     best = restore(objects, manifest, decoded, ckpt_path, dist)
@@ -154,6 +155,8 @@ def _resume_info(manifest: Manifest, ckpt_path: Path, source: str) -> ResumeInfo
         log.info("Resuming mid-epoch from epoch %d", epoch + 1)
     else:
         log.info("Resuming at the start of epoch %d", epoch + 1)
+    where = f"epoch {epoch + 1} after {batch_idx + 1} batches" if batch_idx >= 0 else f"the start of epoch {epoch + 1}"
+    _say_without_logging(f"resuming from {ckpt_path} (global step {manifest.global_step}): {where}")
     return ResumeInfo(
         manifest.global_step,
         epoch,
@@ -164,6 +167,13 @@ def _resume_info(manifest: Manifest, ckpt_path: Path, source: str) -> ResumeInfo
         manifest.kind,
         source,
     )
+
+
+def _say_without_logging(message: str) -> None:
+    """A notebook cell or script that set up no logging at all would see nothing of what resume decided (INFO
+    lines go nowhere): print the one line that matters there. With any logging configured, the log says it."""
+    if not log.hasHandlers():
+        print(f"syncckpt: {message}", flush=True)
 
 
 def _load_explicit(path: str, directory: Path, storage_options: dict[str, Any] | None) -> _Loaded:
