@@ -66,10 +66,12 @@ def _tensor_bounds(head: bytes, size: int) -> tuple[int, list[tuple[int, int]]] 
         return None
     try:
         header = json.loads(head[8 : 8 + hlen])
+        if not isinstance(header, dict):  # valid JSON but not a header (a list, null, a number): fixed chunks
+            return None
         spans = sorted(
             (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in header.items() if k != "__metadata__"
         )
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # AttributeError: an entry not a dict
         return None
     return 8 + hlen, spans
 

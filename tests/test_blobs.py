@@ -198,3 +198,9 @@ def test_a_damaged_header_falls_back_to_chunks():
         assert part_ranges(head, len(head) + 100) == [(0, len(head) + 100)], bad
     huge_length = struct.pack("<Q", 1 << 40) + b"{}"
     assert part_ranges(huge_length, 1000) == [(0, 1000)]
+
+
+@pytest.mark.parametrize("header", [b'["list"]', b"null", b"5", b'"s"', b'{"w": 7}', b'{"w": [1, 2]}'])
+def test_a_header_that_is_json_but_not_a_safetensors_header_falls_back_to_fixed_chunks(header):
+    head = struct.pack("<Q", len(header)) + header
+    assert part_ranges(head, len(head) + 100) == [(0, len(head) + 100)]
