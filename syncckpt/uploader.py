@@ -24,39 +24,27 @@ True
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import random
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import local, quarantine
-from ._failpoints import failpoint
-from ._memory import ByteBudget, release_free_memory
+from . import local
+from ._memory import release_free_memory
 from ._threads import lower_priority
-from .blobs import blob_rel, part_ranges
-from .errors import CheckpointCorrupt, RemoteConflict, RemoteError
-from .lease import Lease
-from .manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content, sha256_hex
+from .errors import RemoteConflict, RemoteError
+from .manifest import MANIFEST_NAME, Manifest
 from .remote import open_remote
-from .retention import Ref, next_latest
+from .remote.run import RemoteRun, Retention
 
 log = logging.getLogger("syncckpt")
 
 __all__ = ["Uploader"]
-
-
-# Parts are read whole and held until sent; parts go up to blobs.CHUNK_BYTES (64 MiB), so bound their bytes, not
-# their number (max_workers x 64 MiB, plus the copy the client makes, was 0.5 GB over the staging buffers).
-_BLOB_BYTES_IN_FLIGHT = 128 << 20
 
 
 @dataclass
@@ -70,7 +58,11 @@ class _Upload:
 
 
 class Uploader:
-    """Mirror committed checkpoints to ``url`` from a background thread. Used by CheckpointManager."""
+    """Mirror committed checkpoints to ``url`` from a background thread. Used by CheckpointManager.
+
+    What is committed, and in which order, is the :class:`~syncckpt.remote.run.RemoteRun`'s business (lease,
+    LATEST, retention, incremental parts); this class is the queue and the thread in front of it.
+    """
 
     def __init__(
         self,
@@ -78,7 +70,7 @@ class Uploader:
         storage_options: dict[str, Any] | None = None,
         on_error: str = "warn",
         takeover: bool = False,
-        retention: Callable[[list[Ref]], list[str]] | None = None,
+        retention: Retention | None = None,
         remote_options: dict[str, Any] | None = None,
         max_pause: float = 60.0,
         incremental: bool = False,
@@ -88,7 +80,6 @@ class Uploader:
         self.remote = open_remote(url, storage_options, **(remote_options or {}))
         self.url = self.remote.url
         self.on_error = on_error
-        self._retention = retention
         self._max_pause = max_pause
         self._cond = threading.Condition()
         self._queue: list[_Upload] = []
@@ -100,14 +91,10 @@ class Uploader:
         self._raise: BaseException | None = None
         self._closing = False
         self._stopped: str | None = None  # why mirroring stopped for good (another session took the run over)
-        self._latest: Latest | None = None
-        self._remote_manifests: dict[str, Manifest] = {}
-        self._pid = os.getpid()
         self.incremental = incremental
-        self._known_blobs: set[str] | None = None
         self.bytes_uploaded = 0
-        self.lease = Lease(self.remote, takeover=takeover)
-        self.lease.acquire()
+        self._remote_run = RemoteRun(self.remote, takeover=takeover, retention=retention, incremental=incremental)
+        self.lease = self._remote_run.lease
         self._nice = background_nice
         self._thread = threading.Thread(target=self._run, name="syncckpt-uploader", daemon=True)
         self._thread.start()
@@ -130,8 +117,7 @@ class Uploader:
         with self._cond:
             kept = []
             for q in self._queue:
-                superseded = q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
-                if superseded:
+                if _supersedes(job, q):
                     self._skipped.append(q.name)
                     log.info("Upload of %s skipped: superseded by %s", q.name, job.name)
                     shutil.rmtree(q.staging, ignore_errors=True)
@@ -143,18 +129,14 @@ class Uploader:
     def ensure_mirrored(self, directory: Path, manifest: Manifest) -> None:
         """After resuming from a local checkpoint the remote may not have it (the last session died before the
         upload finished): queue it unless the remote already holds an identical manifest."""
-        try:
-            remote_manifest, _ = self.remote.read_manifest(manifest.name)
-            if same_content(remote_manifest, manifest) and manifest.name not in self._quarantine_index():
-                return
-        except (FileNotFoundError, CheckpointCorrupt, OSError, RemoteError):
-            pass
+        if self._remote_run.holds(manifest):
+            return
         log.info("Checkpoint %s is not on %s yet; mirroring it", manifest.name, self.url)
         self.submit(directory, manifest)
 
     def forget_remote_state(self) -> None:
         """Re-read LATEST before the next commit (resume may have quarantined what it named)."""
-        self._latest = None
+        self._remote_run.forget_state()
 
     def wait(self, timeout: float | None = None, *, stop_on_failure: bool = False) -> bool:
         """Block until the queue is empty and nothing is in flight. False on timeout, and with
@@ -202,10 +184,13 @@ class Uploader:
         self._thread.join(timeout=5)
         pending = self.status()["pending"]
         if pending:
-            log.warning("Closing with uploads to %s not finished: %s; they stay in the local folder and the next "
-                        "session that resumes from them mirrors them", self.url, pending)
-        self.lease.release()
-        self.remote.close()
+            log.warning(
+                "Closing with uploads to %s not finished: %s; they stay in the local folder and the next "
+                "session that resumes from them mirrors them",
+                self.url,
+                pending,
+            )
+        self._remote_run.close()
 
     # ---- the background thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -230,39 +215,40 @@ class Uploader:
                 self._stop_mirroring(job, e)
                 continue
             except Exception as e:  # noqa: BLE001 - a failed upload must never take the training loop down
-                self._last_error = f"{job.name}: {e}"
-                with self._cond:
-                    self._failures += 1
-                    self._inflight = None
-                    superseded = any(
-                        q.name == job.name or (q.manifest.kind == "step" and job.manifest.kind == "step")
-                        for q in self._queue
-                    )
-                    if superseded:
-                        shutil.rmtree(job.staging, ignore_errors=True)
-                    else:
-                        self._queue.insert(0, job)
-                    if self.on_error == "raise":
-                        self._raise = e
-                    self._cond.notify_all()
-                    log.warning(
-                        "Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
-                        job.name,
-                        self.url,
-                        e,
-                        pause,
-                    )
-                    if not self._closing:
-                        self._cond.wait(pause * (0.5 + random.random()))
-                    pause = min(pause * 2, self._max_pause)
-                    if self._closing:
-                        return
+                if not self._retry_later(job, e, pause):
+                    return
+                pause = min(pause * 2, self._max_pause)
                 continue
             pause = 1.0
             with self._cond:
                 self._inflight = None
                 self._mirrored.append(job.name)
                 self._cond.notify_all()
+
+    def _retry_later(self, job: _Upload, e: Exception, pause: float) -> bool:
+        """Put a failed job back at the head of the queue (unless a newer one supersedes it) and wait about
+        ``pause`` seconds; False when the uploader is closing."""
+        self._last_error = f"{job.name}: {e}"
+        with self._cond:
+            self._failures += 1
+            self._inflight = None
+            if any(_supersedes(q, job) for q in self._queue):
+                shutil.rmtree(job.staging, ignore_errors=True)
+            else:
+                self._queue.insert(0, job)
+            if self.on_error == "raise":
+                self._raise = e
+            self._cond.notify_all()
+            log.warning(
+                "Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
+                job.name,
+                self.url,
+                e,
+                pause,
+            )
+            if not self._closing:
+                self._cond.wait(pause * (0.5 + random.random()))
+            return not self._closing
 
     def _stop_mirroring(self, job: _Upload, e: RemoteConflict) -> None:
         with self._cond:
@@ -276,127 +262,33 @@ class Uploader:
             if self.on_error == "raise":
                 self._raise = e
             self._cond.notify_all()
-        log.error("Upload of %s to %s refused: %s. Mirroring stopped; not uploaded: %s (they stay local)",
-                  job.name, self.url, e, [q.name for q in dropped])
+        log.error(
+            "Upload of %s to %s refused: %s. Mirroring stopped; not uploaded: %s (they stay local)",
+            job.name,
+            self.url,
+            e,
+            [q.name for q in dropped],
+        )
 
     def _upload(self, job: _Upload) -> None:
         t0 = time.monotonic()
-        manifest_bytes = (job.staging / MANIFEST_NAME).read_bytes()
-        manifest = Manifest.from_bytes(manifest_bytes)
-        self.lease.check()
-        index = self._quarantine_index()
-        deletions = self._plan_remote_retention(manifest, index)
-        if self.incremental:
-            manifest, manifest_bytes, sent = self._upload_parts(job.staging, manifest)
-            latest = self._next_latest(manifest, manifest_bytes, index)
-            failpoint("remote-manifest")
-            self.remote.write_bytes(f"{manifest.name}/{MANIFEST_NAME}", manifest_bytes)
-            if latest is not None:
-                failpoint("remote-latest")
-                self.remote.write_bytes(LATEST_NAME, latest.to_bytes())
-            for d in deletions:
-                failpoint("remote-delete")
-                self.remote.delete_checkpoint(d)
-        else:
-            latest = self._next_latest(manifest, manifest_bytes, index)
-            self.remote.commit_checkpoint(manifest.name, job.staging, manifest, manifest_bytes, latest, deletions)
-            sent = manifest.total_size + len(manifest_bytes)
-        self.bytes_uploaded += sent
-        if manifest.name in index:  # a verified copy replaced the quarantined one
-            quarantine.unmark_remote(self.remote, manifest.name)
-            log.info("The quarantined copy of %s on %s is replaced by a verified one", manifest.name, self.url)
-        self._remote_manifests[manifest.name] = manifest
-        for d in deletions:
-            self._remote_manifests.pop(d, None)
-        if latest is not None:
-            self._latest = latest
-        if self.incremental:
-            unused = self.remote.collect_unused_blobs(self._remote_manifests, self._known_blobs)
-            if self._known_blobs is not None:
-                self._known_blobs -= set(unused)
+        done = self._remote_run.publish(job.staging)
+        self.bytes_uploaded += done.sent
         shutil.rmtree(job.staging, ignore_errors=True)
         release_free_memory()  # part and multipart buffers freed in the upload threads' arenas
         log.info(
             "Mirrored %s to %s (%d bytes sent for %d bytes of data, in %.1fs)",
-            manifest.name,
+            done.manifest.name,
             self.url,
-            sent,
-            manifest.total_size,
+            done.sent,
+            done.manifest.total_size,
             time.monotonic() - t0,
         )
-        for d in deletions:  # deleted after the new checkpoint and LATEST were written; logged after it, too
+        for d in done.deleted:  # deleted after the new checkpoint and LATEST were written; logged after it, too
             log.info("Removed old remote checkpoint %s/%s", self.url, d)
 
-    def _upload_parts(self, folder: Path, manifest: Manifest) -> tuple[Manifest, bytes, int]:
-        """Upload the blobs of ``manifest``'s files that the remote lacks; return the remote manifest."""
-        if self._known_blobs is None:
-            self._known_blobs = set(self.remote.list_blobs())
-        known, queued, sent = self._known_blobs, {}, 0
-        budget = ByteBudget(_BLOB_BYTES_IN_FLIGHT)
 
-        def put(digest: str, data: bytes) -> None:
-            try:
-                self.remote.write_bytes(blob_rel(digest), data)
-            finally:
-                budget.release(len(data))
-
-        entries, futures = [], []
-        with ThreadPoolExecutor(self.remote.max_workers, thread_name_prefix="syncckpt-blob") as ex:
-            for e in manifest.files:
-                parts = []
-                with open(folder / e.path, "rb") as f:
-                    head = f.read(min(e.size, 1 << 20))
-                    for offset, size in part_ranges(head, e.size):
-                        f.seek(offset)
-                        data = f.read(size)
-                        digest = sha256_hex(data)
-                        parts.append((size, digest))
-                        if digest not in known and digest not in queued:
-                            queued[digest] = size
-                            sent += size
-                            budget.acquire(size)  # parts read ahead of the upload stay within the budget
-                            futures.append(ex.submit(put, digest, data))
-                entries.append(dataclasses.replace(e, parts=tuple(parts)))
-            failpoint("remote-data")
-            for fut in futures:
-                fut.result()
-        stats = self.remote._parallel(lambda d: self.remote.stat(blob_rel(d)), list(queued))
-        for (digest, size), st in zip(
-            queued.items(), stats, strict=True
-        ):  # check sizes without downloading, as for files
-            if st.size != size:
-                raise RemoteError(f"{self.url}/{blob_rel(digest)}: store holds {st.size} bytes, expected {size}")
-        known.update(queued)
-        remote_manifest = dataclasses.replace(manifest, files=entries)
-        data = remote_manifest.to_bytes()
-        return remote_manifest, data, sent + len(data)
-
-    def _next_latest(self, manifest: Manifest, manifest_bytes: bytes, index: dict[str, Any]) -> Latest | None:
-        if self._latest is None:
-            self._latest = self.remote.read_latest()
-        current = None if self._latest is not None and self._latest.name in index else self._latest
-        return next_latest(current, manifest, manifest_bytes)
-
-    def _quarantine_index(self) -> dict[str, Any]:
-        try:
-            return quarantine.read_index(self.remote)
-        except (OSError, RemoteError) as e:
-            log.warning("Cannot read %s/%s (%s)", self.url, quarantine.INDEX_NAME, e)
-            return {}
-
-    def _plan_remote_retention(self, new: Manifest, index: dict[str, Any]) -> list[str]:
-        """Quarantined checkpoints are neither kept nor deleted by retention: they take no slot."""
-        if self._retention is None:
-            return []
-        names = set(self.remote.list_checkpoints()) - set(index)
-        refs = [Ref(new.name, new.kind, new.global_step, new.epoch, new.healthy)]
-        for name in names - {new.name}:
-            m = self._remote_manifests.get(name)
-            if m is None:
-                try:
-                    m, _ = self.remote.read_manifest(name)
-                except (CheckpointCorrupt, FileNotFoundError):
-                    continue  # a damaged remote checkpoint is left for a human, never guessed about
-                self._remote_manifests[name] = m
-            refs.append(Ref(name, m.kind, m.global_step, m.epoch, m.healthy))
-        return [n for n in self._retention(refs) if n != new.name]
+def _supersedes(new: _Upload, old: _Upload) -> bool:
+    """Whether ``new`` makes uploading ``old`` pointless: the same checkpoint again, or a newer step checkpoint
+    (epoch and best checkpoints are never skipped)."""
+    return new.name == old.name or (new.manifest.kind == "step" and old.manifest.kind == "step")

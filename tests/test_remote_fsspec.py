@@ -358,10 +358,10 @@ def test_ranged_download_retries_one_range_and_bounds_memory(
     """Object-store downloads run as parallel ranged reads: with faults on 30% of requests every range is retried
     on its own, the files come back byte-identical, and the bytes held by all readers of the remote (several
     files download at once) never exceed its read budget and all return to it."""
-    import syncckpt.remote.fsspec as fsspec_mod
+    import syncckpt.remote.streams as streams_mod
 
-    monkeypatch.setattr(fsspec_mod, "_PREFETCH_PART", 64 << 10)
-    monkeypatch.setattr(fsspec_mod, "_READ_BYTES_IN_FLIGHT", 256 << 10)  # 4 ranges for all files together
+    monkeypatch.setattr(streams_mod, "_PREFETCH_PART", 64 << 10)
+    monkeypatch.setattr(streams_mod, "_READ_BYTES_IN_FLIGHT", 256 << 10)  # 4 ranges for all files together
     r = FsspecRemote(
         s3_remote_url,
         storage_options=fault_s3_storage_options,

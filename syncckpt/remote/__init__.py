@@ -45,7 +45,7 @@ def check_url(url: str) -> None:
 
     m = _ALMOST_A_URL.match(url)
     if "://" not in url and m and m.group(1).lower() in fsspec.available_protocols():
-        fixed = f"{m.group(1)}://{url[m.end():]}"
+        fixed = f"{m.group(1)}://{url[m.end() :]}"
         raise ConfigError(f"{url!r} is not a valid store URL: did you mean {fixed!r}?")
 
 

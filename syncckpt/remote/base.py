@@ -8,8 +8,10 @@ A run lives under one prefix (``s3://bucket/runs/nli-1``, ``hf://user/repo``). L
         model.safetensors ...       data files, exactly as in the local folder
         manifest.json               written after every data file; its presence makes the checkpoint complete
 
-Backends implement the abstract methods; everything else (downloading with a streaming digest, reading
-manifests defensively) is written once here. Relative paths are always checked with
+Backends implement the abstract methods and the ``_upload`` primitive (one file); everything else is written
+once here: the commit sequence (data -> manifest.json -> LATEST -> deletions; how the data travels is a ``Put``
+strategy, whole files or content-addressed parts), downloading with a streaming digest, reading manifests
+defensively. Relative paths are always checked with
 ``check_relative_path`` before they reach a backend, so a backend never sees ``..`` or an absolute path.
 """
 
@@ -20,12 +22,14 @@ import base64
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .._failpoints import failpoint
 from ..blobs import blob_rel
 from ..errors import CheckpointCorrupt, RemoteError, UnsafeCheckpoint
 from ..manifest import (
@@ -53,6 +57,20 @@ class RemoteStat:
 
     size: int
     checksums: dict[str, str] = field(default_factory=dict)  # e.g. {"md5": hex, "crc32c": base64}
+
+
+#: The LATEST a commit writes, computed from the manifest the store is to hold and its bytes.
+LatestFn = Callable[[Manifest, bytes], "Latest | None"]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What :meth:`Remote.commit_checkpoint` left in the store."""
+
+    manifest: Manifest  # as the store holds it (an incremental put lists each file's parts)
+    manifest_bytes: bytes
+    latest: Latest | None  # the LATEST written, or None when it was left alone
+    sent: int  # bytes sent, the manifest included
 
 
 class Remote(abc.ABC):
@@ -90,21 +108,6 @@ class Remote(abc.ABC):
         """Size (and store checksums when kept) of one object. Raise FileNotFoundError when absent."""
 
     @abc.abstractmethod
-    def commit_checkpoint(
-        self,
-        name: str,
-        local_dir: Path,
-        manifest: Manifest,
-        manifest_bytes: bytes,
-        latest: Latest | None,
-        delete: Iterable[str] = (),
-        progress: ProgressFn | None = None,
-    ) -> None:
-        """Publish one checkpoint: data files, then manifest.json, then LATEST (when given), then delete the
-        checkpoints named in ``delete`` (manifest first, so a half-deleted checkpoint never looks complete).
-        A store with atomic multi-file commits (the Hub) may do it all in one commit."""
-
-    @abc.abstractmethod
     def delete_checkpoint(self, name: str) -> None:
         """Remove one checkpoint folder: its manifest first, then its data files."""
 
@@ -119,6 +122,13 @@ class Remote(abc.ABC):
     @abc.abstractmethod
     def delete(self, rel: str) -> None:
         """Delete one object; absent objects are not an error."""
+
+    def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:
+        """Backend hook: upload one local file of ``size`` bytes to ``rel``, streamed from disk, calling
+        ``progress(nbytes)`` as bytes go and never counting retried bytes twice. The primitive
+        :func:`put_whole_files` builds on; a store that overrides :meth:`commit_checkpoint` with an atomic commit of
+        its own (the Hub) needs none."""
+        raise NotImplementedError(f"{type(self).__name__} uploads checkpoints in one commit, not file by file")
 
     def list_blobs(self) -> list[str]:
         """Digests of the content-addressed blobs under ``blobs/`` (incremental mirroring)."""
@@ -155,6 +165,65 @@ class Remote(abc.ABC):
         if unused:
             log.info("Deleted %d unused blobs from %s", len(unused), self.url)
         return unused
+
+    # ---- the one commit sequence ----------------------------------------------------------------------------
+    def commit_checkpoint(
+        self,
+        name: str,
+        local_dir: Path,
+        manifest: Manifest,
+        manifest_bytes: bytes,
+        latest: Latest | LatestFn | None,
+        delete: Iterable[str] = (),
+        progress: ProgressFn | None = None,
+        *,
+        put: Put | None = None,
+    ) -> Committed:
+        """Publish one checkpoint in the order that keeps the store consistent at every instant: the data files
+        (sent and checked in the store by ``put``), then ``NAME/manifest.json``, then LATEST (when given), then
+        delete the checkpoints named in ``delete`` (manifest first, so a half-deleted one never looks complete).
+
+        ``put`` says how the data travels: :func:`put_whole_files` (the default) or an incremental put
+        (:class:`syncckpt.remote.incremental.BlobPut`), which may rewrite the manifest the store holds; ``latest``
+        may then be a function of that manifest and its bytes. ``progress(nbytes)`` is called as bytes go, from
+        worker threads but never two at once. A store with atomic multi-file commits (the Hub) overrides this and
+        does it all in one commit.
+        """
+        local_dir = Path(local_dir)
+        doomed = self._check_commit(name, local_dir, manifest, delete)
+        stored, sent = (put or put_whole_files)(self, name, local_dir, manifest, _one_at_a_time(progress))
+        stored_bytes = manifest_bytes if stored is manifest else stored.to_bytes()
+        new_latest = latest(stored, stored_bytes) if callable(latest) else latest
+        if new_latest is not None:
+            _check_name(new_latest.name)
+        failpoint("remote-data")
+        failpoint("remote-manifest")
+        self.write_bytes(f"{name}/{MANIFEST_NAME}", stored_bytes)
+        if new_latest is not None:
+            failpoint("remote-latest")
+            self.write_bytes(LATEST_NAME, new_latest.to_bytes())
+        for old in doomed:
+            failpoint("remote-delete")
+            self.delete_checkpoint(old)
+        return Committed(stored, stored_bytes, new_latest, sent + len(stored_bytes))
+
+    def _check_commit(self, name: str, local_dir: Path, manifest: Manifest, delete: Iterable[str]) -> list[str]:
+        """Refuse a commit that could touch anything outside the run or is missing local files; the names to
+        delete after it."""
+        _check_name(name)
+        if manifest.name != name:
+            raise ValueError(f"manifest describes {manifest.name!r} but the checkpoint is committed as {name!r}")
+        for entry in manifest.files:
+            check_relative_path(entry.path, where=f"{self.url}/{name}/{MANIFEST_NAME}")
+        doomed = list(delete)
+        for old in doomed:
+            _check_name(old)
+            if old == name:
+                raise ValueError(f"{name!r} is both committed and deleted; refusing the commit")
+        missing = [e.path for e in manifest.files if not (local_dir / e.path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{local_dir}: missing {missing[:5]} listed in the manifest of {name}")
+        return doomed
 
     # ---- shared logic --------------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> tuple[Manifest, bytes]:
@@ -264,6 +333,38 @@ class Remote(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients and pools. Safe to call twice."""
+
+
+#: How a checkpoint's data reaches the store: ``put(remote, name, local_dir, manifest, progress)`` sends the data
+#: of ``manifest``'s files from ``local_dir``, checks it in the store without downloading it, and returns the
+#: manifest the store is to hold and the number of bytes sent.
+Put = Callable[[Remote, str, Path, Manifest, "ProgressFn | None"], tuple[Manifest, int]]
+
+
+def put_whole_files(
+    remote: Remote, name: str, local_dir: Path, manifest: Manifest, progress: ProgressFn | None
+) -> tuple[Manifest, int]:
+    """Each file to ``NAME/PATH`` (``max_workers`` at once), then :meth:`Remote.check_uploaded`.
+
+    A checkpoint of the same name already in the store (``best_model`` saved again) is deleted first, so its old
+    manifest never describes a mix of old and new files.
+    """
+    remote.delete_checkpoint(name)
+    remote._parallel(lambda e: remote._upload(local_dir / e.path, f"{name}/{e.path}", e.size, progress), manifest.files)
+    remote.check_uploaded(name, manifest)
+    return manifest, manifest.total_size
+
+
+def _one_at_a_time(progress: ProgressFn | None) -> ProgressFn | None:
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def report(n: int) -> None:
+        with lock:
+            progress(n)
+
+    return report
 
 
 def _crc32c_hex(value: str | None) -> str | None:

@@ -10,7 +10,7 @@ Options go to the fsspec backend unchanged, as ``storage_options`` (``key``/``se
 >>> m = Manifest(name="checkpoint-step-10", kind="step", global_step=10, epoch=0, batch_idx=9,
 ...              files=[FileEntry("model.safetensors", 7, sha256_hex(b"weights"))])
 >>> r = FsspecRemote("memory://fsspec-doc/run")
->>> r.commit_checkpoint(m.name, src, m, m.to_bytes(), Latest(m.name, 10, sha256_hex(m.to_bytes())))
+>>> _ = r.commit_checkpoint(m.name, src, m, m.to_bytes(), Latest(m.name, 10, sha256_hex(m.to_bytes())))
 >>> r.list_checkpoints(), r.read_latest().name
 (['checkpoint-step-10'], 'checkpoint-step-10')
 >>> r.create_exclusive(".lease", b"session-a"), r.create_exclusive(".lease", b"session-b")
@@ -25,37 +25,23 @@ import base64
 import logging
 import os
 import re
-import shutil
 import threading
-import uuid
-from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit
 
 from fsspec.asyn import AsyncFileSystem
-from fsspec.callbacks import Callback
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.spec import AbstractFileSystem
 
-from .._failpoints import failpoint
-from .._memory import ByteBudget
+from .._secrets import Scrubber, safe_url
 from ..blobs import BLOB_DIR
 from ..errors import RemoteError, SyncCkptError, UnsafeCheckpoint
-from ..manifest import (
-    LATEST_NAME,
-    MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
-    Latest,
-    Manifest,
-    check_relative_path,
-    parse_checkpoint_name,
-)
-from .base import CHUNK, ProgressFn, Remote, RemoteStat, _check_name
+from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, check_relative_path, parse_checkpoint_name
+from . import localfs, streams
+from .base import ProgressFn, Remote, RemoteStat, _check_name
 from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
 
 log = logging.getLogger(__name__)
@@ -66,10 +52,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 # memory:// lives in this process; one lock makes its check-then-create atomic for every remote in it.
 _MEMORY_CREATE_LOCK = threading.Lock()
-
-# Keys of storage_options whose string values are credentials, and values under them that are not secret.
-_SECRET_KEY_HINTS = ("key", "secret", "token", "password", "passwd", "credential", "sas", "signature", "auth")
-_NOT_SECRET = {"anon", "google_default", "cache", "cloud", "browser"}
 
 
 class FsspecRemote(Remote):
@@ -107,13 +89,13 @@ class FsspecRemote(Remote):
         self.retry = retry or DEFAULT_POLICY
         self._raw_url = url
         self._options = dict(storage_options or {})
-        self._secrets = _secret_strings(self._options, url)
+        self._scrub = Scrubber(self._options, urls=[url])
         self._lock = threading.Lock()
         self._fs: AbstractFileSystem | None = None
         self._pid = -1
         self._root = ""
         self._warned_not_atomic = False
-        self._read_budget = ByteBudget(_READ_BYTES_IN_FLIGHT)
+        self._read_budget = streams.read_budget()
         self._filesystem()
         self.keeps_crc32c = self._kind == "gcs"
 
@@ -205,10 +187,10 @@ class FsspecRemote(Remote):
         own; elsewhere a stream that reopens at its offset and carries on after a transient failure."""
         path = self._path(rel)
         if self._kind in ("local", "memory"):
-            return _RetryingReader(self, rel, path)  # type: ignore[return-value]
+            return streams.RetryingReader(self, rel, path)  # type: ignore[return-value]
         if size is None:
             size = self.stat(rel).size
-        return _PrefetchReader(self, rel, path, size)  # type: ignore[return-value]
+        return streams.PrefetchReader(self, rel, path, size)  # type: ignore[return-value]
 
     def stat(self, rel: str) -> RemoteStat:
         """Size and the checksums the store keeps: GCS ``md5`` (hex) and ``crc32c`` (base64); S3 ``etag``
@@ -224,7 +206,7 @@ class FsspecRemote(Remote):
         """Create or overwrite a small object; on a local path the replacement is atomic (rename)."""
         path = self._path(rel)
         if self._kind == "local":
-            self._run("write", rel, _write_local_atomic, path, data)
+            self._run("write", rel, localfs.write_atomic, path, data)
             return
         fs = self._filesystem()
         if not isinstance(fs, AsyncFileSystem):
@@ -243,7 +225,7 @@ class FsspecRemote(Remote):
         self.delete(f"{name}/{MANIFEST_NAME}")
         folder = self._path(name)
         if self._kind == "local":
-            self._run("delete", name, _rmtree_quiet, folder)
+            self._run("delete", name, localfs.rmtree_quiet, folder)
             return
         fs = self._filesystem()
         fs.invalidate_cache(folder)
@@ -253,54 +235,6 @@ class FsspecRemote(Remote):
         self._parallel(lambda p: self._delete_path(name, p), inside)
         if not isinstance(fs, AsyncFileSystem):
             self._run("delete", name, _rmdir_quiet, fs, folder)
-
-    def commit_checkpoint(
-        self,
-        name: str,
-        local_dir: Path,
-        manifest: Manifest,
-        manifest_bytes: bytes,
-        latest: Latest | None,
-        delete: Iterable[str] = (),
-        progress: ProgressFn | None = None,
-    ) -> None:
-        """Upload the data files (``max_workers`` at once), check their sizes in the store, then write
-        manifest.json, then LATEST, then delete the checkpoints in ``delete``.
-
-        A checkpoint of the same name already in the store (``best_model`` saved again) is deleted first, so its
-        old manifest never describes a mix of old and new files. ``progress(nbytes)`` is called as bytes go, from
-        worker threads but never two at once; retried bytes are not counted twice.
-        """
-        _check_name(name)
-        if manifest.name != name:
-            raise ValueError(f"manifest describes {manifest.name!r} but the checkpoint is committed as {name!r}")
-        for entry in manifest.files:
-            check_relative_path(entry.path, where=f"{self.url}/{name}/{MANIFEST_NAME}")
-        doomed = list(delete)
-        for old in doomed:
-            _check_name(old)
-            if old == name:
-                raise ValueError(f"{name!r} is both committed and deleted; refusing the commit")
-        if latest is not None:
-            _check_name(latest.name)
-        local_dir = Path(local_dir)
-        missing = [e.path for e in manifest.files if not (local_dir / e.path).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{local_dir}: missing {missing[:5]} listed in the manifest of {name}")
-        report = _one_at_a_time(progress)
-
-        self.delete_checkpoint(name)
-        self._parallel(lambda e: self._upload(local_dir / e.path, f"{name}/{e.path}", e.size, report), manifest.files)
-        failpoint("remote-data")
-        self.check_uploaded(name, manifest)
-        failpoint("remote-manifest")
-        self.write_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)
-        if latest is not None:
-            failpoint("remote-latest")
-            self.write_bytes(LATEST_NAME, latest.to_bytes())
-        for old in doomed:
-            failpoint("remote-delete")
-            self.delete_checkpoint(old)
 
     def list_blobs(self) -> list[str]:
         """Digests of the blobs under ``blobs/`` (incremental mirroring), bypassing listing caches."""
@@ -332,7 +266,7 @@ class FsspecRemote(Remote):
         path = self._path(rel)
         kind = self._kind
         if kind == "local":
-            return self._run("create", rel, _create_local, path, data)
+            return self._run("create", rel, localfs.create_exclusive, path, data)
         fs = self._filesystem()
         if kind == "memory":
             with _MEMORY_CREATE_LOCK:
@@ -359,16 +293,17 @@ class FsspecRemote(Remote):
         return True
 
     # ---- helpers ----------------------------------------------------------------------------------------------
-    def _upload(self, local: Path, rel: str, size: int, report: ProgressFn | None) -> None:
+    def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:
+        """Upload one file; on object stores fsspec's ``put_file`` streams it from disk and switches to multipart
+        or resumable uploads for large files. A retry starts the file again; its bytes are not counted twice."""
         path = self._path(rel)
-        counter = _Progress(report, size)
+        counter = streams.Progress(progress, size)
 
         def once() -> None:
             counter.restart()
             if self._kind == "local":
-                _copy_local(local, path, counter)
+                localfs.copy_durable(local, path, counter)
             else:
-                # put_file streams from disk and switches to multipart/resumable uploads for large files.
                 self._filesystem().put_file(str(local), path, callback=counter, **self._put_options())
 
         self._run("upload", rel, once)
@@ -433,9 +368,9 @@ class FsspecRemote(Remote):
                 err, cause = FileNotFoundError(f"{where}: no such object"), None
             else:
                 err = self._missing_bucket_error(op) or self._error(op, where, e)
-                cause = self._safe_cause(e)
+                cause = self._scrub.safe_cause(e)
         except Exception as e:
-            err, cause = self._error(op, where, e), self._safe_cause(e)
+            err, cause = self._error(op, where, e), self._scrub.safe_cause(e)
         # Raised outside the handler, so Python does not attach the store's exception as __context__: one that
         # carries a secret must not travel with ours; a clean one is chained explicitly.
         raise err from cause
@@ -463,273 +398,6 @@ class FsspecRemote(Remote):
         except Exception:
             pass  # no permission to look at the bucket, or a hiccup: not evidence it is missing
         return None
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return _USERINFO.sub("://", text)
-
-    def _safe_cause(self, e: BaseException) -> BaseException | None:
-        """The exception to chain under ours, or None when any message in its chain carries a secret."""
-        seen: set[int] = set()
-        cur: BaseException | None = e
-        while cur is not None and id(cur) not in seen:
-            seen.add(id(cur))
-            text = str(cur) + repr(cur.args)
-            if self._scrub(text) != text:
-                return None
-            cur = cur.__cause__ or cur.__context__
-        return e
-
-
-class _RetryingReader:
-    """File-like sequential reader: a transient failure mid-stream reopens the object at the same offset."""
-
-    def __init__(self, remote: FsspecRemote, rel: str, path: str):
-        self._remote, self._rel, self._path = remote, rel, path
-        self._pos = 0
-        self._f: Any = None
-        remote._run("open", rel, self._ensure_open, not_found=True)
-
-    def _ensure_open(self) -> None:
-        if self._f is None:
-            f = self._remote._filesystem().open(self._path, "rb", block_size=CHUNK)
-            if self._pos:
-                f.seek(self._pos)
-            self._f = f
-
-    def read(self, n: int = -1) -> bytes:
-        def once() -> bytes:
-            self._ensure_open()
-            try:
-                return self._f.read(n)
-            except BaseException:
-                self._discard()
-                raise
-
-        data = self._remote._run("read", self._rel, once, not_found=True)
-        self._pos += len(data)
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def _discard(self) -> None:
-        f, self._f = self._f, None
-        if f is not None:
-            try:
-                f.close()
-            except Exception:
-                pass
-
-    def close(self) -> None:
-        self._discard()
-
-    def __enter__(self) -> _RetryingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-_PREFETCH_PART = 64 << 20  # ranged reads this large (s3fs/gcsfs ``get`` use 50 MiB parts); each costs a request
-_PREFETCH_DEPTH = 4  # ranges in flight per open object
-_READ_BYTES_IN_FLIGHT = 512 << 20  # for all readers of one remote together (files download in parallel)
-
-
-class _PrefetchReader:
-    """File-like sequential reader over ranged reads with up to ``_PREFETCH_DEPTH`` of them in flight, so one
-    object's download is not bound by the latency of a single stream. A transient failure retries one range, not
-    the stream. Ranges held (fetched or in flight) count against the remote's shared byte budget, so memory stays
-    bounded however many files download at once. Reads return zero-copy memoryviews of the fetched ranges."""
-
-    def __init__(self, remote: FsspecRemote, rel: str, path: str, size: int):
-        self._remote, self._rel, self._path, self._size = remote, rel, path, size
-        self._budget = remote._read_budget
-        self._pool = ThreadPoolExecutor(_PREFETCH_DEPTH, thread_name_prefix="syncckpt-range")
-        self._pending: deque[tuple[Future[bytes], int]] = deque()
-        self._next = 0
-        self._buf = memoryview(b"")
-        self._held = 0  # budget bytes of the range being consumed
-        self._closed = False
-
-    def _fill(self) -> None:
-        fs = self._remote._filesystem()
-        while len(self._pending) < _PREFETCH_DEPTH and self._next < self._size:
-            start, end = self._next, min(self._next + _PREFETCH_PART, self._size)
-            n = end - start
-            if self._pending or self._held:  # read-ahead: only what fits beside the other readers' ranges
-                if not self._budget.try_acquire(n):
-                    return
-            else:  # the range this reader needs next: wait for room
-                self._budget.acquire(n)
-            fut = self._pool.submit(
-                self._remote._run, "read", self._rel, fs.cat_file, self._path, start=start, end=end, not_found=True
-            )
-            self._pending.append((fut, n))
-            self._next = end
-
-    def read(self, n: int = -1) -> memoryview:
-        if self._closed:
-            raise ValueError("read from a closed reader")
-        if not self._buf:
-            self._budget.release(self._held)
-            self._held = 0
-            self._fill()
-            if not self._pending:
-                return memoryview(b"")
-            fut, self._held = self._pending.popleft()
-            self._buf = memoryview(fut.result())
-            self._fill()
-        n = len(self._buf) if n < 0 else n
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._budget.release(self._held + sum(n for _, n in self._pending))
-        self._pending.clear()
-        self._held = 0
-        self._buf = memoryview(b"")
-
-    def __enter__(self) -> _PrefetchReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _Progress(Callback):
-    """fsspec callback that forwards byte counts, clamped to the file size and never repeated by a retry."""
-
-    def __init__(self, report: ProgressFn | None, size: int):
-        super().__init__(size=size)
-        self._report = report
-        self._total = size
-        self._sent = 0
-
-    def restart(self) -> None:
-        self.value = 0
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        done = min(self.value, self._total)
-        if done > self._sent:
-            if self._report is not None:
-                self._report(done - self._sent)
-            self._sent = done
-
-    def finish(self) -> None:
-        # Some backends (local copies, sync filesystems) report nothing; the file is complete either way.
-        self.value = self._total
-        self.call()
-
-
-def _one_at_a_time(progress: ProgressFn | None) -> ProgressFn | None:
-    if progress is None:
-        return None
-    lock = threading.Lock()
-
-    def report(n: int) -> None:
-        with lock:
-            progress(n)
-
-    return report
-
-
-# ---- local files ------------------------------------------------------------------------------------------------
-def _tmp_name(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some network and FUSE filesystems cannot sync a directory
-    finally:
-        os.close(fd)
-
-
-def _write_tmp(path: str, data: bytes) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def _write_local_atomic(path: str, data: bytes) -> None:
-    tmp = _write_tmp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
-
-
-def _create_local(path: str, data: bytes) -> bool:
-    tmp = _write_tmp(path, data)
-    try:
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:
-            # No hard links here (some FUSE mounts): O_EXCL is still atomic, but the content lands after.
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-    finally:
-        _unlink_quiet(tmp)
-    _fsync_dir(os.path.dirname(path))
-    return True
-
-
-def _copy_local(src: Path, dst: str, counter: _Progress) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        while chunk := fi.read(CHUNK):
-            fo.write(chunk)
-            counter.relative_update(len(chunk))
-        fo.flush()
-        os.fsync(fo.fileno())  # durable before the manifest that vouches for it is written
-    _fsync_dir(os.path.dirname(dst))
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _rmtree_quiet(path: str) -> None:
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
 
 
 # ---- any filesystem ---------------------------------------------------------------------------------------------
@@ -785,46 +453,3 @@ def _checksums(info: dict[str, Any]) -> dict[str, str]:
     except (ValueError, TypeError):
         pass  # a checksum we cannot decode is only a missed shortcut; sizes and SHA-256 still protect the data
     return out
-
-
-# ---- credentials never leave ---------------------------------------------------------------------------------------
-_USERINFO = re.compile(r"://[^/\s@]*@")
-
-
-def safe_url(url: str) -> str:
-    """The URL without credentials: no userinfo, no query string (SAS tokens), no fragment, no trailing slash.
-
-    >>> safe_url("s3://AKIA:SECRET-DO-NOT-LOG@bucket/runs/a/?X-Amz-Signature=abc")
-    's3://bucket/runs/a'
-    >>> safe_url("/content/drive/MyDrive/run/"), safe_url("simplecache::s3://u:p@b/x")
-    ('/content/drive/MyDrive/run', 'simplecache::s3://b/x')
-    """
-    parts = []
-    for piece in url.split("::"):
-        s = urlsplit(piece)
-        if s.scheme and "://" in piece:
-            piece = f"{s.scheme}://{s.netloc.rsplit('@', 1)[-1]}{s.path}"
-        parts.append(piece.rstrip("/") or piece)
-    return "::".join(parts)
-
-
-def _secret_strings(options: dict[str, Any], url: str) -> tuple[str, ...]:
-    found: set[str] = set()
-
-    def walk(obj: Any, secret: bool) -> None:
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, secret or any(h in str(k).lower() for h in _SECRET_KEY_HINTS))
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v, secret)
-        elif isinstance(obj, str) and secret and len(obj) >= 4 and obj not in _NOT_SECRET:
-            found.add(obj)
-
-    walk(options, False)
-    for piece in url.split("::"):
-        s = urlsplit(piece)
-        for value in (s.password, s.username, s.query):
-            if value and len(value) >= 4:
-                found.add(value)
-    return tuple(sorted(found, key=len, reverse=True))  # longest first, so no secret is left half-replaced

@@ -30,68 +30,27 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import threading
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
-import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, parse_hf_uri
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    HfUriError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import CommitOperationAdd, parse_hf_uri
+from huggingface_hub.errors import HfUriError
 from huggingface_hub.hf_api import RepoFile, RepoFolder
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, parse_ratelimit_headers
 from huggingface_hub.utils.sha import git_hash
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from ..errors import CheckpointCorrupt, ConfigError, RemoteConflict, RemoteError, UnsafeCheckpoint
 from ..manifest import LATEST_NAME, MANIFEST_NAME, MAX_MANIFEST_BYTES, Latest, Manifest, check_relative_path
-from .base import CHUNK, ProgressFn, Remote, RemoteStat, _check_name
-from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
+from .base import Committed, LatestFn, ProgressFn, Put, Remote, RemoteStat, _check_name, put_whole_files
+from .hub_branch import Conflict, HubBranch
+from .retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 _OPTIONS = ("token", "endpoint", "repo_type", "private")
-_MAX_RETRY_AFTER = 900.0  # a background uploader may wait out a throttle, but not for hours on end
 _MAX_REBASES = 5
-_MAX_RESUMES = 3  # reconnects (HTTP Range) of one streaming read before giving up
-_TIMEOUT = httpx2.Timeout(connect=30.0, read=120.0, write=120.0, pool=60.0)
-_CONFLICT_STATUS = (409, 412)
-
-
-@dataclass
-class _RepoGate:
-    """Per repository and process: one commit in flight, and when the last one was sent."""
-
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    last_commit: float | None = None
-
-
-_GATES: dict[tuple[str, str, str], _RepoGate] = {}
-_GATES_LOCK = threading.Lock()
-
-
-class _Conflict(Exception):
-    """The Hub refused a commit because its parent is no longer the head (or a deleted path vanished)."""
 
 
 class HubRemote(Remote):
@@ -109,8 +68,6 @@ class HubRemote(Remote):
     False
     """
 
-    #: Retries of transient failures (5xx, timeouts, resets, 429). Replace it to tune; 429 waits use Retry-After.
-    retry_policy: RetryPolicy = DEFAULT_POLICY
     #: Lease TTL asked of :class:`syncckpt.lease.Lease`: every heartbeat is a commit, so beat rarely (every 10 min,
     #: 6 commits/hour, which with checkpoints at the default interval stays under the Hub's 128/hour).
     lease_ttl: float = 1800.0
@@ -151,37 +108,37 @@ class HubRemote(Remote):
         rev_part = f"@{quote(uri.revision, safe='')}" if uri.revision else ""  # "a/b" must stay one revision
         self.url = f"hf://{type_part}{self.repo_id}{rev_part}" + (f"/{self.prefix}" if self.prefix else "")
         self.max_workers = max_workers
-        self.min_commit_interval = float(min_commit_interval)
-        self.squash_every = squash_every
-        self._token = opts.get("token")  # None: huggingface_hub resolves HF_TOKEN / the saved login per request
-        self._private = bool(opts.get("private", True))
-        self._api = HfApi(endpoint=opts.get("endpoint"), token=self._token, library_name="syncckpt")
-        self._endpoint = self._api.endpoint.rstrip("/")
-        self._gate = _gate_for(self._endpoint, repo_type, self.repo_id)
-        self._head: str | None = None
-        self._repo_ready = False
-        self._since_squash = 0
+        self._branch = HubBranch(
+            self.url,
+            self.repo_id,
+            repo_type,
+            self.revision,
+            endpoint=opts.get("endpoint"),
+            token=opts.get("token"),
+            private=bool(opts.get("private", True)),
+            max_workers=max_workers,
+            min_commit_interval=min_commit_interval,
+            squash_every=squash_every,
+        )
+        self._head: str | None = None  # the parent of the next commit: the head this session last wrote or saw
 
     def __repr__(self) -> str:
         return f"HubRemote({self.url!r})"
 
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """Retries of transient failures (5xx, timeouts, resets, 429). Replace it to tune; 429 waits use
+        Retry-After."""
+        return self._branch.retry_policy
+
+    @retry_policy.setter
+    def retry_policy(self, policy: RetryPolicy) -> None:
+        self._branch.retry_policy = policy
+
     # ---- reads ---------------------------------------------------------------------------------------------
     def list_checkpoints(self) -> list[str]:
         """Checkpoint folders under the prefix holding a manifest.json, from one recursive tree listing."""
-        try:
-            entries = self._retry(
-                lambda: list(
-                    self._api.list_repo_tree(
-                        self.repo_id, path_in_repo=self.prefix or None, recursive=True,
-                        revision=self.revision, repo_type=self.repo_type,
-                    )
-                ),
-                "list",
-            )
-        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
-            return []
-        except Exception as e:
-            raise self._remote_error("list checkpoints", e) from e
+        entries = self._branch.tree(self.prefix or None, "list checkpoints")
         names = set()
         for entry in entries:
             parts = self._rel(entry.path).split("/")
@@ -207,7 +164,7 @@ class HubRemote(Remote):
 
     def stat(self, rel: str) -> RemoteStat:
         """Size, and the SHA-256 the Hub keeps for LFS/Xet files (``git-sha1`` blob id for small ones)."""
-        info = self._paths_info([self._path(rel)], self.revision).get(self._path(rel))
+        info = self._branch.paths_info([self._path(rel)], self.revision).get(self._path(rel))
         if not isinstance(info, RepoFile):
             raise FileNotFoundError(f"{self.url}/{rel} does not exist")
         return _stat_of(info)
@@ -217,20 +174,7 @@ class HubRemote(Remote):
         manifest's size, and, for files the Hub stores as LFS/Xet, with the manifest's SHA-256. No download."""
         _check_name(name)
         folder = self._path(name)
-        try:
-            entries = self._retry(
-                lambda: list(
-                    self._api.list_repo_tree(
-                        self.repo_id, path_in_repo=folder, recursive=True, revision=self.revision,
-                        repo_type=self.repo_type,
-                    )
-                ),
-                "check",
-            )
-        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
-            entries = []
-        except Exception as e:
-            raise self._remote_error(f"check {name}", e) from e
+        entries = self._branch.tree(folder, f"check {name}")
         held = {e.path: e for e in entries if isinstance(e, RepoFile)}
         for entry in manifest.files:
             info = held.get(f"{folder}/{entry.path}")
@@ -252,14 +196,21 @@ class HubRemote(Remote):
         local_dir: Path,
         manifest: Manifest,
         manifest_bytes: bytes,
-        latest: Latest | None,
+        latest: Latest | LatestFn | None,
         delete: Iterable[str] = (),
         progress: ProgressFn | None = None,
-    ) -> None:
+        *,
+        put: Put | None = None,
+    ) -> Committed:
         """One commit: the data files, manifest.json, LATEST (when given) and the removal of ``delete``'s folders.
 
-        ``progress`` is called once, with the checkpoint's size, when the commit has landed.
+        ``progress`` is called once, with the checkpoint's size, when the commit has landed. The Hub stores whole
+        files (and deduplicates their contents itself): a ``put`` other than whole files is refused.
         """
+        if put not in (None, put_whole_files):
+            raise NotImplementedError(f"{type(self).__name__} does not support incremental mirroring")
+        if callable(latest):
+            latest = latest(manifest, manifest_bytes)
         _check_name(name)
         delete = [d for d in delete if d != name]
         for d in delete:
@@ -290,6 +241,7 @@ class HubRemote(Remote):
         self._commit(message, additions, [(self._path(d), True) for d in delete], expect)
         if progress:
             progress(manifest.total_size)
+        return Committed(manifest, manifest_bytes, latest, manifest.total_size + len(manifest_bytes))
 
     def delete_checkpoint(self, name: str) -> None:
         """Remove one checkpoint folder in one commit (no commit when it is already gone)."""
@@ -304,15 +256,20 @@ class HubRemote(Remote):
         continues from its own commit (it adopts whatever others committed up to H).
         """
         path = self._path(rel)
-        with self._gate.lock:
-            self._ensure_repo()
+        with self._branch.gate.lock:
+            self._branch.ensure()
             for _ in range(_MAX_REBASES + 1):
-                head = self._resolve_head()
-                if path in self._paths_info([path], head):
+                head = self._branch.head()
+                if path in self._branch.paths_info([path], head):
                     return False
                 try:
-                    self._commit(f"syncckpt: create {rel}", lambda: [CommitOperationAdd(path, data)], [],
-                                 {path: data}, parent=head)
+                    self._commit(
+                        f"syncckpt: create {rel}",
+                        lambda: [CommitOperationAdd(path, data)],
+                        [],
+                        {path: data},
+                        parent=head,
+                    )
                     return True
                 except RemoteConflict:
                     continue
@@ -327,13 +284,6 @@ class HubRemote(Remote):
         """Delete one file (one commit; none when it is absent)."""
         path = self._path(rel)
         self._commit(f"syncckpt: delete {rel}", list, [(path, False)], {path: None})
-
-    def refresh_head(self) -> str:
-        """Adopt the branch's current head as the parent of the next commit, after a RemoteConflict has been
-        looked into (e.g. the other writer has stopped). Returns the head's commit id."""
-        with self._gate.lock:
-            self._head = self._resolve_head()
-            return self._head
 
     # ---- commit machinery ----------------------------------------------------------------------------------
     def _commit(
@@ -352,19 +302,21 @@ class HubRemote(Remote):
         commit that did land is not reported as a conflict. Operations are rebuilt for each attempt because
         huggingface_hub mutates them; the Hub then tells which contents it already has.
         """
-        with self._gate.lock:
-            self._ensure_repo()
+        with self._branch.gate.lock:
+            self._branch.ensure()
             state = {"maybe_applied": False}
             for _ in range(_MAX_REBASES + 1):
                 base = parent or self._expected_parent()
                 try:
-                    oid = self._retry(partial(self._attempt, message, additions, deletions, base, state), "commit")
-                except _Conflict:
+                    oid = self._branch.retry(
+                        partial(self._branch.commit, message, additions, deletions, base, state), "commit"
+                    )
+                except Conflict:
                     if state["maybe_applied"] and self._holds(expect):
-                        self._head = self._resolve_head()
+                        self._head = self._branch.head()
                         log.info("%s: an earlier attempt of %r had landed", self.url, message)
                         return
-                    head = self._resolve_head()
+                    head = self._branch.head()
                     if parent is None and self._prefix_unchanged(base, head):
                         log.info("%s: rebasing %r onto %s (changes outside the run only)", self.url, message, head)
                         self._head = head
@@ -376,118 +328,16 @@ class HubRemote(Remote):
                         "its own prefix or branch), then resume from the remote to continue."
                     ) from None
                 except Exception as e:
-                    raise self._remote_error(message, e) from e
+                    raise self._branch.error(message, e) from e
                 if oid is not None:
-                    self._head = oid
-                    self._after_commit()
+                    self._head = self._branch.squash_if_due() or oid
                 return
             raise RemoteConflict(f"{self.url}: the branch kept moving under {message!r}; retry later")
 
-    def _attempt(
-        self,
-        message: str,
-        additions: Callable[[], list[CommitOperationAdd]],
-        deletions: list[tuple[str, bool]],
-        parent: str,
-        state: dict[str, bool],
-    ) -> str | None:
-        present = self._paths_info([p for p, _ in deletions], parent) if deletions else {}
-        dels = [
-            CommitOperationDelete(p + "/" if folder else p, is_folder=folder)
-            for p, folder in deletions
-            if isinstance(present.get(p), RepoFolder if folder else RepoFile)
-        ]
-        adds = additions()
-        if not adds and not dels:
-            return None
-        kw = {"repo_type": self.repo_type, "revision": self.revision, "num_threads": self.max_workers}
-        if adds:
-            # Upload before waiting out the commit interval: the interval limits commits, not transfers.
-            self._api.preupload_lfs_files(self.repo_id, additions=adds, free_memory=False, **kw)
-        self._wait_commit_interval()
-        try:
-            info = self._api.create_commit(
-                self.repo_id, [*adds, *dels], commit_message=message, parent_commit=parent, **kw
-            )
-        except HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else None
-            if status in _CONFLICT_STATUS or isinstance(e, RemoteEntryNotFoundError):
-                raise _Conflict() from None
-            if status != 429 and _is_transient(e):
-                state["maybe_applied"] = True
-            raise
-        except Exception as e:
-            if _is_transient(e):
-                state["maybe_applied"] = True
-            raise
-        finally:
-            self._gate.last_commit = time.monotonic()
-        log.info("%s: committed %r as %s", self.url, message, info.oid)
-        return info.oid
-
-    def _after_commit(self) -> None:
-        self._since_squash += 1
-        if not self.squash_every or self._since_squash < self.squash_every:
-            return
-        self._since_squash = 0
-        self._wait_commit_interval()
-        try:
-            self._retry(
-                lambda: self._api.super_squash_history(
-                    self.repo_id, branch=self.revision, repo_type=self.repo_type,
-                    commit_message=f"syncckpt: squash history of {self.revision}",
-                ),
-                "squash",
-            )
-            self._head = self._resolve_head()
-        except Exception as e:  # squashing only saves storage; the checkpoint is already safe
-            log.warning("%s: could not squash the history (%s); will try again later", self.url, self._scrub(e))
-        finally:
-            self._gate.last_commit = time.monotonic()
-
-    def _wait_commit_interval(self) -> None:
-        last = self._gate.last_commit
-        if last is None or self.min_commit_interval <= 0:
-            return
-        remaining = last + self.min_commit_interval - time.monotonic()
-        if remaining > 0:
-            log.debug("%s: waiting %.1f s between commits (Hub rate limit)", self.url, remaining)
-            time.sleep(remaining)
-
-    def _ensure_repo(self) -> None:
-        if self._repo_ready:
-            return
-        try:
-            self._retry(
-                lambda: self._api.create_repo(
-                    self.repo_id, private=self._private, repo_type=self.repo_type, exist_ok=True
-                ),
-                "create repo",
-            )
-            if self.revision != "main":
-                self._retry(
-                    lambda: self._api.create_branch(
-                        self.repo_id, branch=self.revision, repo_type=self.repo_type, exist_ok=True
-                    ),
-                    "create branch",
-                )
-        except Exception as e:
-            raise self._remote_error("create the repository", e) from e
-        self._repo_ready = True
-
     def _expected_parent(self) -> str:
         if self._head is None:
-            self._head = self._resolve_head()
+            self._head = self._branch.head()
         return self._head
-
-    def _resolve_head(self) -> str:
-        try:
-            info = self._retry(
-                lambda: self._api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type), "head"
-            )
-        except Exception as e:
-            raise self._remote_error("read the branch head", e) from e
-        return str(info.sha)
 
     def _prefix_unchanged(self, old: str, new: str) -> bool:
         """Whether the run's folder has the same git tree in both commits (so the commits between touched
@@ -495,15 +345,15 @@ class HubRemote(Remote):
         if not self.prefix:
             return False
         try:
-            before = self._paths_info([self.prefix], old).get(self.prefix)
-            after = self._paths_info([self.prefix], new).get(self.prefix)
+            before = self._branch.paths_info([self.prefix], old).get(self.prefix)
+            after = self._branch.paths_info([self.prefix], new).get(self.prefix)
         except RemoteError:
             return False
         return _tree_id(before) == _tree_id(after)
 
     def _holds(self, expect: dict[str, bytes | None]) -> bool:
         """Whether the branch head has exactly the contents ``expect`` describes."""
-        held = self._paths_info(list(expect), self.revision)
+        held = self._branch.paths_info(list(expect), self.revision)
         for path, data in expect.items():
             info = held.get(path)
             if data is None:
@@ -514,95 +364,8 @@ class HubRemote(Remote):
         return True
 
     # ---- plumbing ------------------------------------------------------------------------------------------
-    def _paths_info(self, paths: list[str], revision: str) -> dict[str, RepoFile | RepoFolder]:
-        try:
-            infos = self._retry(
-                lambda: self._api.get_paths_info(
-                    self.repo_id, paths, revision=revision, repo_type=self.repo_type
-                ),
-                "paths-info",
-            )
-        except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
-            return {}
-        except Exception as e:
-            raise self._remote_error("read file metadata", e) from e
-        return {i.path: i for i in infos}
-
     def _open(self, rel: str, *, max_size: int | None = None) -> io.BufferedReader:
-        path = self._path(rel)
-        prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
-        url = f"{self._endpoint}/{prefix}{self.repo_id}/resolve/{quote(self.revision, safe='')}/{quote(path)}"
-
-        def connect(offset: int) -> httpx2.Response:
-            headers = build_hf_headers(token=self._token, library_name="syncckpt")
-            headers["Accept-Encoding"] = "identity"  # sizes must be the stored sizes
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
-            client = get_session()
-            resp = client.send(client.build_request("GET", url, headers=headers, timeout=_TIMEOUT), stream=True)
-            if resp.status_code == 404:
-                resp.close()
-                raise FileNotFoundError(f"{self.url}/{rel} does not exist")
-            if resp.status_code >= 400:
-                try:
-                    hf_raise_for_status(resp)
-                finally:
-                    resp.close()
-            if offset and resp.status_code != 206:
-                resp.close()
-                raise RemoteError(f"{self.url}/{rel}: the Hub ignored a Range request; cannot resume the read")
-            return resp
-
-        try:
-            resp = self._retry(lambda: connect(0), "open")
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise self._remote_error(f"open {rel}", e) from e
-        if max_size is not None:
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_size:
-                resp.close()
-                raise UnsafeCheckpoint(f"{self.url}/{rel}: {length} bytes, over the {max_size} allowed; refusing it")
-        return io.BufferedReader(_HttpStream(resp, connect, f"{self.url}/{rel}"), buffer_size=CHUNK)
-
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        policy = self.retry_policy
-        backoff = wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait)
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            hinted = _retry_after(exc)
-            return min(hinted, _MAX_RETRY_AFTER) if hinted is not None else backoff(state)
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "%s: %s: transient failure (%s); retry %d of %d in %.1f s", self.url, what,
-                self._scrub(exc) if exc else "?", state.attempt_number, policy.attempts - 1,
-                state.next_action.sleep if state.next_action else 0.0,
-            )
-
-        retrying = Retrying(
-            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_total),
-            wait=wait,
-            retry=retry_if_exception(_is_transient),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        return retrying(fn)
-
-    def _remote_error(self, what: str, e: BaseException) -> BaseException:
-        if isinstance(e, (RemoteError, CheckpointCorrupt, FileNotFoundError)):
-            return e
-        return RemoteError(f"{self.url}: could not {what}: {self._scrub(e)}")
-
-    def _scrub(self, e: BaseException) -> str:
-        text = describe(e)
-        for secret in (self._token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
-            if isinstance(secret, str) and len(secret) >= 8:
-                text = text.replace(secret, "***")
-        return text
+        return self._branch.open(self._path(rel), rel, max_size=max_size)
 
     def _path(self, rel: str) -> str:
         parts = rel.split("/")
@@ -612,70 +375,6 @@ class HubRemote(Remote):
 
     def _rel(self, path: str) -> str:
         return path[len(self.prefix) + 1 :] if self.prefix else path
-
-
-class _HttpStream(io.RawIOBase):
-    """A streaming HTTP body as a raw file; a dropped connection is resumed with a Range request."""
-
-    def __init__(self, resp: httpx2.Response, connect: Callable[[int], httpx2.Response], where: str):
-        self._resp, self._connect, self._where = resp, connect, where
-        self._chunks = resp.iter_bytes()
-        self._pending = b""
-        self._pos = 0
-        self._resumes = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-            except httpx2.TransportError as e:
-                if self._resumes >= _MAX_RESUMES:
-                    raise RemoteError(f"{self._where}: connection lost at byte {self._pos} ({describe(e)})") from e
-                self._resumes += 1
-                self._resp.close()
-                self._resp = self._connect(self._pos)
-                self._chunks = self._resp.iter_bytes()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._resp.close()
-        super().close()
-
-
-def _gate_for(endpoint: str, repo_type: str, repo_id: str) -> _RepoGate:
-    with _GATES_LOCK:
-        return _GATES.setdefault((endpoint, repo_type, repo_id), _RepoGate())
-
-
-def _is_transient(e: BaseException) -> bool:
-    # httpx2 (huggingface_hub 2.x's HTTP client) raises its own transport errors, which carry no OSError when
-    # the peer closes a connection without answering; the shared policy does not know the module yet.
-    return isinstance(e, httpx2.TransportError) or is_transient(e)
-
-
-def _retry_after(e: BaseException | None) -> float | None:
-    """Seconds the Hub asked to wait before retrying (Retry-After, or an exhausted RateLimit window)."""
-    response = getattr(e, "response", None)
-    if response is None or getattr(response, "status_code", None) not in (429, 503):
-        return None
-    info = parse_ratelimit_headers(response.headers)
-    if info is not None and info.remaining == 0:
-        return float(info.reset_in_seconds)
-    value = (response.headers.get("Retry-After") or "").strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
 
 
 def _tree_id(info: RepoFile | RepoFolder | None) -> str | None:
@@ -694,4 +393,3 @@ def _same_content(info: RepoFile, data: bytes) -> bool:
     if info.lfs is not None:
         return info.lfs.sha256 == hashlib.sha256(data).hexdigest()
     return info.blob_id == git_hash(data)
-

@@ -1,8 +1,9 @@
 """When to retry a remote call, and how long to keep at it.
 
-One policy serves every backend and the uploader: transient failures (HTTP 5xx, 408, 429 and throttling codes,
-timeouts, refused or reset connections, truncated bodies) are retried with exponential backoff and full jitter;
-anything else (403, 404, a missing bucket, a corrupt checkpoint, a bug) is raised at once.
+One policy serves every backend (fsspec stores and the Hub): transient failures (HTTP 5xx, 408, 429 and throttling
+codes, timeouts, refused or reset connections, truncated bodies) are retried with exponential backoff and full
+jitter, or as long as the store asked (``retry_after``: the Hub's Retry-After); anything else (403, 404, a missing
+bucket, a corrupt checkpoint, a bug) is raised at once.
 
 Client libraries retry on their own too: botocore (``config_kwargs={"retries": ...}``), s3fs (5 quick tries on
 connection errors and SlowDown) and gcsfs (6 tries with waits up to ~35 s in all, not configurable). This policy
@@ -80,7 +81,16 @@ _TRANSIENT_ERRNOS = {
 # Network-failure classes of the HTTP stacks fsspec backends and huggingface_hub use, matched by name so this
 # module imports none of them. Only classes defined in these modules count.
 _NETWORK_MODULES = (
-    "aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "httpx", "httpcore", "httpx2", "httpcore2", "gcsfs",
+    "aiohttp",
+    "botocore",
+    "aiobotocore",
+    "urllib3",
+    "requests",
+    "httpx",
+    "httpcore",
+    "httpx2",
+    "httpcore2",
+    "gcsfs",
     "http",
 )
 _TRANSIENT_CLASS_NAMES = {
@@ -203,16 +213,34 @@ class RetryPolicy:
         *args: Any,
         what: str = "",
         scrub: Callable[[str], str] = str,
+        retry_after: Callable[[BaseException], float | None] | None = None,
         **kwargs: Any,
     ) -> T:
         """Run ``fn(*args, **kwargs)``, retrying transient failures; the last exception is re-raised unchanged.
 
         ``what`` names the operation in log lines; ``scrub`` cleans exception text before it is logged (a backend
-        passes one that removes its credentials).
+        passes one that removes its credentials); ``retry_after(exc)`` may return how long the store asked to wait
+        (an HTTP ``Retry-After``) instead of the backoff's draw.
+
+        >>> failures = iter([ConnectionResetError("throttled")])
+        >>> def once():
+        ...     e = next(failures, None)
+        ...     if e is not None:
+        ...         raise e
+        ...     return "ok"
+        >>> RetryPolicy(attempts=2, initial_wait=60).call(once, retry_after=lambda e: 0.0)
+        'ok'
         """
+        backoff = wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            hinted = retry_after(exc) if retry_after is not None and exc is not None else None
+            return hinted if hinted is not None else backoff(state)
+
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_total),
-            wait=wait_random_exponential(multiplier=self.initial_wait, max=self.max_wait),
+            wait=wait,
             retry=retry_if_exception(is_transient),
             before_sleep=functools.partial(self._log_retry, what or getattr(fn, "__qualname__", "call"), scrub),
             reraise=True,
@@ -233,32 +261,6 @@ class RetryPolicy:
 
 
 DEFAULT_POLICY = RetryPolicy()
-
-
-def retrying(
-    policy: RetryPolicy | None = None, *, what: str | None = None
-) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator form of :meth:`RetryPolicy.call`.
-
-    >>> attempts = []
-    >>> @retrying(RetryPolicy(attempts=4, initial_wait=0.001))
-    ... def fetch():
-    ...     attempts.append(1)
-    ...     if len(attempts) == 1:
-    ...         raise TimeoutError("read timed out")
-    ...     return b"data"
-    >>> fetch(), len(attempts)
-    (b'data', 2)
-    """
-
-    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> T:
-            return (policy or DEFAULT_POLICY).call(fn, *args, what=what or fn.__qualname__, **kwargs)
-
-        return wrapper
-
-    return decorate
 
 
 def describe(exc: BaseException) -> str:
