@@ -160,11 +160,17 @@ class Lease:
     def _taken_over(self) -> bool:
         cur = self._read()
         if cur is not None and cur.get("session") not in (None, self.session):
-            if not self.lost:
-                self.lost = f"session {cur.get('host')} pid {cur.get('pid')} took over {self.remote.url}"
-                log.error("Lease lost: %s; this session stops mirroring", self.lost)
-            return True
-        return False
+            lost = f"session {cur.get('host')} pid {cur.get('pid')} took over {self.remote.url}"
+        elif cur is None and self._held:
+            # Nobody but the holder deletes a held lease: gone means another session took over and released it
+            # (or a human removed it). Recreating it would resume mirroring over that session's checkpoints.
+            lost = f"the lease on {self.remote.url} was taken over and released, or deleted, by someone else"
+        else:
+            return False
+        if not self.lost:
+            self.lost = lost
+            log.error("Lease lost: %s; this session stops mirroring", self.lost)
+        return True
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours."""

@@ -56,10 +56,15 @@ class LocalCheckpoint:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make a folder's entries (a rename, a new file) durable; the one fsync of folders every writer uses. Some
+    file systems (FUSE mounts, Drive) cannot open or fsync a folder: that is not an error there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
-    except OSError:  # some file systems (FUSE mounts, Drive) do not support fsync on folders
+    except OSError:
         pass
     finally:
         os.close(fd)

@@ -232,20 +232,31 @@ class Uploader:
         with self._cond:
             self._failures += 1
             self._inflight = None
-            if any(_supersedes(q, job) for q in self._queue):
+            newer = next((q for q in self._queue if _supersedes(q, job)), None)
+            if newer is not None:  # not retried: the newer checkpoint waiting behind it is the one worth sending
                 shutil.rmtree(job.staging, ignore_errors=True)
+                self._skipped.append(job.name)
             else:
                 self._queue.insert(0, job)
             if self.on_error == "raise":
                 self._raise = e
             self._cond.notify_all()
-            log.warning(
-                "Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
-                job.name,
-                self.url,
-                e,
-                pause,
-            )
+            if newer is not None:
+                log.warning(
+                    "Upload of %s to %s failed: %s; not retried: superseded by %s (training continues)",
+                    job.name,
+                    self.url,
+                    e,
+                    newer.name,
+                )
+            else:
+                log.warning(
+                    "Upload of %s to %s failed: %s; retrying in %.0fs (training continues)",
+                    job.name,
+                    self.url,
+                    e,
+                    pause,
+                )
             if not self._closing:
                 self._cond.wait(pause * (0.5 + random.random()))
             return not self._closing

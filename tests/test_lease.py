@@ -256,3 +256,18 @@ def test_of_sessions_racing_for_an_s3_lease_exactly_one_wins_and_release_frees_i
     later.acquire()
     assert lease_record(r)["session"] == later.session
     later.release()
+
+
+def test_a_session_taken_over_never_gets_the_lease_back_when_the_new_owner_releases():
+    remote = open_remote(f"memory://lease-back-{uuid.uuid4().hex[:8]}/run")
+    a = Lease(remote, heartbeat=None)
+    a.acquire()
+    b = Lease(remote, takeover=True, heartbeat=None)
+    b.acquire()
+    b.release()
+    with pytest.raises(RemoteConflict):
+        a.check()
+    with pytest.raises(RemoteConflict):
+        a.heartbeat()
+    with pytest.raises(FileNotFoundError):
+        remote.read_bytes("LEASE")  # the old session did not recreate it

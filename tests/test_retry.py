@@ -236,9 +236,8 @@ def test_max_total_bounds_the_time_spent_retrying():
         RetryPolicy(attempts=10_000, initial_wait=0.01, max_wait=0.01, max_total=0.3).call(fn)
     elapsed = time.monotonic() - t0
     assert 2 < len(fn.starts) < 10_000  # it kept retrying, then the time bound stopped it
-    assert 0.3 <= elapsed < 0.3 + 1.0
-    # An attempt may still start one wait (<= max_wait) after max_total: the wait is chosen before the check.
-    assert fn.starts[-1] - fn.starts[0] <= 0.3 + 0.01 + 0.5
+    assert elapsed < 0.3 + 1.0  # it stops when the next wait would end past max_total
+    assert fn.starts[-1] - fn.starts[0] <= 0.3  # no attempt starts after max_total
     assert excinfo.value is fn.raised[-1]
 
 
@@ -263,3 +262,17 @@ def test_describe_gives_type_and_message_on_one_bounded_line():
     long = describe(ValueError("line one\nline two " + "x" * 1000))
     assert "\n" not in long and long.startswith("ValueError: line one line two ")
     assert len(long) <= len("ValueError: ") + 300 and long.endswith("...")
+
+
+def test_no_attempt_starts_after_max_total():
+    starts: list[float] = []
+    t0 = time.monotonic()
+
+    def always_times_out():
+        starts.append(time.monotonic() - t0)
+        raise TimeoutError("stalled")
+
+    policy = RetryPolicy(attempts=1000, initial_wait=0.3, max_wait=0.3, max_total=0.1)
+    with pytest.raises(TimeoutError):
+        policy.call(always_times_out)
+    assert all(s <= 0.1 for s in starts), starts  # the next wait would have ended past max_total: no attempt

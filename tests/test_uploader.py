@@ -426,3 +426,26 @@ def test_incremental_mirroring_sends_only_the_parts_that_changed_and_collects_un
     referenced = {digest for e in stored.files for _, digest in e.parts}
     assert set(r.list_blobs()) == referenced  # step-10's old head part was deleted with it
     assert remote_files(url, None, "checkpoint-step-20", tmp_path) == {"model.safetensors": model_bytes(1.0)}
+
+
+def test_a_failed_upload_superseded_while_in_flight_is_reported_as_skipped(s3, tmp_path, caplog):
+    url, options, proxy = s3
+    d = tmp_path / "ck"
+    first, second = commit_local(d, "checkpoint-step-10"), commit_local(d, "checkpoint-step-20")
+    u = Uploader(url, options, remote_options=ONE_TRY, max_pause=1.0)
+    try:
+        # The next request (checkpoint-step-10's first) hangs past the client's read timeout, long enough for the
+        # newer checkpoint to be queued behind it; the client's own retries of it are reset, so the upload fails.
+        proxy.inject("stall", *["reset"] * 12)
+        u.submit(d, first)
+        deadline = time.monotonic() + 30
+        while u.status()["uploading"] != "checkpoint-step-10":
+            assert time.monotonic() < deadline, u.status()
+            time.sleep(0.01)
+        u.submit(d, second)
+        assert u.wait(60)
+        st = u.status()
+    finally:
+        u.close()
+    assert st["mirrored"] == ["checkpoint-step-20"] and st["skipped"] == ["checkpoint-step-10"], st
+    assert "not retried: superseded by checkpoint-step-20" in messages(caplog, logging.WARNING)

@@ -35,7 +35,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -173,7 +173,7 @@ def _http_status(e: BaseException) -> int | None:
     elif response is not None:  # requests / httpx (huggingface_hub)
         candidates.append(getattr(response, "status_code", None))
     candidates.append(getattr(e, "status", None))  # aiohttp ClientResponseError
-    if not isinstance(e, OSError):
+    if not isinstance(e, OSError) and not hasattr(e, "status"):  # aiohttp's `code` is a deprecated `status`
         candidates.append(getattr(e, "code", None))  # gcsfs HttpError, urllib HTTPError
     for c in candidates:
         if isinstance(c, int) and not isinstance(c, bool) and 100 <= c < 600:
@@ -239,7 +239,7 @@ class RetryPolicy:
             return hinted if hinted is not None else backoff(state)
 
         retrying = Retrying(
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.max_total),
+            stop=stop_after_attempt(self.attempts) | stop_before_delay(self.max_total),  # no attempt after max_total
             wait=wait,
             retry=retry_if_exception(is_transient),
             before_sleep=functools.partial(self._log_retry, what or getattr(fn, "__qualname__", "call"), scrub),
