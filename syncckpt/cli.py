@@ -74,7 +74,10 @@ Global options (before or after the subcommand):
                                  JSON line per event); errors also as {"error": ..., "exit_code": ...}
     --storage-option KEY=VALUE   passed to the store (repeatable); VALUE is JSON-decoded where it is valid JSON,
                                  e.g. --storage-option 'client_kwargs={"endpoint_url": "http://127.0.0.1:9000"}'.
-                                 Values are never printed: any that shows up in a message is replaced by ***.
+                                 Credentials are never printed: a value under a credential-named key (key,
+                                 secret, token, password, ...), URL userinfo and query values, and the
+                                 credential variables client libraries read (HF_TOKEN, AWS_SECRET_ACCESS_KEY)
+                                 are replaced by *** in every message (syncckpt._secrets has the rule).
     --verbose                    log what happens on stderr (down to DEBUG), with tracebacks of errors
 
 Progress bars (tqdm) go to stderr, and only when it is a terminal.
@@ -100,16 +103,15 @@ import argparse
 import functools
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from ._cli_commands import cmd_ls, cmd_prune, cmd_pull, cmd_push, cmd_rm, cmd_verify
 from ._cli_common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Context, UsageError, keep_epochs, parse_storage_options
+from ._secrets import Scrubber
 from .errors import CheckpointCorrupt, CheckpointNotFound, SyncCkptError
 from .retention import plan_deletions
 from .watch import watch
@@ -118,7 +120,6 @@ __all__ = ["EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
 
 log = logging.getLogger("syncckpt")
 
-_USERINFO = re.compile(r"://[^/\s@]*@")
 
 
 class _Exit(Exception):
@@ -146,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = parse_storage_options(list(args.storage_option or []) + list(args.storage_option_sub or []))
     except UsageError as e:
-        _report_error(str(e), EXIT_USAGE, as_json, _Scrubber({}, args_list))
+        _report_error(str(e), EXIT_USAGE, as_json, Scrubber(urls=args_list))
         return EXIT_USAGE
-    scrub = _Scrubber(options, args_list)
+    scrub = Scrubber(options, urls=args_list)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -168,35 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---- plumbing -------------------------------------------------------------------------------------------------------
-class _Scrubber:
-    """Replaces every storage option value, and URL credentials, by *** in text meant for humans or logs."""
-
-    def __init__(self, options: dict[str, Any], argv: Sequence[str]) -> None:
-        found: set[str] = set()
-
-        def walk(obj: Any) -> None:
-            if isinstance(obj, dict):
-                for v in obj.values():
-                    walk(v)
-            elif isinstance(obj, (list, tuple)):
-                for v in obj:
-                    walk(v)
-            elif isinstance(obj, (str, int, float)) and not isinstance(obj, bool) and len(str(obj)) >= 4:
-                found.add(str(obj))
-
-        walk(options)
-        for arg in argv:
-            if "://" in arg:
-                s = urlsplit(arg)
-                found.update(v for v in (s.username, s.password, s.query) if v and len(v) >= 4)
-        self._secrets = sorted(found, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return _USERINFO.sub("://", text)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, not argparse's usage dump
         print(f"syncckpt: error: {message} (see '{self.prog} --help')", file=sys.stderr)
