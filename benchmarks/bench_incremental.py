@@ -55,7 +55,7 @@ def fine_tune_model(layers: int, trainable_layers: int | None) -> tuple[torch.nn
     trainable_layers = min(trainable_layers, len(encoder))
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in encoder[len(encoder) - trainable_layers:]:
+    for layer in encoder[len(encoder) - trainable_layers :]:
         for p in layer.parameters():
             p.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -89,9 +89,16 @@ def main() -> None:
             options = s3.options()
             url = unique_prefix("s3", "incremental")
             fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
-            mgr = CheckpointManager(root / "run", save_every_n_steps=1, keep_last=1, remote=url,
-                                    storage_options=options, incremental=True, on_upload_error="raise",
-                                    handle_sigterm=False)
+            mgr = CheckpointManager(
+                root / "run",
+                save_every_n_steps=1,
+                keep_last=1,
+                remote=url,
+                storage_options=options,
+                incremental=True,
+                on_upload_error="raise",
+                handle_sigterm=False,
+            )
             mgr.register(model=model, optimizer=opt)
             uploader = mgr._uploader  # the benchmark reads its byte counter
             for step in range(1, args.checkpoints + 1):
@@ -106,12 +113,23 @@ def main() -> None:
                 blobs_after = blob_sizes(fs, url)
                 sent = uploader.bytes_uploaded - sent_before
                 new_blobs = sum(size for b, size in blobs_after.items() if b not in blobs_before)
-                rows.append({"checkpoint": name, "sent_MB": sent / 1e6, "new_blobs_MB": new_blobs / 1e6,
-                             "changed_MB": changed / 1e6, "full_MB": full / 1e6, "x_changed": sent / changed,
-                             "excess_KB": (sent - changed) / 1e3, "x_full": sent / full,
-                             "bucket_MB": sum(blobs_after.values()) / 1e6})
-                print(f"  {name}: sent {sent / 1e6:.1f} MB, changed {changed / 1e6:.1f} MB, full {full / 1e6:.1f} MB",
-                      flush=True)
+                rows.append(
+                    {
+                        "checkpoint": name,
+                        "sent_MB": sent / 1e6,
+                        "new_blobs_MB": new_blobs / 1e6,
+                        "changed_MB": changed / 1e6,
+                        "full_MB": full / 1e6,
+                        "x_changed": sent / changed,
+                        "excess_KB": (sent - changed) / 1e3,
+                        "x_full": sent / full,
+                        "bucket_MB": sum(blobs_after.values()) / 1e6,
+                    }
+                )
+                print(
+                    f"  {name}: sent {sent / 1e6:.1f} MB, changed {changed / 1e6:.1f} MB, full {full / 1e6:.1f} MB",
+                    flush=True,
+                )
             mgr.close()
 
             # A fresh session: empty folder, zeroed model, empty optimizer; everything comes from the bucket.
@@ -119,8 +137,14 @@ def main() -> None:
             with torch.no_grad():
                 for p in model2.parameters():
                     p.zero_()
-            with CheckpointManager(root / "fresh", save_every_n_steps=None, remote=url, storage_options=options,
-                                   incremental=True, handle_sigterm=False) as mgr2:
+            with CheckpointManager(
+                root / "fresh",
+                save_every_n_steps=None,
+                remote=url,
+                storage_options=options,
+                incremental=True,
+                handle_sigterm=False,
+            ) as mgr2:
                 mgr2.register(model=model2, optimizer=opt2)
                 info = mgr2.resume()
             sd1, sd2 = model.state_dict(), model2.state_dict()
@@ -128,24 +152,53 @@ def main() -> None:
             o1, o2 = opt.state_dict()["state"], opt2.state_dict()["state"]
             same_opt = o1.keys() == o2.keys() and all(
                 torch.equal(o1[i][n], o2[i][n]) if isinstance(o1[i][n], torch.Tensor) else o1[i][n] == o2[i][n]
-                for i in o1 for n in o1[i])
+                for i in o1
+                for n in o1[i]
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     later = rows[1:] or rows
-    title = (f"Incremental mirroring to moto S3: {total / 1e6:.0f}M params, last {k} of {args.layers} layers trainable "
-             f"({trainable / 1e6:.1f}M = {100 * trainable / total:.1f}%), AdamW; target x_changed <= 1.1 (+ a few KB) "
-             f"after the first checkpoint")
-    print_table(title, rows, ["checkpoint", "sent_MB", "new_blobs_MB", "changed_MB", "full_MB", "x_changed",
-                              "excess_KB", "x_full", "bucket_MB"])
-    print(f"\nafter the first checkpoint: median x_changed {statistics.median(r['x_changed'] for r in later):.3f}, "
-          f"median excess {statistics.median(r['excess_KB'] for r in later):.1f} KB, changed/full "
-          f"{later[0]['changed_MB'] / later[0]['full_MB']:.3f}")
-    print(f"fresh session resumed from {info.name if info else None} ({info.source if info else '-'}): model "
-          f"identical: {same_model}, optimizer identical: {same_opt}")
-    path = write_json("incremental", {"params": total, "trainable_params": trainable, "trainable_layers": k,
-                                      "rows": rows, "resumed": info.name if info else None,
-                                      "resume_identical": same_model and same_opt})
+    title = (
+        f"Incremental mirroring to moto S3: {total / 1e6:.0f}M params, last {k} of {args.layers} layers trainable "
+        f"({trainable / 1e6:.1f}M = {100 * trainable / total:.1f}%), AdamW; target x_changed <= 1.1 (+ a few KB) "
+        f"after the first checkpoint"
+    )
+    print_table(
+        title,
+        rows,
+        [
+            "checkpoint",
+            "sent_MB",
+            "new_blobs_MB",
+            "changed_MB",
+            "full_MB",
+            "x_changed",
+            "excess_KB",
+            "x_full",
+            "bucket_MB",
+        ],
+    )
+    print(
+        f"\nafter the first checkpoint: median x_changed {statistics.median(r['x_changed'] for r in later):.3f}, "
+        f"median excess {statistics.median(r['excess_KB'] for r in later):.1f} KB, changed/full "
+        f"{later[0]['changed_MB'] / later[0]['full_MB']:.3f}"
+    )
+    print(
+        f"fresh session resumed from {info.name if info else None} ({info.source if info else '-'}): model "
+        f"identical: {same_model}, optimizer identical: {same_opt}"
+    )
+    path = write_json(
+        "incremental",
+        {
+            "params": total,
+            "trainable_params": trainable,
+            "trainable_layers": k,
+            "rows": rows,
+            "resumed": info.name if info else None,
+            "resume_identical": same_model and same_opt,
+        },
+    )
     print(f"\nwrote {path}")
     if not (info and same_model and same_opt):
         sys.exit("the fresh session did not restore the mirrored state")

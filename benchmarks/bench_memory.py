@@ -42,8 +42,11 @@ from common import (  # noqa: E402
     write_json,
 )
 
-METHODS = {"local": "local save only", "s3": "save + mirror to moto S3",
-           "s3-incremental": "save + incremental mirror to moto S3"}
+METHODS = {
+    "local": "local save only",
+    "s3": "save + mirror to moto S3",
+    "s3-incremental": "save + incremental mirror to moto S3",
+}
 
 
 def _status() -> dict[str, int]:
@@ -68,8 +71,16 @@ def child(method: str, layers: int, endpoint: str | None, directory: str) -> dic
         remote = f"s3://{BUCKET}/memory-{method}-{Path(directory).name}"
         options = servers_module().s3_options(endpoint)
         options["config_kwargs"] = {"read_timeout": 900}
-    mgr = CheckpointManager(directory, save_every_n_steps=None, keep_last=1, remote=remote, storage_options=options,
-                            on_upload_error="raise", handle_sigterm=False, incremental=method == "s3-incremental")
+    mgr = CheckpointManager(
+        directory,
+        save_every_n_steps=None,
+        keep_last=1,
+        remote=remote,
+        storage_options=options,
+        on_upload_error="raise",
+        handle_sigterm=False,
+        incremental=method == "s3-incremental",
+    )
     mgr.register(model=model, optimizer=opt)
     tokens = make_tokens(vocab=model[-1].out_features)
     for _ in range(3):  # the training process's own footprint (activations, grads, allocator caches) is the baseline
@@ -111,13 +122,23 @@ def main() -> None:
     try:
         with moto_s3() as s3:
             for i, method in enumerate(methods):
-                cmd = [sys.executable, __file__, "--child", method, "--layers", str(args.layers),
-                       "--endpoint", s3.endpoint_url, "--dir", str(root / f"{method}-{i}")]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    method,
+                    "--layers",
+                    str(args.layers),
+                    "--endpoint",
+                    s3.endpoint_url,
+                    "--dir",
+                    str(root / f"{method}-{i}"),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode != 0 or not lines:
                     raise RuntimeError(f"{method}: child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-                results.append(json.loads(lines[-1][len("RESULT "):]))
+                results.append(json.loads(lines[-1][len("RESULT ") :]))
                 shutil.rmtree(root / f"{method}-{i}", ignore_errors=True)
                 print(f"  {method} done", flush=True)
     finally:
@@ -127,16 +148,24 @@ def main() -> None:
     for r in results:
         nbytes, base = r["state_bytes"], r["baseline_rss"]
         for label, s in zip(("first save", "steady state (2nd save)"), r["saves"], strict=True):
-            rows.append({"method": METHODS[r["method"]], "save": label, "state_GB": nbytes / 1e9,
-                         "peak_extra_GB": (s["peak"] - base) / 1e9, "retained_GB": (s["rss_after"] - base) / 1e9,
-                         "transient_GB": max(0, s["peak"] - s["rss_before"]) / 1e9,
-                         "x_state": (s["peak"] - base) / nbytes})
+            rows.append(
+                {
+                    "method": METHODS[r["method"]],
+                    "save": label,
+                    "state_GB": nbytes / 1e9,
+                    "peak_extra_GB": (s["peak"] - base) / 1e9,
+                    "retained_GB": (s["rss_after"] - base) / 1e9,
+                    "transient_GB": max(0, s["peak"] - s["rss_before"]) / 1e9,
+                    "x_state": (s["peak"] - base) / nbytes,
+                }
+            )
     r0 = results[0]
-    title = (f"Peak extra host memory (RSS over the training process without checkpointing) during an async save: "
-             f"{r0['params'] / 1e6:.0f}M params + AdamW = {r0['state_bytes'] / 1e9:.2f} GB of state; target "
-             f"x_state <= 1.2")
-    print_table(title, rows, ["method", "save", "state_GB", "peak_extra_GB", "retained_GB", "transient_GB",
-                              "x_state"])
+    title = (
+        f"Peak extra host memory (RSS over the training process without checkpointing) during an async save: "
+        f"{r0['params'] / 1e6:.0f}M params + AdamW = {r0['state_bytes'] / 1e9:.2f} GB of state; target "
+        f"x_state <= 1.2"
+    )
+    print_table(title, rows, ["method", "save", "state_GB", "peak_extra_GB", "retained_GB", "transient_GB", "x_state"])
     path = write_json("memory", {"rows": rows, "raw": results})
     print(f"\nwrote {path}")
 

@@ -68,8 +68,11 @@ def block_order(arms: list[str], n: int) -> list[list[str]]:
 def background_tids() -> list[int]:
     """syncckpt's writer, uploader and lease threads and fsspec's IO loop (and its executor): the threads that do a
     checkpoint's background work. Threads they start later (transfer pools) inherit their priority and CPU mask."""
-    return [t.native_id for t in threading.enumerate()
-            if t.name.startswith(("syncckpt-", "fsspecIO", "asyncio_")) and t.native_id]
+    return [
+        t.native_id
+        for t in threading.enumerate()
+        if t.name.startswith(("syncckpt-", "fsspecIO", "asyncio_")) and t.native_id
+    ]
 
 
 def training_cpu_seconds() -> float:
@@ -95,9 +98,18 @@ def server_cpu(s3) -> float:
     return cpu_seconds(s3.pid) if s3 is not None else 0.0
 
 
-def run_blocks(managers: dict[str, CheckpointManager], model, opt, tokens, every: float, n_rounds: int, s3,
-               blocks: list[dict], train_cpus: set[int] | None = None,
-               background_cpus: set[int] | None = None) -> dict[str, dict]:
+def run_blocks(
+    managers: dict[str, CheckpointManager],
+    model,
+    opt,
+    tokens,
+    every: float,
+    n_rounds: int,
+    s3,
+    blocks: list[dict],
+    train_cpus: set[int] | None = None,
+    background_cpus: set[int] | None = None,
+) -> dict[str, dict]:
     """The measured blocks. ``managers`` maps each checkpointing arm to its manager (the arm "none" has none).
     Returns per arm: the first save's stall, its time until mirrored, and the mirrored names."""
     first = {}
@@ -141,12 +153,26 @@ def run_blocks(managers: dict[str, CheckpointManager], model, opt, tokens, every
                 mgr.wait()  # normally idle by now; if not, the background work is longer than the interval
             late = time.perf_counter() - t
             cpu, srv, train = cpu_seconds() - cpu0, server_cpu(s3) - srv0, training_cpu_seconds() - train0
-            blocks.append({"round": rnd, "arm": arm, "steps": steps, "seconds": elapsed, "saves": saves,
-                           "stall_s": stall, "wait_after_block_s": late, "cpu_s": cpu, "server_cpu_s": srv,
-                           "background_cpu_s": cpu - train})
-            print(f"  {arm:7s} {steps:4d} steps in {elapsed:6.1f}s = {steps / elapsed:.3f} steps/s "
-                  f"(cpu: training {train:.1f}s + background {cpu - train:.1f}s + server {srv:.1f}s; "
-                  f"stall {stall:.2f}s, background left {late:.1f}s)", flush=True)
+            blocks.append(
+                {
+                    "round": rnd,
+                    "arm": arm,
+                    "steps": steps,
+                    "seconds": elapsed,
+                    "saves": saves,
+                    "stall_s": stall,
+                    "wait_after_block_s": late,
+                    "cpu_s": cpu,
+                    "server_cpu_s": srv,
+                    "background_cpu_s": cpu - train,
+                }
+            )
+            print(
+                f"  {arm:7s} {steps:4d} steps in {elapsed:6.1f}s = {steps / elapsed:.3f} steps/s "
+                f"(cpu: training {train:.1f}s + background {cpu - train:.1f}s + server {srv:.1f}s; "
+                f"stall {stall:.2f}s, background left {late:.1f}s)",
+                flush=True,
+            )
 
     for arm, mgr in managers.items():
         first[arm]["mirrored"] = mgr.status().get("mirrored", [])
@@ -161,16 +187,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--background-nice", default=None,
-                    help="CheckpointManager(background_nice=N), or a comma-separated list (19,0) for one "
-                         "checkpointing arm per value in the same run; default: the manager's default (19)")
-    ap.add_argument("--isolate-server", action="store_true",
-                    help="the S3 server on the last CPU, training (and its torch threads) on the others")
-    ap.add_argument("--remote", choices=("s3", "none"), default="s3",
-                    help="mirror to a moto S3 server (the target's setting) or only commit locally")
-    ap.add_argument("--pin-background", action="store_true",
-                    help="with --isolate-server: syncckpt's background threads on the last CPU too (with --remote "
-                         "none: the write path on a spare core, as beside a GPU training loop)")
+    ap.add_argument(
+        "--background-nice",
+        default=None,
+        help="CheckpointManager(background_nice=N), or a comma-separated list (19,0) for one "
+        "checkpointing arm per value in the same run; default: the manager's default (19)",
+    )
+    ap.add_argument(
+        "--isolate-server",
+        action="store_true",
+        help="the S3 server on the last CPU, training (and its torch threads) on the others",
+    )
+    ap.add_argument(
+        "--remote",
+        choices=("s3", "none"),
+        default="s3",
+        help="mirror to a moto S3 server (the target's setting) or only commit locally",
+    )
+    ap.add_argument(
+        "--pin-background",
+        action="store_true",
+        help="with --isolate-server: syncckpt's background threads on the last CPU too (with --remote "
+        "none: the write path on a spare core, as beside a GPU training loop)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -196,15 +235,32 @@ def main() -> None:
                 pin_server(s3.pid, server_cpus)
             managers = {}
             for arm, nice in arms.items():
-                mgr = CheckpointManager(root / arm, save_every_n_steps=None, save_every_n_minutes=every / 60,
-                                        keep_last=1, remote=unique_prefix("s3", "overhead") if s3 else None,
-                                        storage_options=s3.options() if s3 else None, on_upload_error="raise",
-                                        handle_sigterm=False, **({} if nice is None else {"background_nice": nice}))
+                mgr = CheckpointManager(
+                    root / arm,
+                    save_every_n_steps=None,
+                    save_every_n_minutes=every / 60,
+                    keep_last=1,
+                    remote=unique_prefix("s3", "overhead") if s3 else None,
+                    storage_options=s3.options() if s3 else None,
+                    on_upload_error="raise",
+                    handle_sigterm=False,
+                    **({} if nice is None else {"background_nice": nice}),
+                )
                 stack.callback(mgr.close, timeout=600)
                 mgr.register(model=model, optimizer=opt)
                 managers[arm] = mgr
-            first = run_blocks(managers, model, opt, tokens, every, n_blocks, s3, blocks, train_cpus,
-                               server_cpus if args.pin_background else None)
+            first = run_blocks(
+                managers,
+                model,
+                opt,
+                tokens,
+                every,
+                n_blocks,
+                s3,
+                blocks,
+                train_cpus,
+                server_cpus if args.pin_background else None,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -216,12 +272,20 @@ def main() -> None:
     for arm, label in labels.items():
         bs = [b for b in blocks if b["arm"] == arm]
         steps, secs, saves = sum(b["steps"] for b in bs), sum(b["seconds"] for b in bs), sum(b["saves"] for b in bs)
-        rows.append({"arm": label, "blocks": len(bs), "steps": steps, "seconds": secs, "steps_per_s": steps / secs,
-                     "cpu_s_per_step": sum(b["cpu_s"] for b in bs) / steps,
-                     "server_cpu_s_per_step": sum(b["server_cpu_s"] for b in bs) / steps,
-                     "saves": saves,
-                     "bg_cpu_s_per_save": sum(b["background_cpu_s"] for b in bs) / saves if saves else None,
-                     "bg_left_s": max(b["wait_after_block_s"] for b in bs)})
+        rows.append(
+            {
+                "arm": label,
+                "blocks": len(bs),
+                "steps": steps,
+                "seconds": secs,
+                "steps_per_s": steps / secs,
+                "cpu_s_per_step": sum(b["cpu_s"] for b in bs) / steps,
+                "server_cpu_s_per_step": sum(b["server_cpu_s"] for b in bs) / steps,
+                "saves": saves,
+                "bg_cpu_s_per_save": sum(b["background_cpu_s"] for b in bs) / saves if saves else None,
+                "bg_left_s": max(b["wait_after_block_s"] for b in bs),
+            }
+        )
     base = rows[0]["steps_per_s"]
     for r in rows:
         r["x_no_ckpt"] = r["steps_per_s"] / base
@@ -234,36 +298,73 @@ def main() -> None:
         # If a save's background work outlasts the interval, what is left runs while training waits between
         # blocks; charging all of it to training gives a lower bound (a real run would skip a step checkpoint).
         pessimistic = sum(b["steps"] for b in bs) / sum(b["seconds"] + b["wait_after_block_s"] for b in bs) / base
-        results[arm] = {**first[arm], "label": row["arm"], "ratio": row["x_no_ckpt"], "paired_ratios": paired,
-                        "ratio_pessimistic": pessimistic, "bg_left_s": row["bg_left_s"],
-                        "stall_median_s": statistics.median(b["stall_s"] for b in bs)}
-    title = (f"Training overhead: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of state, "
-             f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, "
-             f"{n_blocks} x {every:.0f}s blocks per arm (rounds A B ... B A), target >= 0.95"
-             + (f"; S3 server pinned to CPU {sorted(server_cpus)}, training to {sorted(train_cpus)}"
-                if server_cpus else "")
-             + ("; syncckpt's background threads pinned with the server" if args.pin_background else ""))
-    print_table(title, rows, ["arm", "blocks", "steps", "seconds", "steps_per_s", "cpu_s_per_step",
-                              "server_cpu_s_per_step", "saves", "bg_cpu_s_per_save", "bg_left_s", "x_no_ckpt"])
+        results[arm] = {
+            **first[arm],
+            "label": row["arm"],
+            "ratio": row["x_no_ckpt"],
+            "paired_ratios": paired,
+            "ratio_pessimistic": pessimistic,
+            "bg_left_s": row["bg_left_s"],
+            "stall_median_s": statistics.median(b["stall_s"] for b in bs),
+        }
+    title = (
+        f"Training overhead: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of state, "
+        f"batch {args.batch}x{args.seq}, {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, "
+        f"{n_blocks} x {every:.0f}s blocks per arm (rounds A B ... B A), target >= 0.95"
+        + (f"; S3 server pinned to CPU {sorted(server_cpus)}, training to {sorted(train_cpus)}" if server_cpus else "")
+        + ("; syncckpt's background threads pinned with the server" if args.pin_background else "")
+    )
+    print_table(
+        title,
+        rows,
+        [
+            "arm",
+            "blocks",
+            "steps",
+            "seconds",
+            "steps_per_s",
+            "cpu_s_per_step",
+            "server_cpu_s_per_step",
+            "saves",
+            "bg_cpu_s_per_save",
+            "bg_left_s",
+            "x_no_ckpt",
+        ],
+    )
     for r in results.values():
         print(f"\n{r['label']}:")
         paired = r["paired_ratios"]
-        print(f"  ratio to the no-checkpointing block of the same round: median {statistics.median(paired):.3f} "
-              f"({', '.join(f'{p:.3f}' for p in paired)})")
-        print(f"  stall per save: median {r['stall_median_s']:.3f}s; first save: {r['first_stall_s']:.2f}s stall, "
-              f"{r['first_mirrored_s']:.1f}s until mirrored; mirrored {len(r['mirrored'])} checkpoints")
-        print(f"  background work still running at a block's end: max {r['bg_left_s']:.1f}s "
-              f"(ratio if it were all charged to training: {r['ratio_pessimistic']:.3f})")
+        print(
+            f"  ratio to the no-checkpointing block of the same round: median {statistics.median(paired):.3f} "
+            f"({', '.join(f'{p:.3f}' for p in paired)})"
+        )
+        print(
+            f"  stall per save: median {r['stall_median_s']:.3f}s; first save: {r['first_stall_s']:.2f}s stall, "
+            f"{r['first_mirrored_s']:.1f}s until mirrored; mirrored {len(r['mirrored'])} checkpoints"
+        )
+        print(
+            f"  background work still running at a block's end: max {r['bg_left_s']:.1f}s "
+            f"(ratio if it were all charged to training: {r['ratio_pessimistic']:.3f})"
+        )
     name = "overhead_isolated" if server_cpus else "overhead"
     name += "_pinned" if args.pin_background else ""
     name += "_local" if args.remote == "none" else ""
     name += "_nice" + "_".join(str(n) for n in nices) if args.background_nice is not None else ""
-    path = write_json(name, {
-        "params": n_params(model), "state_bytes": nbytes, "every_s": every, "rows": rows, "blocks": blocks,
-        "arms": {arm: {k: v for k, v in r.items() if k != "mirrored"} for arm, r in results.items()},
-        "torch_threads": torch.get_num_threads(), "isolate_server": bool(server_cpus),
-        "pin_background": args.pin_background, "remote": args.remote,
-    })
+    path = write_json(
+        name,
+        {
+            "params": n_params(model),
+            "state_bytes": nbytes,
+            "every_s": every,
+            "rows": rows,
+            "blocks": blocks,
+            "arms": {arm: {k: v for k, v in r.items() if k != "mirrored"} for arm, r in results.items()},
+            "torch_threads": torch.get_num_threads(),
+            "isolate_server": bool(server_cpus),
+            "pin_background": args.pin_background,
+            "remote": args.remote,
+        },
+    )
     print(f"\nwrote {path}")
 
 

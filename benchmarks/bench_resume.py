@@ -73,14 +73,15 @@ def main() -> None:
             manifest, _ = read_manifest(folder)
             manifest_bytes = (folder / MANIFEST_NAME).read_bytes()
             remote = open_remote(url, options)
-            remote.commit_checkpoint(name, folder, manifest, manifest_bytes,
-                                     Latest(name, manifest.global_step, sha256_hex(manifest_bytes)))
+            remote.commit_checkpoint(
+                name, folder, manifest, manifest_bytes, Latest(name, manifest.global_step, sha256_hex(manifest_bytes))
+            )
             remote.close()
             files = [e.path for e in manifest.files] + [MANIFEST_NAME]
 
             model, opt = build_model(layers=args.layers)
             for rep in range(args.repeat):
-                for arm in (("resume", "get") if rep % 2 == 0 else ("get", "resume")):
+                for arm in ("resume", "get") if rep % 2 == 0 else ("get", "resume"):
                     dest = root / f"{arm}-{rep}"
                     c0 = cpu_seconds()
                     if arm == "get":
@@ -91,8 +92,9 @@ def main() -> None:
                         elapsed = time.perf_counter() - t0
                     else:
                         t0 = time.perf_counter()
-                        mgr = CheckpointManager(dest, save_every_n_steps=None, remote=url, storage_options=options,
-                                                handle_sigterm=False)
+                        mgr = CheckpointManager(
+                            dest, save_every_n_steps=None, remote=url, storage_options=options, handle_sigterm=False
+                        )
                         mgr.register(model=model, optimizer=opt)
                         t1 = time.perf_counter()
                         resumed = mgr.resume()
@@ -112,8 +114,12 @@ def main() -> None:
             live = model.state_dict()
             same = all(torch.equal(live[k], saved[k]) for k in live)
             saved_opt = load_file(folder / "optimizer.safetensors")
-            same_opt = all(torch.equal(v, saved_opt[f"state.{i}.{k}"]) for i, st in opt.state_dict()["state"].items()
-                           for k, v in st.items() if isinstance(v, torch.Tensor))
+            same_opt = all(
+                torch.equal(v, saved_opt[f"state.{i}.{k}"])
+                for i, st in opt.state_dict()["state"].items()
+                for k, v in st.items()
+                if isinstance(v, torch.Tensor)
+            )
             t0 = time.perf_counter()
             loss = train_step(model, opt, make_tokens(vocab=model[-1].out_features))
             first_step = time.perf_counter() - t0
@@ -124,16 +130,36 @@ def main() -> None:
     rows = []
     for arm, label in (("get", "plain s3fs get (download only)"), ("resume", "syncckpt resume() (fresh dir)")):
         s = summary(times[arm])
-        rows.append({"method": label, **s, "MB_per_s": info["bytes"] / s["median_s"] / 1e6,
-                     "cpu_s": statistics.median(cpu[arm]), "x_plain_get": ratio(s["median_s"], base)})
-    title = (f"Fresh-session resume from moto S3: {info['bytes'] / 1e9:.2f} GB checkpoint ({info['params'] / 1e6:.0f}M "
-             f"params + AdamW), median of {args.repeat}, alternating; target x_plain_get <= 1.15")
+        rows.append(
+            {
+                "method": label,
+                **s,
+                "MB_per_s": info["bytes"] / s["median_s"] / 1e6,
+                "cpu_s": statistics.median(cpu[arm]),
+                "x_plain_get": ratio(s["median_s"], base),
+            }
+        )
+    title = (
+        f"Fresh-session resume from moto S3: {info['bytes'] / 1e9:.2f} GB checkpoint ({info['params'] / 1e6:.0f}M "
+        f"params + AdamW), median of {args.repeat}, alternating; target x_plain_get <= 1.15"
+    )
     print_table(title, rows, ["method", "median_s", "min_s", "max_s", "n", "MB_per_s", "cpu_s", "x_plain_get"])
-    print(f"\nmanager setup before resume(): median {statistics.median(setup):.2f}s; first training step after "
-          f"resume: {first_step:.2f}s (loss {loss:.3f}); restored model identical: {same}, optimizer identical: "
-          f"{same_opt}")
-    path = write_json("resume", {**info, "rows": rows, "samples": times, "setup_s": setup,
-                                 "first_step_s": first_step, "restored_identical": same and same_opt})
+    print(
+        f"\nmanager setup before resume(): median {statistics.median(setup):.2f}s; first training step after "
+        f"resume: {first_step:.2f}s (loss {loss:.3f}); restored model identical: {same}, optimizer identical: "
+        f"{same_opt}"
+    )
+    path = write_json(
+        "resume",
+        {
+            **info,
+            "rows": rows,
+            "samples": times,
+            "setup_s": setup,
+            "first_step_s": first_step,
+            "restored_identical": same and same_opt,
+        },
+    )
     print(f"\nwrote {path}")
     if not (same and same_opt):
         sys.exit("restored state differs from the saved one")

@@ -30,6 +30,7 @@ from syncckpt import CheckpointManager  # noqa: E402
 
 def warm_copy_fn(model, opt):
     """Copy every tensor of the state into buffers allocated (and touched) beforehand."""
+
     def tensors():
         out = list(model.state_dict().values())
         for st in opt.state_dict()["state"].values():
@@ -115,16 +116,28 @@ def main() -> None:
         {"method": "torch.save (sync, fsync)", **summary(tsave), "x_warm_copy": summary(tsave)["median_s"] / w},
     ]
     if dcp_times:
-        rows.append({"method": "DCP async_save, first call", "median_s": dcp_times[0], "min_s": dcp_times[0],
-                     "max_s": dcp_times[0], "n": 1, "x_warm_copy": dcp_times[0] / w})
+        rows.append(
+            {
+                "method": "DCP async_save, first call",
+                "median_s": dcp_times[0],
+                "min_s": dcp_times[0],
+                "max_s": dcp_times[0],
+                "n": 1,
+                "x_warm_copy": dcp_times[0] / w,
+            }
+        )
         later = dcp_times[1:]
-        rows.append({"method": "DCP async_save, later calls", **summary(later),
-                     "x_warm_copy": summary(later)["median_s"] / w})
-    title = (f"Stall on a due checkpoint: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of "
-             f"state, {os.cpu_count()} CPUs (background write+hash+fsync of the last save: {background:.2f}s)")
+        rows.append(
+            {"method": "DCP async_save, later calls", **summary(later), "x_warm_copy": summary(later)["median_s"] / w}
+        )
+    title = (
+        f"Stall on a due checkpoint: {n_params(model) / 1e6:.0f}M params + AdamW = {nbytes / 1e9:.2f} GB of "
+        f"state, {os.cpu_count()} CPUs (background write+hash+fsync of the last save: {background:.2f}s)"
+    )
     print_table(title, rows, ["method", "median_s", "min_s", "max_s", "n", "x_warm_copy"])
-    path = write_json("stall", {"params": n_params(model), "state_bytes": nbytes, "rows": rows,
-                                "background_write_s": background})
+    path = write_json(
+        "stall", {"params": n_params(model), "state_bytes": nbytes, "rows": rows, "background_write_s": background}
+    )
     print(f"\nwrote {path}")
 
 

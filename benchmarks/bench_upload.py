@@ -77,8 +77,7 @@ def upload_once(method: str, scheme: str, options: dict, folder: Path) -> tuple[
             return time.perf_counter() - t0, url
         finally:
             remote.close()
-    up = Uploader(url, options, on_error="raise", incremental=method.endswith("incremental"),
-                  retention=lambda refs: [])
+    up = Uploader(url, options, on_error="raise", incremental=method.endswith("incremental"), retention=lambda refs: [])
     try:
         t0 = time.perf_counter()
         up.submit(folder.parent, manifest)
@@ -128,7 +127,7 @@ def main() -> None:
                 cpu: dict[str, list[float]] = {m: [] for m in METHODS}
                 for rep in range(args.repeat):
                     # Rotated, and reversed every other round, so no method always follows the same one.
-                    order = METHODS[rep % len(METHODS):] + METHODS[: rep % len(METHODS)]
+                    order = METHODS[rep % len(METHODS) :] + METHODS[: rep % len(METHODS)]
                     for method in order[::-1] if rep % 2 else order:
                         settle(server_pid)
                         c0 = cpu_seconds()
@@ -140,17 +139,27 @@ def main() -> None:
             base = statistics.median(times["plain put"])
             for method in METHODS:
                 s = summary(times[method])
-                rows.append({"store": store, "method": method, **s, "MB_per_s": info["bytes"] / s["median_s"] / 1e6,
-                             "client_cpu_s": statistics.median(cpu[method]),
-                             "x_plain_put": ratio(s["median_s"], base)})
+                rows.append(
+                    {
+                        "store": store,
+                        "method": method,
+                        **s,
+                        "MB_per_s": info["bytes"] / s["median_s"] / 1e6,
+                        "client_cpu_s": statistics.median(cpu[method]),
+                        "x_plain_put": ratio(s["median_s"], base),
+                    }
+                )
             samples[store] = times
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    title = (f"Mirror one checkpoint ({info['files']} files, {info['bytes'] / 1e9:.2f} GB; {info['params'] / 1e6:.0f}M "
-             f"params + AdamW), median of {args.repeat}, order rotated + reversed; target x_plain_put <= 1.0")
-    print_table(title, rows, ["store", "method", "median_s", "min_s", "max_s", "n", "MB_per_s", "client_cpu_s",
-                              "x_plain_put"])
+    title = (
+        f"Mirror one checkpoint ({info['files']} files, {info['bytes'] / 1e9:.2f} GB; {info['params'] / 1e6:.0f}M "
+        f"params + AdamW), median of {args.repeat}, order rotated + reversed; target x_plain_put <= 1.0"
+    )
+    print_table(
+        title, rows, ["store", "method", "median_s", "min_s", "max_s", "n", "MB_per_s", "client_cpu_s", "x_plain_put"]
+    )
     path = write_json("upload", {**info, "rows": rows, "samples": samples})
     print(f"\nwrote {path}")
 

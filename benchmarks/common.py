@@ -20,8 +20,12 @@ from typing import Any
 # gcsfs reads this when imported, so it is set before anything can import it. The AWS variables keep botocore
 # from looking for real credentials or an instance-metadata endpoint.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-for _k, _v in (("AWS_ACCESS_KEY_ID", "AKIATESTSYNCCKPT"), ("AWS_SECRET_ACCESS_KEY", "SECRET-DO-NOT-LOG"),
-               ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+for _k, _v in (
+    ("AWS_ACCESS_KEY_ID", "AKIATESTSYNCCKPT"),
+    ("AWS_SECRET_ACCESS_KEY", "SECRET-DO-NOT-LOG"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+):
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
@@ -119,8 +123,10 @@ def _fmt(v) -> str:
 
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    payload = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-               **payload}
+    payload = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        **payload,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
@@ -152,8 +158,10 @@ class MotoProcess:
         return self._server.endpoint_url
 
     def start(self, timeout: float = 60.0) -> MotoProcess:
-        code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from servers import MotoS3Server; "
-                f"MotoS3Server(port={self._server.port}).start(); print('ready', flush=True); sys.stdin.read()")
+        code = (
+            f"import sys; sys.path.insert(0, {str(TESTS)!r}); from servers import MotoS3Server; "
+            f"MotoS3Server(port={self._server.port}).start(); print('ready', flush=True); sys.stdin.read()"
+        )
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = self._proc.stdout.readline() if self._proc.stdout else b""
         if line.strip() != b"ready":

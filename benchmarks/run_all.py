@@ -20,18 +20,34 @@ HERE = Path(__file__).parent
 # name -> (full-size arguments, quick arguments); the script is bench_NAME.py (NAME up to a "+")
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "stall": ([], ["--layers", "2", "--repeat", "3", "--no-dcp"]),
-    "overhead": (["--background-nice", "19,0"],
-                 ["--background-nice", "19,0", "--layers", "2", "--duration", "30", "--every-seconds", "15"]),
-    "overhead+isolated": (["--isolate-server", "--background-nice", "19,0"],
-                          ["--isolate-server", "--background-nice", "19,0", "--layers", "2", "--duration", "30",
-                           "--every-seconds", "15"]),
-    "overhead+local": (["--remote", "none", "--background-nice", "19,0", "--duration", "180"],
-                       ["--remote", "none", "--layers", "2", "--duration", "30", "--every-seconds", "15"]),
+    "overhead": (
+        ["--background-nice", "19,0"],
+        ["--background-nice", "19,0", "--layers", "2", "--duration", "30", "--every-seconds", "15"],
+    ),
+    "overhead+isolated": (
+        ["--isolate-server", "--background-nice", "19,0"],
+        ["--isolate-server", "--background-nice", "19,0", "--layers", "2", "--duration", "30", "--every-seconds", "15"],
+    ),
+    "overhead+local": (
+        ["--remote", "none", "--background-nice", "19,0", "--duration", "180"],
+        ["--remote", "none", "--layers", "2", "--duration", "30", "--every-seconds", "15"],
+    ),
     # the write path with a core of its own, as on a GPU machine whose training loop leaves CPU cores idle
-    "overhead+local+spare-core": (["--remote", "none", "--isolate-server", "--pin-background", "--background-nice",
-                                   "19", "--duration", "180"],
-                                  ["--remote", "none", "--isolate-server", "--pin-background", "--layers", "2",
-                                   "--duration", "30", "--every-seconds", "15"]),
+    "overhead+local+spare-core": (
+        ["--remote", "none", "--isolate-server", "--pin-background", "--background-nice", "19", "--duration", "180"],
+        [
+            "--remote",
+            "none",
+            "--isolate-server",
+            "--pin-background",
+            "--layers",
+            "2",
+            "--duration",
+            "30",
+            "--every-seconds",
+            "15",
+        ],
+    ),
     "upload": ([], ["--layers", "2", "--repeat", "2"]),
     "resume": ([], ["--layers", "2", "--repeat", "2"]),
     "memory": ([], ["--layers", "2"]),

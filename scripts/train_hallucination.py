@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="passed to the --remote store (repeatable; VALUE is JSON-decoded where valid), e.g. "
-        "'client_kwargs={\"endpoint_url\": \"https://ACCOUNT.r2.cloudflarestorage.com\"}'; never logged",
+        '\'client_kwargs={"endpoint_url": "https://ACCOUNT.r2.cloudflarestorage.com"}\'; never logged',
     )
     p.add_argument(
         "--start-fresh-if-damaged",
@@ -723,8 +723,10 @@ def train(
     if cfg.model.name:
         log.info("Model: %s", cfg.model.name)
     else:
-        log.info("Model: the tiny demo model, built locally (hidden size %d); pass --model-name to fine-tune a "
-                 "real one", cfg.model.hidden_size)
+        log.info(
+            "Model: the tiny demo model, built locally (hidden size %d); pass --model-name to fine-tune a real one",
+            cfg.model.hidden_size,
+        )
     kwargs = ccfg.manager_kwargs()
     kwargs["storage_options"] = {**kwargs["storage_options"], **(storage_options or {})}
     best = kwargs["metric_for_best"]
@@ -761,8 +763,9 @@ def train(
                 ) from None
         global_step = info.global_step if info else 0
         if info and info.epoch >= tcfg.epochs:
-            log.info("Training already complete (%d epochs, global step %d): nothing left to train", tcfg.epochs,
-                     global_step)
+            log.info(
+                "Training already complete (%d epochs, global step %d): nothing left to train", tcfg.epochs, global_step
+            )
         log.info(
             "Training %d epochs x %d batches (batch size %d, accumulation %d): %d optimizer steps on %s",
             tcfg.epochs,
@@ -775,8 +778,9 @@ def train(
         every, minutes = ccfg.save_every_n_batches, ccfg.save_every_n_minutes
         log.info(
             "Step checkpoints: %s%s",
-            "off" if every is None else f"every {every} optimizer steps ({every * tcfg.gradient_accumulation_steps} "
-            "batches)",
+            "off"
+            if every is None
+            else f"every {every} optimizer steps ({every * tcfg.gradient_accumulation_steps} batches)",
             "" if minutes is None else f", and after {minutes:g} minutes without one",
         )
         stop = tcfg.max_steps is not None and global_step >= tcfg.max_steps

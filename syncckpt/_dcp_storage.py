@@ -77,8 +77,7 @@ class ShardWriter(StorageWriter):
     def prepare_global_plan(self, plans):
         n = len(plans)
         return [
-            dataclasses.replace(p, storage_data=f"shard-{i:05d}-of-{n:05d}.safetensors")
-            for i, p in enumerate(plans)
+            dataclasses.replace(p, storage_data=f"shard-{i:05d}-of-{n:05d}.safetensors") for i, p in enumerate(plans)
         ]
 
     def write_data(self, plan, planner) -> TorchFuture:
@@ -155,7 +154,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
                 f.write(memoryview(tensors[slot.name].reshape(-1).view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
-
 
 
 # ---- the index ---------------------------------------------------------------------------------------------

@@ -33,4 +33,3 @@ def lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, min(nice, 19))
     except OSError as e:  # a sandbox without the syscall: the thread keeps the process's priority
         log.debug("could not lower the priority of %s: %s", threading.current_thread().name, e)
-

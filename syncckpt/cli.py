@@ -121,7 +121,6 @@ __all__ = ["EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
 log = logging.getLogger("syncckpt")
 
 
-
 class _Exit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)

@@ -118,15 +118,22 @@ def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used
         return None
     fits = (limit_bytes - used_bytes) // checkpoint_bytes - 1 if checkpoint_bytes else keep
     used = f" (plus {used_bytes / GB:.1f} GB already used)" if used_bytes else ""
-    msg = (f"keeping {keep} checkpoint{'s' if keep != 1 else ''} of {checkpoint_bytes / GB:.1f} GB needs up to "
-           f"{peak / GB:.1f} GB{used} (keep + 1 while saving), over the {limit_bytes / GB:.1f} GB limit; ")
+    msg = (
+        f"keeping {keep} checkpoint{'s' if keep != 1 else ''} of {checkpoint_bytes / GB:.1f} GB needs up to "
+        f"{peak / GB:.1f} GB{used} (keep + 1 while saving), over the {limit_bytes / GB:.1f} GB limit; "
+    )
     if fits >= 1:
         return msg + f"lower keep_last/keep_epochs to {fits}, or mirror to a remote and keep fewer locally"
     return msg + "even one checkpoint does not fit beside the one being written: checkpoint to a larger disk"
 
 
-def check_disk_budget(directory: str | os.PathLike[str], checkpoint_bytes: int, keep: int,
-                      limit_bytes: int | None = None, used_bytes: int = 0) -> str | None:
+def check_disk_budget(
+    directory: str | os.PathLike[str],
+    checkpoint_bytes: int,
+    keep: int,
+    limit_bytes: int | None = None,
+    used_bytes: int = 0,
+) -> str | None:
     """Warn (:class:`DiskBudgetWarning`) when the checkpoints kept in ``directory`` may exceed the disk limit.
 
     The limit is ``limit_bytes`` when given, else Kaggle's 20 GB when ``directory`` is under ``/kaggle/working``;

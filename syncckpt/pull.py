@@ -79,8 +79,9 @@ def remote_listing(remote: Remote, *, strict: bool = False) -> RemoteListing:
     try:
         index = quarantine.read_index(remote)
     except (OSError, RemoteError) as e:
-        log.warning("Cannot read %s/%s (%s); no checkpoint is taken as quarantined", remote.url,
-                    quarantine.INDEX_NAME, e)
+        log.warning(
+            "Cannot read %s/%s (%s); no checkpoint is taken as quarantined", remote.url, quarantine.INDEX_NAME, e
+        )
         index = {}
     out = RemoteListing(index=index)
     out.quarantined = quarantine.list_remote(index, remote.url, {n: d for n, _, d, _ in found})

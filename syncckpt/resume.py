@@ -87,8 +87,11 @@ class Search:
         """One line naming every damaged or quarantined checkpoint and its reason."""
         seen = [f"{d.name} ({d.location}): {d.reason}" for d in self.damaged]
         now = {(d.name, d.location) for d in self.damaged}
-        seen += [f"{q.name} ({q.location}, quarantined earlier): {q.reason}" for q in self.quarantined
-                 if (q.name, q.location) not in now]
+        seen += [
+            f"{q.name} ({q.location}, quarantined earlier): {q.reason}"
+            for q in self.quarantined
+            if (q.name, q.location) not in now
+        ]
         return "; ".join(seen)
 
 
@@ -266,8 +269,7 @@ def _quarantine(
         failpoint("quarantine-latest")
         repoint_latest(remote, c.name, listing.candidates if listing else [])
     except (OSError, RemoteError) as e:
-        log.warning("Could not quarantine %s/%s (%s); it is skipped at every resume until fixed", remote.url,
-                    c.name, e)
+        log.warning("Could not quarantine %s/%s (%s); it is skipped at every resume until fixed", remote.url, c.name, e)
         return False
     if listing is not None:
         listing.candidates = [x for x in listing.candidates if x.name != c.name]

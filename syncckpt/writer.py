@@ -115,8 +115,13 @@ class Writer:
         self.last_saved_step = global_step
         safe_metrics = json_safe_metrics(metrics)
         best = self.best.bar if self.best is not None and "best" in kinds else (self.best.best if self.best else None)
-        trainer = {"global_step": global_step, "epoch": epoch, "batch_idx": batch_idx, "metrics": safe_metrics,
-                   "best_metric": best}
+        trainer = {
+            "global_step": global_step,
+            "epoch": epoch,
+            "batch_idx": batch_idx,
+            "metrics": safe_metrics,
+            "best_metric": best,
+        }
         commits = [
             Manifest(
                 name=checkpoint_name(kind, global_step if kind == "step" else epoch),

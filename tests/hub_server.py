@@ -361,9 +361,12 @@ class HubServer:
             if action == "revision" and method == "GET" and rev:
                 return "repo_info", lambda: self._h_repo_info(h, repo_type, repo_id, rev)
             handlers = {
-                ("POST", "preupload"): self._h_preupload, ("POST", "commit"): self._h_commit,
-                ("GET", "tree"): self._h_tree, ("POST", "paths-info"): self._h_paths_info,
-                ("POST", "branch"): self._h_branch, ("POST", "super-squash"): self._h_squash,
+                ("POST", "preupload"): self._h_preupload,
+                ("POST", "commit"): self._h_commit,
+                ("GET", "tree"): self._h_tree,
+                ("POST", "paths-info"): self._h_paths_info,
+                ("POST", "branch"): self._h_branch,
+                ("POST", "super-squash"): self._h_squash,
             }
             fn = handlers.get((method, action or ""))
             if fn is not None and rev is not None:
@@ -435,8 +438,9 @@ class HubServer:
                 existing = files.get(f["path"])
                 # The client compares this with sha256 for LFS files and with the git blob id otherwise.
                 oid = None if existing is None else (existing.lfs_sha256 or existing.oid)
-                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                            "oid": oid})
+                out.append(
+                    {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+                )
         return 200, {}, {"files": out, "commitOid": self._commit_at(repo, rev).oid}
 
     def _h_lfs_batch(self, h: _Handler, repo_type: str, repo_id: str) -> tuple:
@@ -566,8 +570,9 @@ class HubServer:
             if entry.lfs_sha256 is not None:
                 # The Hub answers LFS files with a redirect to a CDN; the client must follow it.
                 location = f"{self.url}/_cdn/{repo_type}s/{repo_id}/{entry.lfs_sha256}"
-                headers.update({"Location": location, "X-Linked-Size": str(entry.size),
-                                "X-Linked-Etag": f'"{entry.lfs_sha256}"'})
+                headers.update(
+                    {"Location": location, "X-Linked-Size": str(entry.size), "X-Linked-Etag": f'"{entry.lfs_sha256}"'}
+                )
                 return 302, headers, b""
             data = repo.blobs[entry.oid]
         return self._ranged(h, data, headers)
@@ -664,4 +669,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _serve
-

@@ -26,14 +26,16 @@ from syncckpt.remote import open_remote
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-def make_run(directory: Path, steps: tuple[int, ...] = (1, 2, 3), keep_last: int = 3,
-             **options: Any) -> torch.nn.Module:
+def make_run(
+    directory: Path, steps: tuple[int, ...] = (1, 2, 3), keep_last: int = 3, **options: Any
+) -> torch.nn.Module:
     """Train a tiny model for a few steps, saving a step checkpoint after each; returns the trained model."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with CheckpointManager(directory, save_every_n_steps=1, keep_last=keep_last, handle_sigterm=False,
-                           **options) as mgr:
+    with CheckpointManager(
+        directory, save_every_n_steps=1, keep_last=keep_last, handle_sigterm=False, **options
+    ) as mgr:
         mgr.register(model=model, optimizer=opt)
         for step in steps:
             model(torch.randn(3, 4)).sum().backward()
@@ -129,8 +131,9 @@ def test_console_script_help_and_ls(run: Path) -> None:
 def test_python_dash_m_syncckpt_is_the_same_command(run: Path) -> None:
     """A notebook kernel or an unpacked archive may not have the console script on PATH."""
     script = subprocess.run([syncckpt_script(), "ls", str(run)], capture_output=True, text=True, timeout=120)
-    module = subprocess.run([sys.executable, "-m", "syncckpt", "ls", str(run)], capture_output=True, text=True,
-                            timeout=120)
+    module = subprocess.run(
+        [sys.executable, "-m", "syncckpt", "ls", str(run)], capture_output=True, text=True, timeout=120
+    )
     assert module.returncode == 0, module.stderr
     assert module.stdout == script.stdout
 
@@ -194,7 +197,8 @@ def test_push_run_then_ls_remote_and_mirrored(capsys: pytest.CaptureFixture[str]
 
 
 def test_incremental_run_compares_by_content_and_prune_collects_blobs(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, remote_url: str) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, remote_url: str
+) -> None:
     run = tmp_path / "ckpts"
     make_run(run, remote=remote_url, incremental=True)  # the remote stores content-addressed blobs
     code, data = cli_json(capsys, "ls", str(run), "--remote", remote_url)
@@ -489,8 +493,9 @@ def test_watch_reports_corrupt_folder_exit_1(capsys: pytest.CaptureFixture[str],
     assert sorted(data["mirrored"]) == ["checkpoint-step-2", "checkpoint-step-3"]
 
 
-def test_upload_failure_exits_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, run: Path,
-                                remote_url: str) -> None:
+def test_upload_failure_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, run: Path, remote_url: str
+) -> None:
     from syncckpt.errors import RemoteError
     from syncckpt.remote.fsspec import FsspecRemote
 

@@ -561,8 +561,7 @@ def test_non_finite_half_precision_and_optimizer_state_are_detected(tmp_path, dt
     assert sorted(m["unhealthy_tensors"]) == ["model/2.bias", "optimizer/state.0.momentum_buffer"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64,
-                                   torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn])
 def test_health_check_finds_nan_and_inf_in_every_float_dtype_and_accepts_huge_finite_values(dtype):
     """The check sums each tensor (float32 slices for 16- and 8-bit floats) and looks element-wise only when the
     sum is not finite: a NaN or Inf anywhere is caught; finite values so large that their sum overflows are not
@@ -855,7 +854,9 @@ def test_failed_upload_at_interpreter_exit_is_logged_not_an_atexit_traceback(tmp
     assert (tmp_path / "ck" / "checkpoint-step-1" / "manifest.json").exists()  # the local save committed
 
 
-@pytest.mark.parametrize(("url", "meant"), [("s3:/bucket/run", "s3://bucket/run"), ("gs//bucket/run", "gs://bucket/run")])
+@pytest.mark.parametrize(
+    ("url", "meant"), [("s3:/bucket/run", "s3://bucket/run"), ("gs//bucket/run", "gs://bucket/run")]
+)
 def test_a_mistyped_store_url_is_refused_not_mirrored_to_a_local_folder(tmp_path, monkeypatch, url, meant):
     """fsspec would read these as local paths: the "mirror" would sit on the disk the user meant to back up."""
     from syncckpt.errors import ConfigError

@@ -370,8 +370,14 @@ def test_ranged_download_retries_one_range_and_bounds_memory(
     folder, m, mb = make_checkpoint(tmp_path, "checkpoint-step-10", 10, model_size=1_000_000)
     big = folder / "rng" / "big.bin"
     big.write_bytes(random.Random(7).randbytes(700_000))  # a second multi-range file downloading at once
-    m = Manifest(name=m.name, kind="step", global_step=10, epoch=0, batch_idx=9,
-                 files=[*m.files, FileEntry("rng/big.bin", 700_000, sha256_hex(big.read_bytes()))])
+    m = Manifest(
+        name=m.name,
+        kind="step",
+        global_step=10,
+        epoch=0,
+        batch_idx=9,
+        files=[*m.files, FileEntry("rng/big.bin", 700_000, sha256_hex(big.read_bytes()))],
+    )
     mb = m.to_bytes()
     commit(r, folder, m, mb)
 
@@ -385,6 +391,7 @@ def test_ranged_download_retries_one_range_and_bounds_memory(
             out = fn(n)
             peak = max(peak, budget.in_use)
             return out
+
         return wrapped
 
     monkeypatch.setattr(budget, "acquire", track(acquire))

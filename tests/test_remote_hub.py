@@ -222,8 +222,14 @@ def test_dropped_download_resumes_with_range(hub, repo_id, tmp_path):
 def test_check_uploaded_compares_lfs_sha256(hub, repo_id, tmp_path):
     remote = make_remote(hub, f"hf://{repo_id}")
     name, _, manifest, _ = commit(remote, tmp_path, 1)
-    lying = Manifest(name=name, kind="step", global_step=1, epoch=0, batch_idx=1,
-                     files=[FileEntry("model.safetensors", manifest.files[0].size, "0" * 64)])
+    lying = Manifest(
+        name=name,
+        kind="step",
+        global_step=1,
+        epoch=0,
+        batch_idx=1,
+        files=[FileEntry("model.safetensors", manifest.files[0].size, "0" * 64)],
+    )
     with pytest.raises(RemoteError, match="SHA-256"):
         remote.check_uploaded(name, lying)
 
@@ -312,8 +318,13 @@ def test_token_from_saved_login(hub, repo_id, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "url, options",
-    [("s3://bucket/run", None), ("hf://only-a-name", None), ("hf://buckets/user/b", None),
-     ("hf://user/repo", {"tokn": "x"}), ("hf://datasets/user/repo", {"repo_type": "model"})],
+    [
+        ("s3://bucket/run", None),
+        ("hf://only-a-name", None),
+        ("hf://buckets/user/b", None),
+        ("hf://user/repo", {"tokn": "x"}),
+        ("hf://datasets/user/repo", {"repo_type": "model"}),
+    ],
 )
 def test_bad_urls_and_options(url, options):
     with pytest.raises(ConfigError):
@@ -341,4 +352,8 @@ def test_branch_with_slash_keeps_a_round_trippable_url():
 def test_dataset_url():
     remote = HubRemote("hf://datasets/user/repo/runs/a")
     assert (remote.repo_type, remote.repo_id, remote.prefix, remote.url) == (
-        "dataset", "user/repo", "runs/a", "hf://datasets/user/repo/runs/a")
+        "dataset",
+        "user/repo",
+        "runs/a",
+        "hf://datasets/user/repo/runs/a",
+    )

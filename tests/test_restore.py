@@ -25,8 +25,9 @@ SESSION = textwrap.dedent(
 
 
 def run_session(directory, mode: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", SESSION, str(directory), mode], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SESSION, str(directory), mode], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

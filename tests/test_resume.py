@@ -48,8 +48,15 @@ def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def _manager(directory: Path, store=None, keep_last: int = 1, every: int = 1) -> CheckpointManager:
     url, options, remote_options = store or (None, None, None)
-    return CheckpointManager(directory, save_every_n_steps=every, keep_last=keep_last, remote=url,
-                             storage_options=options, remote_options=remote_options, handle_sigterm=False)
+    return CheckpointManager(
+        directory,
+        save_every_n_steps=every,
+        keep_last=keep_last,
+        remote=url,
+        storage_options=options,
+        remote_options=remote_options,
+        handle_sigterm=False,
+    )
 
 
 def session(directory: Path, steps: int, store=None, keep_last: int = 1, every: int = 1, **resume_kw):

@@ -153,13 +153,13 @@ class SyncCheckpointCallback(TrainerCallback):
         self._life: Lifecycle | None = None  # the interpreter-exit flush, as the manager's
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero:
             self._start(args)  # opens the remote and takes its lease now, so a LeaseHeld surfaces before step 1
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.is_world_process_zero and self._uploader is not None:
             self._raise_if_failed()
 
@@ -171,8 +171,9 @@ class SyncCheckpointCallback(TrainerCallback):
         self._raise_if_failed()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
-            log.warning("on_save: %s does not exist; nothing to mirror (hyperparameter search runs are not "
-                        "mirrored)", folder)
+            log.warning(
+                "on_save: %s does not exist; nothing to mirror (hyperparameter search runs are not mirrored)", folder
+            )
             return
         best = state.best_model_checkpoint
         with self._lock:
@@ -182,20 +183,35 @@ class SyncCheckpointCallback(TrainerCallback):
         assert self._stage_root is not None
         stage = self._stage_root / folder.name
         shutil.rmtree(stage, ignore_errors=True)
-        rels = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
-                if p.is_file() and p.name != MANIFEST_NAME]
+        rels = [
+            p.relative_to(folder).as_posix()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME
+        ]
         local.link_files(folder, stage, [FileEntry(r, 0, "") for r in rels])
         last_log = state.log_history[-1] if state.log_history else {}
         metrics = json_safe_metrics({k: v for k, v in last_log.items() if isinstance(v, (int, float))})
-        extra = {"source": "transformers.Trainer", "best_model_checkpoint": self._best_name,
-                 "best_metric": state.best_metric}
-        job = self._hasher.submit(self._hash_and_submit, seq, folder, stage,  # type: ignore[union-attr]
-                                  state.global_step, int(state.epoch or 0), metrics, extra)
+        extra = {
+            "source": "transformers.Trainer",
+            "best_model_checkpoint": self._best_name,
+            "best_metric": state.best_metric,
+        }
+        job = self._hasher.submit(
+            self._hash_and_submit,
+            seq,
+            folder,
+            stage,  # type: ignore[union-attr]
+            state.global_step,
+            int(state.epoch or 0),
+            metrics,
+            extra,
+        )
         with self._lock:
             self._futures = [f for f in self._futures if not f.done()] + [job]
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or self._uploader is None:
             return
         t0 = time.monotonic()
@@ -203,8 +219,12 @@ class SyncCheckpointCallback(TrainerCallback):
         if done:
             log.info("All checkpoints mirrored to %s (waited %.1fs)", self._uploader.url, time.monotonic() - t0)
         else:
-            log.warning("Training ended with uploads to %s still pending after %.0fs: %s", self._uploader.url,
-                        self.flush_timeout, self._uploader.status()["pending"])
+            log.warning(
+                "Training ended with uploads to %s still pending after %.0fs: %s",
+                self._uploader.url,
+                self.flush_timeout,
+                self._uploader.status()["pending"],
+            )
         self.close(remove_staging=done)
 
     # ---- public helpers ---------------------------------------------------------------------------------------
@@ -269,13 +289,30 @@ class SyncCheckpointCallback(TrainerCallback):
         )
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-hash")
         self._pid = os.getpid()
-        self._life = Lifecycle(flush=self.wait, grace_period=self.flush_timeout, mirrored=True, handle_sigterm=False,
-                               on_exit=self._flush_at_exit)
-        log.info("Mirroring Trainer checkpoints from %s to %s (remote keeps %s)", args.output_dir,
-                 self._uploader.url, self._rotation_limit or "all")
+        self._life = Lifecycle(
+            flush=self.wait,
+            grace_period=self.flush_timeout,
+            mirrored=True,
+            handle_sigterm=False,
+            on_exit=self._flush_at_exit,
+        )
+        log.info(
+            "Mirroring Trainer checkpoints from %s to %s (remote keeps %s)",
+            args.output_dir,
+            self._uploader.url,
+            self._rotation_limit or "all",
+        )
 
-    def _hash_and_submit(self, seq: int, folder: Path, stage: Path, global_step: int, epoch: int,
-                         metrics: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _hash_and_submit(
+        self,
+        seq: int,
+        folder: Path,
+        stage: Path,
+        global_step: int,
+        epoch: int,
+        metrics: dict[str, Any],
+        extra: dict[str, Any],
+    ) -> None:
         """Hashing thread: manifest for the staged copy, hand-off to the uploader, manifest next to the original."""
         try:
             with self._lock:
@@ -283,8 +320,9 @@ class SyncCheckpointCallback(TrainerCallback):
             if superseded:  # hashing fell behind the save interval: only the newest checkpoint is worth uploading
                 log.info("Upload of %s skipped: a newer checkpoint was saved before it was hashed", stage.name)
                 return
-            manifest = local.manifest_for_folder(stage, kind="step", global_step=global_step, epoch=epoch,
-                                                 metrics=metrics, extra=extra)
+            manifest = local.manifest_for_folder(
+                stage, kind="step", global_step=global_step, epoch=epoch, metrics=metrics, extra=extra
+            )
             self._uploader.submit(self._stage_root, manifest)
             _place_manifest(folder, (stage / MANIFEST_NAME).read_bytes())
         except Exception as e:  # noqa: BLE001 - a failed hash or hand-off must never take training down
@@ -325,8 +363,9 @@ def _place_manifest(folder: Path, data: bytes) -> None:
         log.debug("Could not place %s in %s: %s", MANIFEST_NAME, folder, e)
 
 
-def resume_checkpoint(remote: str, output_dir: str | os.PathLike[str],
-                      storage_options: dict[str, Any] | None = None) -> str | None:
+def resume_checkpoint(
+    remote: str, output_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> str | None:
     """The ``checkpoint-N`` folder to pass to ``trainer.train(resume_from_checkpoint=...)``, or None.
 
     Candidates are the local ``output_dir/checkpoint-N`` folders that carry a syncckpt manifest and the remote's
@@ -352,12 +391,17 @@ def resume_checkpoint(remote: str, output_dir: str | os.PathLike[str],
         store.close()
     if search.found is not None:
         f = search.found
-        log.info("Resuming from checkpoint: %s (global step %d, %s)", f.path, f.manifest.global_step,
-                 "local" if f.source == "local" else f"pulled from {store.url}")
+        log.info(
+            "Resuming from checkpoint: %s (global step %d, %s)",
+            f.path,
+            f.manifest.global_step,
+            "local" if f.source == "local" else f"pulled from {store.url}",
+        )
         return str(f.path)
     if search.nothing_valid:
         log.warning("No valid checkpoint-N in %s or %s: %s", out, store.url, search.damage_report())
-        raise NoValidCheckpoint(f"no checkpoint-N in {out} or {store.url} verified (they are quarantined); see the "
-                                "warnings above")
+        raise NoValidCheckpoint(
+            f"no checkpoint-N in {out} or {store.url} verified (they are quarantined); see the warnings above"
+        )
     log.info("No checkpoint found in %s or %s; training starts from scratch", out, store.url)
     return None

@@ -44,8 +44,12 @@ def main() -> int:
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format=f"[rank{rank}] %(levelname)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stdout,
+        format=f"[rank{rank}] %(levelname)s %(message)s",
+        force=True,
+    )
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(128, 12, generator=g)
@@ -57,9 +61,15 @@ def main() -> int:
     loader = DataLoader(ds, batch_size=8, sampler=sampler)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
-    mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=2, keep_last=2, keep_epochs=2, remote=args.remote,
-                            storage_options=json.loads(args.storage_options) if args.storage_options else None,
-                            grace_period=30)
+    mgr = CheckpointManager(
+        args.ckpt_dir,
+        save_every_n_steps=2,
+        keep_last=2,
+        keep_epochs=2,
+        remote=args.remote,
+        storage_options=json.loads(args.storage_options) if args.storage_options else None,
+        grace_period=30,
+    )
     mgr.register(model=model, optimizer=opt, scheduler=sched, sampler=sampler)
     info = mgr.resume()
     start_epoch = info.epoch if info else 0

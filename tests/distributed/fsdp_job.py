@@ -42,8 +42,12 @@ def main() -> int:
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format=f"[rank{rank}] %(levelname)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stdout,
+        format=f"[rank{rank}] %(levelname)s %(message)s",
+        force=True,
+    )
     net, opt = build(world)
     mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=2, keep_last=2)
     mgr.register(model=net, optimizer=opt)

@@ -107,9 +107,17 @@ def no_unpickling():
         def __init__(self, *a, **k):
             boom()
 
-    targets = [(pickle, "load", boom), (pickle, "loads", boom), (pickle, "Unpickler", Boom),
-               (pickle, "_load", boom), (pickle, "_loads", boom), (pickle, "_Unpickler", Boom),
-               (torch, "load", boom), (torch.serialization, "load", boom), (c10d, "_unpickler", Boom)]
+    targets = [
+        (pickle, "load", boom),
+        (pickle, "loads", boom),
+        (pickle, "Unpickler", Boom),
+        (pickle, "_load", boom),
+        (pickle, "_loads", boom),
+        (pickle, "_Unpickler", Boom),
+        (torch, "load", boom),
+        (torch.serialization, "load", boom),
+        (c10d, "_unpickler", Boom),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in targets]
     for mod, name, repl in targets:
         setattr(mod, name, repl)
@@ -155,8 +163,13 @@ def do_load(args, rank: int, world: int) -> None:
         load_shards(targets, Path(args.folder), process_group=dist.new_group(backend="gloo"))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(net, opt, model_state_dict=msd, optim_state_dict=osd,
-                   options=StateDictOptions(flatten_optimizer_state_dict=True))
+    set_state_dict(
+        net,
+        opt,
+        model_state_dict=msd,
+        optim_state_dict=osd,
+        options=StateDictOptions(flatten_optimizer_state_dict=True),
+    )
     got = full(flat_state(net, opt)[2])  # read back from the model and optimizer, not from the targets
     if rank == 0:
         ref = load_file(args.ref)

@@ -37,8 +37,14 @@ def _cmd(args: list[str], nproc: int, job: Path) -> list[str]:
 def run_job(args: list[str], kill_when=None, timeout: float = 300, job: Path = JOB, nproc: int = 2):
     """Run a torchrun job; with ``kill_when(lines)`` SIGKILL the whole process group once it is true.
     Returns (output lines, exit status)."""
-    p = subprocess.Popen(_cmd(args, nproc, job), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=_env(), start_new_session=True)
+    p = subprocess.Popen(
+        _cmd(args, nproc, job),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     lines: list[str] = []
     try:
         assert p.stdout is not None
@@ -84,8 +90,16 @@ def test_whole_job_sigkilled_then_resumed_is_bit_identical(tmp_path, reference):
 
 
 def test_fresh_session_from_s3_with_empty_local_dirs(tmp_path, reference, s3_remote_url, s3_storage_options):
-    args = ["--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"), "--remote", s3_remote_url,
-            "--storage-options", json.dumps(s3_storage_options)]
+    args = [
+        "--ckpt-dir",
+        str(tmp_path / "ck"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--remote",
+        s3_remote_url,
+        "--storage-options",
+        json.dumps(s3_storage_options),
+    ]
     lines, rc = run_job(args, kill_when=lambda ls: "Mirrored checkpoint-step-" in ls[-1])
     assert rc == -signal.SIGKILL
     shutil.rmtree(tmp_path / "ck")
@@ -98,8 +112,9 @@ def test_fresh_session_from_s3_with_empty_local_dirs(tmp_path, reference, s3_rem
 @pytest.mark.parametrize("point", ["serialize", "snapshot"])
 def test_a_rank_dying_mid_save_never_commits(tmp_path, point):
     ck = tmp_path / "ck"
-    lines, rc = run_job(["--ckpt-dir", str(ck), "--out-dir", str(tmp_path / "out"), "--die-rank", "1",
-                         "--die-at", point])
+    lines, rc = run_job(
+        ["--ckpt-dir", str(ck), "--out-dir", str(tmp_path / "out"), "--die-rank", "1", "--die-at", point]
+    )
     assert rc != 0
     assert not any("Checkpoint committed" in ln for ln in lines), "\n".join(lines[-20:])
     assert list_checkpoints(ck) == []

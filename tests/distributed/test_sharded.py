@@ -135,8 +135,14 @@ def test_targets_must_fit(tmp_path):
         (lambda d: d["files"][0].update(path="../x.safetensors"), UnsafeCheckpoint, "bad shard file name"),
         (lambda d: d["tensors"]["model.w"]["chunks"][0]["sizes"].__setitem__(0, 3), CheckpointCorrupt, "elements"),
         (lambda d: d["tensors"]["model.w"]["chunks"][0]["sizes"].__setitem__(0, 9), UnsafeCheckpoint, "exceeds"),
-        (lambda d: d["tensors"]["model.w"]["chunks"].append(d["tensors"]["model.w"]["chunks"][0]) or
-         d["tensors"]["model.w"].update(size=[8, 3]), CheckpointCorrupt, "overlap"),
+        (
+            lambda d: (
+                d["tensors"]["model.w"]["chunks"].append(d["tensors"]["model.w"]["chunks"][0])
+                or d["tensors"]["model.w"].update(size=[8, 3])
+            ),
+            CheckpointCorrupt,
+            "overlap",
+        ),
         (lambda d: d["tensors"]["model.w"].update(dtype="object"), CheckpointCorrupt, "dtype"),
         (lambda d: d["tensors"]["model.w"]["size"].__setitem__(0, True), UnsafeCheckpoint, "int"),
     ],
@@ -155,8 +161,11 @@ def test_shards_are_verified_against_the_index(tmp_path):
     shard = tmp_path / "dcp" / "shard-00000-of-00001.safetensors"
     tensors = load_file(str(shard))
     tensors["model.w"] = torch.zeros(2, 3)  # a shard that disagrees with the index
-    save_file(tensors, str(shard), metadata={"DCP_SHARDING_INFO": json.dumps(
-        {k: {"saved_offsets": [0] * v.dim()} for k, v in tensors.items()})})
+    save_file(
+        tensors,
+        str(shard),
+        metadata={"DCP_SHARDING_INFO": json.dumps({k: {"saved_offsets": [0] * v.dim()} for k, v in tensors.items()})},
+    )
     with pytest.raises(CheckpointCorrupt, match="shape"):
         load_shards(_targets(state), tmp_path)
     shard.unlink()
@@ -191,10 +200,19 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run_job(args: list[str], nproc: int, timeout: float = 120, **env: str) -> tuple[str, int]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--monitor-interval=0.1", str(JOB), *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env),
-                         start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--monitor-interval=0.1",
+        str(JOB),
+        *args,
+    ]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**env), start_new_session=True
+    )
     try:
         out, _ = p.communicate(timeout=timeout)
     finally:
@@ -256,8 +274,11 @@ def test_consolidate_into_plain_tensors_without_torch_distributed(saved):
 
 @slow
 def test_rank_dying_mid_save_commits_nothing(tmp_path):
-    out, rc = run_job(["save", "--folder", str(tmp_path / "ck"), "--ref", str(tmp_path / "ref.safetensors")],
-                      nproc=2, SHARDED_DIE_RANK="1")
+    out, rc = run_job(
+        ["save", "--folder", str(tmp_path / "ck"), "--ref", str(tmp_path / "ref.safetensors")],
+        nproc=2,
+        SHARDED_DIE_RANK="1",
+    )
     assert rc != 0
     assert "SAVE_RETURNED" not in out, out[-4000:]
     assert "Signal 9 (SIGKILL) received by PID" in out, out[-4000:]  # rank 1 at the failpoint, not a bug

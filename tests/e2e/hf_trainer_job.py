@@ -36,8 +36,11 @@ class TokenSumDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
-                "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones(SEQ_LEN, dtype=torch.long),
+            "labels": self.labels[i],
+        }
 
 
 class StepLog(TrainerCallback):
@@ -62,26 +65,58 @@ class StepLog(TrainerCallback):
 
 def tiny_model(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=SEQ_LEN, num_labels=2)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ_LEN,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
-def build_trainer(output_dir: str, callbacks: list[TrainerCallback], max_steps: int = 10, save_steps: int = 2,
-                  save_total_limit: int | None = 2, eval_steps: int | None = None, compute_metrics: Any = None,
-                  **extra_args: Any) -> Trainer:
+def build_trainer(
+    output_dir: str,
+    callbacks: list[TrainerCallback],
+    max_steps: int = 10,
+    save_steps: int = 2,
+    save_total_limit: int | None = 2,
+    eval_steps: int | None = None,
+    compute_metrics: Any = None,
+    **extra_args: Any,
+) -> Trainer:
     """The same Trainer in every session: only ``output_dir`` and the callbacks differ."""
     args = TrainingArguments(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-3,
-        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
-        logging_strategy="steps", logging_steps=1, report_to=[], use_cpu=True, dataloader_num_workers=0,
-        seed=7, data_seed=7, disable_tqdm=True,
-        eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, per_device_eval_batch_size=16,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=7,
+        data_seed=7,
+        disable_tqdm=True,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        per_device_eval_batch_size=16,
         **extra_args,
     )
-    return Trainer(model=tiny_model(), args=args, train_dataset=TokenSumDataset(64, seed=1),
-                   eval_dataset=TokenSumDataset(16, seed=2) if eval_steps else None, callbacks=callbacks,
-                   compute_metrics=compute_metrics)
+    return Trainer(
+        model=tiny_model(),
+        args=args,
+        train_dataset=TokenSumDataset(64, seed=1),
+        eval_dataset=TokenSumDataset(16, seed=2) if eval_steps else None,
+        callbacks=callbacks,
+        compute_metrics=compute_metrics,
+    )
 
 
 def main() -> int:
@@ -92,8 +127,9 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=10)
     p.add_argument("--hold-at-step", type=int, default=None)
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s", force=True
+    )
     logging.getLogger("syncckpt").setLevel(logging.INFO)
     options = json.loads(args.storage_options) if args.storage_options else None
     sync = SyncCheckpointCallback(args.remote, storage_options=options)

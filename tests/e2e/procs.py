@@ -34,8 +34,9 @@ def run_and_kill(args: list[str], kill_when, sig: int = signal.SIGKILL, timeout:
 
     Returns the lines read and the exit status. Synchronises on the process's own output, never on sleeps.
     """
-    p = subprocess.Popen([sys.executable, str(TINY), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env())
+    p = subprocess.Popen(
+        [sys.executable, str(TINY), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env()
+    )
     lines: list[str] = []
     try:
         assert p.stdout is not None

@@ -73,8 +73,20 @@ def test_fresh_session_resumes_from_remote_bit_identical(tmp_path, reference, re
 
 def test_remote_holds_exactly_what_local_retention_keeps(tmp_path, s3_remote_url, s3_storage_options):
     ck = tmp_path / "ck"
-    run_to_end(["--ckpt-dir", str(ck), "--out", str(tmp_path / "o.safetensors"), "--remote", s3_remote_url,
-                "--storage-options", json.dumps(s3_storage_options), "--keep-last", "1"])
+    run_to_end(
+        [
+            "--ckpt-dir",
+            str(ck),
+            "--out",
+            str(tmp_path / "o.safetensors"),
+            "--remote",
+            s3_remote_url,
+            "--storage-options",
+            json.dumps(s3_storage_options),
+            "--keep-last",
+            "1",
+        ]
+    )
     r = open_remote(s3_remote_url, s3_storage_options)
     local_names = sorted(c.name for c in list_checkpoints(ck))
     assert local_names == ["checkpoint-epoch-1", "checkpoint-epoch-2", "checkpoint-step-18"]

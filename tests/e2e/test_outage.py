@@ -40,9 +40,15 @@ def test_outage_keeps_training_speed_and_mirroring_resumes(
     # A short retry policy so the uploader gives up on an attempt within a second (the default rides out
     # several minutes of trouble before it reports a failure).
     fast = RetryPolicy(attempts=2, initial_wait=0.05, max_wait=0.1, max_total=2)
-    mgr = CheckpointManager(tmp_path / "ck", save_every_n_steps=10, keep_last=2, remote=s3_remote_url,
-                            storage_options=fault_s3_storage_options, handle_sigterm=False,
-                            remote_options={"retry": fast})
+    mgr = CheckpointManager(
+        tmp_path / "ck",
+        save_every_n_steps=10,
+        keep_last=2,
+        remote=s3_remote_url,
+        storage_options=fault_s3_storage_options,
+        handle_sigterm=False,
+        remote_options={"retry": fast},
+    )
     mgr.register(model=model, optimizer=opt)
     before = train_steps(mgr, model, opt, 60, 1)
     assert mgr.wait(timeout=120)
@@ -60,10 +66,12 @@ def test_outage_keeps_training_speed_and_mirroring_resumes(
     mgr.close()
 
     med_before, med_during = statistics.median(before), statistics.median(during)
-    print(f"\noutage: median step {med_before * 1e3:.2f} ms before, {med_during * 1e3:.2f} ms during the outage "
-          f"(x{med_during / med_before:.2f}), {statistics.median(after) * 1e3:.2f} ms after; "
-          f"upload failures {status['upload_failures']}, "
-          f"connections refused {fault_proxy.counts}; mirrored {status['mirrored']}")
+    print(
+        f"\noutage: median step {med_before * 1e3:.2f} ms before, {med_during * 1e3:.2f} ms during the outage "
+        f"(x{med_during / med_before:.2f}), {statistics.median(after) * 1e3:.2f} ms after; "
+        f"upload failures {status['upload_failures']}, "
+        f"connections refused {fault_proxy.counts}; mirrored {status['mirrored']}"
+    )
     final = f"checkpoint-step-{last // 10 * 10}"
     assert failures_during >= 2, "the outage was not felt by the uploader"
     assert med_during <= 1.5 * med_before, "training slowed down during the outage"

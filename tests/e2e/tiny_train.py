@@ -73,8 +73,12 @@ def main() -> int:
     p.add_argument("--remote-options", default=None, help="JSON object of backend keyword arguments")
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--takeover", action="store_true")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds of simulated accelerator time per optimizer step (workload, not synchronisation)")
+    p.add_argument(
+        "--step-sleep",
+        type=float,
+        default=0.0,
+        help="seconds of simulated accelerator time per optimizer step (workload, not synchronisation)",
+    )
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--poison-pickle", action="store_true", help="make any unpickling during resume() fail")
     args = p.parse_args()
@@ -89,10 +93,17 @@ def main() -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * max(0.0, 1 - s / total))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     storage_options = json.loads(args.storage_options) if args.storage_options else None
-    mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=args.save_every, keep_last=args.keep_last, keep_epochs=2,
-                            remote=args.remote, storage_options=storage_options, grace_period=30,
-                            takeover=args.takeover,
-                            remote_options=json.loads(args.remote_options) if args.remote_options else None)
+    mgr = CheckpointManager(
+        args.ckpt_dir,
+        save_every_n_steps=args.save_every,
+        keep_last=args.keep_last,
+        keep_epochs=2,
+        remote=args.remote,
+        storage_options=storage_options,
+        grace_period=30,
+        takeover=args.takeover,
+        remote_options=json.loads(args.remote_options) if args.remote_options else None,
+    )
     mgr.register(model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     info = None
     if not args.no_resume:

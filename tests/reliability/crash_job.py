@@ -51,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     mgr = CheckpointManager(
-        args.ckpt_dir, save_every_n_steps=args.save_every, keep_last=args.keep_last, keep_epochs=2,
-        remote=args.remote, storage_options=json.loads(args.storage_options) if args.storage_options else None,
+        args.ckpt_dir,
+        save_every_n_steps=args.save_every,
+        keep_last=args.keep_last,
+        keep_epochs=2,
+        remote=args.remote,
+        storage_options=json.loads(args.storage_options) if args.storage_options else None,
         remote_options=json.loads(args.remote_options) if args.remote_options else None,
-        grace_period=args.grace_period, handle_sigterm=not args.no_sigterm,
+        grace_period=args.grace_period,
+        handle_sigterm=not args.no_sigterm,
     )
     mgr.register(model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     info = mgr.resume()

@@ -68,9 +68,14 @@ class ForkServer:
     """Client of the fork server; one child at a time. Use as a context manager."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-u", str(Path(__file__).resolve()), "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env or child_env(),
-                                     cwd=str(HERE))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(Path(__file__).resolve()), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env or child_env(),
+            cwd=str(HERE),
+        )
         ready = self._readline()
         if ready.strip() != '{"ready": true}':
             self.close()
@@ -80,8 +85,13 @@ class ForkServer:
         assert self.proc.stdout is not None
         return self.proc.stdout.readline()
 
-    def run(self, argv: list[str], env: dict[str, str | None] | None = None,
-            kill_when: Callable[[list[str]], float | None] | None = None, timeout: float = 120.0) -> Run:
+    def run(
+        self,
+        argv: list[str],
+        env: dict[str, str | None] | None = None,
+        kill_when: Callable[[list[str]], float | None] | None = None,
+        timeout: float = 120.0,
+    ) -> Run:
         """Fork a child running ``crash_job.main(argv)``; read its lines; SIGKILL it once ``kill_when(lines)``
         returns a number (after that many seconds, to place the kill at a random instant within a phase).
 

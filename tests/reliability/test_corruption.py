@@ -42,8 +42,9 @@ def _train_and_save(directory: Path, remote: str | None, options) -> dict[int, d
     """Save steps 2 and 4 (locally, and mirrored when ``remote``); return the model weights at each."""
     model, opt = _objects()
     saved = {}
-    with CheckpointManager(directory, save_every_n_steps=2, keep_last=5, remote=remote, storage_options=options,
-                           handle_sigterm=False) as mgr:
+    with CheckpointManager(
+        directory, save_every_n_steps=2, keep_last=5, remote=remote, storage_options=options, handle_sigterm=False
+    ) as mgr:
         mgr.register(model=model, optimizer=opt)
         for step in range(1, 5):
             model(torch.randn(4, 8)).pow(2).mean().backward()
@@ -107,8 +108,9 @@ def _resume(directory: Path, remote: str | None, options, caplog) -> tuple[objec
         with CheckpointManager(directory, remote=remote, storage_options=options, handle_sigterm=False) as mgr:
             mgr.register(model=model, optimizer=opt)
             info = mgr.resume()
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name.startswith("syncckpt") and r.levelno >= logging.WARNING]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name.startswith("syncckpt") and r.levelno >= logging.WARNING
+    ]
     return info, model.state_dict(), warnings
 
 
@@ -137,8 +139,10 @@ def results():
         rem = table.get((kind, "remote"), "not run")
         print(f"[corruption] {kind:<{width}}  {loc.split(':')[0]:<12} {rem.split(':')[0]}")
     done = [v for v in table.values()]
-    print(f"[corruption] detected {sum(v == 'detected' for v in done)} of {len(done)} (n/a: local folders have no "
-          "LATEST pointer)")
+    print(
+        f"[corruption] detected {sum(v == 'detected' for v in done)} of {len(done)} (n/a: local folders have no "
+        "LATEST pointer)"
+    )
 
 
 @pytest.mark.parametrize("kind", [k for k, (_, local_too) in KINDS.items() if local_too])
@@ -156,8 +160,9 @@ def test_local_corruption_is_detected_and_resume_falls_back(kind, tmp_path, capl
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_remote_corruption_is_detected_and_resume_falls_back(kind, tmp_path, caplog, s3_remote_url,
-                                                             s3_storage_options, results):
+def test_remote_corruption_is_detected_and_resume_falls_back(
+    kind, tmp_path, caplog, s3_remote_url, s3_storage_options, results
+):
     saved = _train_and_save(tmp_path / "writer", s3_remote_url, s3_storage_options)
     remote = open_remote(s3_remote_url, s3_storage_options)
     _corrupt_remote(remote, kind)

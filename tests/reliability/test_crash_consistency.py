@@ -108,6 +108,7 @@ def test_sigkill_never_loses_a_committed_checkpoint(store, tmp_path, heavy, serv
         mode = "final" if final else modes[i]
         env: dict[str, str | None] = dict(aws)
         if final:
+
             def kill_when(lines):
                 return 0.0 if any(RESUMED.match(ln) for ln in lines) else None
         elif mode == "random":
@@ -124,8 +125,9 @@ def test_sigkill_never_loses_a_committed_checkpoint(store, tmp_path, heavy, serv
         run = server.run(argv, env=env, kill_when=kill_when)
         run_s += run.seconds
         if not run.died_by_sigkill:
-            failures.append(f"trial {i} ({mode}): exit status {run.rc}, expected death by SIGKILL:\n"
-                            + "\n".join(run.lines[-25:]))
+            failures.append(
+                f"trial {i} ({mode}): exit status {run.rc}, expected death by SIGKILL:\n" + "\n".join(run.lines[-25:])
+            )
             break
         if run.failpoint_fired:
             hit[mode] = hit.get(mode, 0) + 1
@@ -133,8 +135,10 @@ def test_sigkill_never_loses_a_committed_checkpoint(store, tmp_path, heavy, serv
         takeovers += any("Taking over" in ln for ln in run.lines)
         if any(sign in ln for ln in run.lines for sign in TORN_SIGNS):
             torn += 1
-            failures.append(f"trial {i} ({mode}): a torn checkpoint was visible to the resuming process:\n"
-                            + "\n".join(ln for ln in run.lines if any(s in ln for s in TORN_SIGNS)))
+            failures.append(
+                f"trial {i} ({mode}): a torn checkpoint was visible to the resuming process:\n"
+                + "\n".join(ln for ln in run.lines if any(s in ln for s in TORN_SIGNS))
+            )
         for ln in run.lines:
             if m := COMMITTED.search(ln):
                 step_of[m.group(1)] = int(m.group(2))
@@ -161,31 +165,40 @@ def test_sigkill_never_loses_a_committed_checkpoint(store, tmp_path, heavy, serv
         expected = max(committed_floor, mirrored_floor)
         if newest < expected:
             lost += 1
-            failures.append(f"trial {i} ({mode}): newest valid checkpoint is step {newest}, but step {expected} "
-                            f"was committed/mirrored; local {loc.valid}, remote {rem.valid}")
+            failures.append(
+                f"trial {i} ({mode}): newest valid checkpoint is step {newest}, but step {expected} "
+                f"was committed/mirrored; local {loc.valid}, remote {rem.valid}"
+            )
         if rem.latest_dangling:
             dangling_latest += 1
-            dangling_notes.append(f"trial {i} ({mode}): LATEST -> {rem.latest}, remote {sorted(rem.valid)}; "
-                                  f"last lines: {run.lines[-6:]}")
+            dangling_notes.append(
+                f"trial {i} ({mode}): LATEST -> {rem.latest}, remote {sorted(rem.valid)}; last lines: {run.lines[-6:]}"
+            )
 
     remote.close()
     elapsed = time.monotonic() - t0
     never_hit = [n for n in FAILPOINTS if n not in hit]
     n_random = modes.count("random")
-    print(f"\n[crash/{kind}] trials {n_trials} (random kills {n_random}, failpoint kills {n_trials - n_random}), fresh "
-          f"sessions with a wiped local folder {wiped}, seed {seed}, {elapsed:.1f}s (processes {run_s:.1f}s, "
-          f"audits {audit_s:.1f}s)")
+    print(
+        f"\n[crash/{kind}] trials {n_trials} (random kills {n_random}, failpoint kills {n_trials - n_random}), fresh "
+        f"sessions with a wiped local folder {wiped}, seed {seed}, {elapsed:.1f}s (processes {run_s:.1f}s, "
+        f"audits {audit_s:.1f}s)"
+    )
     print(f"[crash/{kind}] failpoints hit: {dict(sorted(hit.items()))}; never hit: {never_hit}")
-    print(f"[crash/{kind}] resumes OK {resumes_ok}/{resumes_checked}; committed checkpoints lost {lost}; "
-          f"torn checkpoints seen {torn}; lease takeovers after a kill {takeovers}; "
-          f"LATEST naming no valid checkpoint after a kill {dangling_latest}")
+    print(
+        f"[crash/{kind}] resumes OK {resumes_ok}/{resumes_checked}; committed checkpoints lost {lost}; "
+        f"torn checkpoints seen {torn}; lease takeovers after a kill {takeovers}; "
+        f"LATEST naming no valid checkpoint after a kill {dangling_latest}"
+    )
     for note in dangling_notes[:3]:  # LATEST is only a hint (resume lists and warns); shown, not failed on
         print(f"[crash/{kind}] {note}")
     assert not failures, "\n\n".join(failures[:5])
     assert lost == 0 and torn == 0 and resumes_ok == resumes_checked
     assert resumes_checked >= n_trials // 2, f"only {resumes_checked} processes got as far as resuming"
-    assert not never_hit, (f"failpoints {never_hit} were never reached by {kind} trials: the phase they name is not "
-                           "covered (is the failpoint wired into the code path a CheckpointManager mirror uses?)")
+    assert not never_hit, (
+        f"failpoints {never_hit} were never reached by {kind} trials: the phase they name is not "
+        "covered (is the failpoint wired into the code path a CheckpointManager mirror uses?)"
+    )
 
 
 @pytest.mark.parametrize("point", QUARANTINE_POINTS)

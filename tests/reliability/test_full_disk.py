@@ -35,8 +35,12 @@ class _Tmpfs:
     def mount(cls, mountpoint: Path) -> _Tmpfs | None:
         mountpoint.mkdir(parents=True, exist_ok=True)
         try:
-            p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
-                               capture_output=True, text=True, timeout=30)
+            p = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return cls(mountpoint) if p.returncode == 0 else None

@@ -111,8 +111,9 @@ def _attack(kind: str, folder: Path, outside: Path) -> tuple[str, ...]:
         return ("1000000000000",)
     if kind == "safetensors shape lie":
         data = (folder / "model.safetensors").read_bytes()
-        _vouch(folder, "model.safetensors",
-               _safetensors_with(data, lambda h: _first_tensor(h).update(shape=[4096, 4096])))
+        _vouch(
+            folder, "model.safetensors", _safetensors_with(data, lambda h: _first_tensor(h).update(shape=[4096, 4096]))
+        )
         return ("model.safetensors",)
     if kind == "safetensors offset lie":
         data = (folder / "model.safetensors").read_bytes()
@@ -134,8 +135,16 @@ def _attack(kind: str, folder: Path, outside: Path) -> tuple[str, ...]:
     raise ValueError(kind)
 
 
-KINDS = ["pickle payload", "../ path", "absolute path", "1 TB file", "safetensors shape lie",
-         "safetensors offset lie", "manifest not JSON", "unknown format version"]
+KINDS = [
+    "pickle payload",
+    "../ path",
+    "absolute path",
+    "1 TB file",
+    "safetensors shape lie",
+    "safetensors offset lie",
+    "manifest not JSON",
+    "unknown format version",
+]
 OUTCOMES: dict[tuple[str, str], str] = {}
 
 
@@ -146,10 +155,14 @@ def _table():
         width = max(len(k) for k in KINDS)
         print(f"\n[hostile] {'input':<{width}}  {'local resume(path)':<40} remote (fresh session)")
         for kind in KINDS:
-            print(f"[hostile] {kind:<{width}}  {OUTCOMES.get((kind, 'local'), 'not run'):<40} "
-                  f"{OUTCOMES.get((kind, 'remote'), 'not run')}")
-        print(f"[hostile] refused {sum(v.startswith('refused') for v in OUTCOMES.values())} of {len(OUTCOMES)}; "
-              "payloads executed: 0; files written outside the checkpoint directory: 0")
+            print(
+                f"[hostile] {kind:<{width}}  {OUTCOMES.get((kind, 'local'), 'not run'):<40} "
+                f"{OUTCOMES.get((kind, 'remote'), 'not run')}"
+            )
+        print(
+            f"[hostile] refused {sum(v.startswith('refused') for v in OUTCOMES.values())} of {len(OUTCOMES)}; "
+            "payloads executed: 0; files written outside the checkpoint directory: 0"
+        )
 
 
 def test_the_pickle_payload_is_armed(tmp_path):
@@ -181,8 +194,9 @@ def _judge(kind: str, where: str, tmp_path: Path, ck: Path, words: tuple[str, ..
     after = listing(tmp_path, exclude=ck)
     assert not (tmp_path / "PWNED").exists(), f"{kind} ({where}): the pickle payload was executed"
     assert after == before, f"{kind} ({where}): files changed outside {ck}: {set(after) ^ set(before)}"
-    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items()), \
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items()), (
         f"{kind} ({where}): the model was modified"
+    )
     if error is not None:
         outcome = f"refused: {type(error).__name__}"
         message = str(error)
@@ -214,5 +228,11 @@ def test_hostile_checkpoint_refused_from_the_bucket(kind, tmp_path, genuine, s3_
         remote.write_bytes(f"{NAME}/{f.name}", f.read_bytes())
     remote.close()
     shutil.rmtree(tmp_path / "attacker")
-    _judge(kind, "remote", tmp_path, tmp_path / "fresh", words,
-           {"manager": {"remote": s3_remote_url, "storage_options": s3_storage_options}})
+    _judge(
+        kind,
+        "remote",
+        tmp_path,
+        tmp_path / "fresh",
+        words,
+        {"manager": {"remote": s3_remote_url, "storage_options": s3_storage_options}},
+    )

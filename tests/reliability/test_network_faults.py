@@ -40,29 +40,38 @@ TOLERANCE = 1.10
 JOB = Path(__file__).with_name("throughput_job.py")
 
 
-def test_faults_never_corrupt_a_mirrored_checkpoint_nor_slow_training(tmp_path, s3_server, s3_storage_options,
-                                                                      s3_remote_url, fault_proxy,
-                                                                      fault_s3_storage_options, heavy):
+def test_faults_never_corrupt_a_mirrored_checkpoint_nor_slow_training(
+    tmp_path, s3_server, s3_storage_options, s3_remote_url, fault_proxy, fault_s3_storage_options, heavy
+):
     steps = 2000 if heavy else 800
     clean_proxy = FaultProxy("127.0.0.1", s3_server.port, rate=0.0).start()
-    clean_options = {**fault_s3_storage_options,
-                     "client_kwargs": {**fault_s3_storage_options["client_kwargs"], "endpoint_url": clean_proxy.url}}
+    clean_options = {
+        **fault_s3_storage_options,
+        "client_kwargs": {**fault_s3_storage_options["client_kwargs"], "endpoint_url": clean_proxy.url},
+    }
     urls = {"fault-free": f"{s3_remote_url}-fault-free", "faults": f"{s3_remote_url}-faults"}
     spec = {
         "steps": steps,
         "save_every": 10,
         "retry": {"attempts": 12, "initial_wait": 0.05, "max_wait": 1.0, "max_total": 120},
         "runs": {
-            "fault-free": {"dir": str(tmp_path / "fault-free"), "url": urls["fault-free"],
-                           "storage_options": clean_options},
-            "faults": {"dir": str(tmp_path / "faults"), "url": urls["faults"],
-                       "storage_options": fault_s3_storage_options},
+            "fault-free": {
+                "dir": str(tmp_path / "fault-free"),
+                "url": urls["fault-free"],
+                "storage_options": clean_options,
+            },
+            "faults": {
+                "dir": str(tmp_path / "faults"),
+                "url": urls["faults"],
+                "storage_options": fault_s3_storage_options,
+            },
         },
     }
     fault_proxy.set_rate(FAULT_RATE)
     try:
-        p = subprocess.run([sys.executable, str(JOB), json.dumps(spec)], capture_output=True, text=True,
-                           timeout=600, env=child_env())
+        p = subprocess.run(
+            [sys.executable, str(JOB), json.dumps(spec)], capture_output=True, text=True, timeout=600, env=child_env()
+        )
     finally:
         fault_proxy.set_rate(0.0)
         clean_proxy.stop()
@@ -84,7 +93,8 @@ def test_faults_never_corrupt_a_mirrored_checkpoint_nor_slow_training(tmp_path, 
             remote_manifest, _ = remote.read_manifest(name)
             local_manifest, _ = local.read_manifest(tmp_path / mode / name)
             assert [(f.path, f.size, f.sha256) for f in remote_manifest.files] == [
-                (f.path, f.size, f.sha256) for f in local_manifest.files], f"{mode}/{name}: remote differs from local"
+                (f.path, f.size, f.sha256) for f in local_manifest.files
+            ], f"{mode}/{name}: remote differs from local"
             checked += 1
         remote.close()
 
@@ -93,14 +103,20 @@ def test_faults_never_corrupt_a_mirrored_checkpoint_nor_slow_training(tmp_path, 
     ratio, loop_ratio = med["faults"] / med["fault-free"], loops["faults"] / loops["fault-free"]
     injected = {k: v for k, v in sorted(fault_proxy.counts.items()) if k != "passed"}
     faulty = result["faults"]["status"]
-    print(f"\n[network] faults injected by kind: {injected} ({sum(injected.values())} in all; requests passed "
-          f"untouched: {fault_proxy.counts.get('passed', 0)}); uploads the uploader had to re-queue: "
-          f"{faulty['upload_failures']}")
-    print(f"[network] mirrored checkpoints verified in the bucket: {checked} ({len(faulty['mirrored'])} through "
-          f"faults, {len(faulty['skipped'])} superseded before upload); lost or damaged: 0")
-    print(f"[network] median step time: fault-free {med['fault-free']:.2f} ms, faults {med['faults']:.2f} ms "
-          f"(ratio {ratio:.3f}); total loop time: fault-free {loops['fault-free']:.2f} s, faults "
-          f"{loops['faults']:.2f} s (ratio {loop_ratio:.3f}); {steps} steps each, interleaved; final flush "
-          f"{result['faults']['wait_s']:.1f} s with faults (excluded)")
+    print(
+        f"\n[network] faults injected by kind: {injected} ({sum(injected.values())} in all; requests passed "
+        f"untouched: {fault_proxy.counts.get('passed', 0)}); uploads the uploader had to re-queue: "
+        f"{faulty['upload_failures']}"
+    )
+    print(
+        f"[network] mirrored checkpoints verified in the bucket: {checked} ({len(faulty['mirrored'])} through "
+        f"faults, {len(faulty['skipped'])} superseded before upload); lost or damaged: 0"
+    )
+    print(
+        f"[network] median step time: fault-free {med['fault-free']:.2f} ms, faults {med['faults']:.2f} ms "
+        f"(ratio {ratio:.3f}); total loop time: fault-free {loops['fault-free']:.2f} s, faults "
+        f"{loops['faults']:.2f} s (ratio {loop_ratio:.3f}); {steps} steps each, interleaved; final flush "
+        f"{result['faults']['wait_s']:.1f} s with faults (excluded)"
+    )
     assert sum(injected.values()) >= 20, f"too few faults injected to mean anything: {injected}"
     assert ratio <= TOLERANCE, f"training slowed by {100 * (ratio - 1):.1f}% under network faults (median step time)"

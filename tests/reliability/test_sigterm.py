@@ -26,12 +26,23 @@ JOB = Path(__file__).with_name("crash_job.py")
 GRACE = 20.0
 
 
-def test_sigterm_saves_and_mirrors_a_last_checkpoint_within_the_grace_period(tmp_path, s3_remote_url,
-                                                                            s3_storage_options, fault_proxy,
-                                                                            fault_s3_storage_options):
-    argv = [sys.executable, str(JOB), "--ckpt-dir", str(tmp_path / "ck"), "--save-every", "4",
-            "--remote", s3_remote_url, "--storage-options", json.dumps(fault_s3_storage_options),
-            "--grace-period", str(GRACE)]
+def test_sigterm_saves_and_mirrors_a_last_checkpoint_within_the_grace_period(
+    tmp_path, s3_remote_url, s3_storage_options, fault_proxy, fault_s3_storage_options
+):
+    argv = [
+        sys.executable,
+        str(JOB),
+        "--ckpt-dir",
+        str(tmp_path / "ck"),
+        "--save-every",
+        "4",
+        "--remote",
+        s3_remote_url,
+        "--storage-options",
+        json.dumps(fault_s3_storage_options),
+        "--grace-period",
+        str(GRACE),
+    ]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     lines: list[str] = []
     sent = exited = 0.0
@@ -59,9 +70,11 @@ def test_sigterm_saves_and_mirrors_a_last_checkpoint_within_the_grace_period(tmp
     final = f"checkpoint-step-{reached}"
     audit = audit_remote(s3_remote_url, tmp_path / "scratch", s3_storage_options)
     injected = {k: v for k, v in fault_proxy.counts.items() if k != "passed"}
-    print(f"\n[sigterm] exit status {rc}; SIGTERM to exit {elapsed:.2f} s (grace period {GRACE:.0f} s); last step "
-          f"printed {printed[-1]}, final checkpoint {final}; remote holds {sorted(audit.valid)}, LATEST "
-          f"{audit.latest}; faults injected during the flush: {injected}")
+    print(
+        f"\n[sigterm] exit status {rc}; SIGTERM to exit {elapsed:.2f} s (grace period {GRACE:.0f} s); last step "
+        f"printed {printed[-1]}, final checkpoint {final}; remote holds {sorted(audit.valid)}, LATEST "
+        f"{audit.latest}; faults injected during the flush: {injected}"
+    )
     print("[sigterm] job said: " + " | ".join(ln for ln in lines if "SIGTERM" in ln))
     assert rc == 143, "\n".join(lines[-30:])
     assert elapsed < GRACE

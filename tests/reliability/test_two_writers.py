@@ -65,8 +65,15 @@ def uploads():
 
 def _session(directory, url, options, **kw) -> tuple[CheckpointManager, torch.nn.Module]:
     model = torch.nn.Linear(4, 2)
-    mgr = CheckpointManager(directory, save_every_n_steps=None, keep_last=10, remote=url, storage_options=options,
-                            handle_sigterm=False, **kw)
+    mgr = CheckpointManager(
+        directory,
+        save_every_n_steps=None,
+        keep_last=10,
+        remote=url,
+        storage_options=options,
+        handle_sigterm=False,
+        **kw,
+    )
     mgr.register(model=model)
     return mgr, model
 
@@ -124,8 +131,18 @@ def test_lease_of_another_host(store, live, tmp_path, caplog):
     kind, url, options = store
     r = open_remote(url, options)
     heartbeat = time.time() - (5 if live else 3600)
-    r.write_bytes(LEASE_NAME, json.dumps({"session": "gpu-node-7:4242:0badf00d", "host": "gpu-node-7.invalid",
-                                          "pid": 4242, "heartbeat": heartbeat, "ttl": 60}).encode())
+    r.write_bytes(
+        LEASE_NAME,
+        json.dumps(
+            {
+                "session": "gpu-node-7:4242:0badf00d",
+                "host": "gpu-node-7.invalid",
+                "pid": 4242,
+                "heartbeat": heartbeat,
+                "ttl": 60,
+            }
+        ).encode(),
+    )
     r.close()
     assert socket.gethostname() != "gpu-node-7.invalid"
     if live:
@@ -169,8 +186,9 @@ def test_takeover_stops_the_old_session_mirroring(store, tmp_path, uploads):
         remote.close()
         print(f"\n[two-writers/{kind}] after takeover the old session's upload: {outcome}")
         print(f"[two-writers/{kind}] remote holds {names}, LATEST {latest.name if latest else None}")
-        refused = outcome.startswith("Upload of checkpoint-step-30") and ("took over" in outcome
-                                                                          or "RemoteConflict" in outcome)
+        refused = outcome.startswith("Upload of checkpoint-step-30") and (
+            "took over" in outcome or "RemoteConflict" in outcome
+        )
         assert refused, f"the old session still mirrors after a takeover: {outcome}"
         assert "checkpoint-step-30" not in names, "the old session's checkpoint was interleaved with the new one's"
         assert latest is not None and latest.name == "checkpoint-step-20"

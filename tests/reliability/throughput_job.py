@@ -28,12 +28,23 @@ def main(spec: dict) -> dict:
     runs = {}
     for name, r in spec["runs"].items():
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
-                                    torch.nn.ReLU(), torch.nn.Linear(512, 10))  # ~400k parameters: a few ms a step
+        model = torch.nn.Sequential(
+            torch.nn.Linear(256, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 10),
+        )  # ~400k parameters: a few ms a step
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        mgr = CheckpointManager(r["dir"], save_every_n_steps=spec.get("save_every", 10), keep_last=10_000,
-                                remote=r["url"], storage_options=r["storage_options"],
-                                remote_options={"retry": retry}, handle_sigterm=False)
+        mgr = CheckpointManager(
+            r["dir"],
+            save_every_n_steps=spec.get("save_every", 10),
+            keep_last=10_000,
+            remote=r["url"],
+            storage_options=r["storage_options"],
+            remote_options={"retry": retry},
+            handle_sigterm=False,
+        )
         mgr.register(model=model, optimizer=opt)
         runs[name] = (model, opt, mgr, torch.Generator().manual_seed(1), [])
     names = list(runs)
