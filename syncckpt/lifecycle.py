@@ -1,10 +1,15 @@
-"""The end of a process: SIGTERM, interpreter exit and the grace period, for any front end that checkpoints.
+"""The end of a process: SIGTERM, Ctrl-C, interpreter exit and the grace period, for any front end that checkpoints.
 
 A preempted notebook or job gets SIGTERM and a grace period. The signal handler only notes the time; the owner
 calls :meth:`Lifecycle.finish` at its next consistent point (the manager's ``step()``/``save_epoch()``), which
 takes the last checkpoint, flushes within what is left of the grace period and exits with status 143. A watchdog
 covers a loop that never gets there (a long validation): at half the grace period it flushes what is committed
 and exits anyway. At interpreter exit, pending work is flushed for at most the grace period.
+
+Ctrl-C (SIGINT: a terminal, the notebook's stop button) works the same way when ``handle_interrupt`` is on: the
+first one is noted and :meth:`Lifecycle.finish_interrupt` takes a last checkpoint at the next step boundary, then
+raises KeyboardInterrupt there (a notebook cell ends, the kernel lives on and the next run can resume); a second
+Ctrl-C before that interrupts at once, as Python does. Only Python's default SIGINT handler is replaced.
 
 >>> flushed = []
 >>> life = Lifecycle(flush=lambda timeout: flushed.append(timeout) or True, grace_period=5, mirrored=False,
@@ -53,6 +58,7 @@ class Lifecycle:
         handle_sigterm: bool,
         on_exit: Callable[[], None],
         save_on_sigterm: bool = True,
+        handle_interrupt: bool = False,
     ) -> None:
         self.grace_period = grace_period
         self.save_on_sigterm = save_on_sigterm
@@ -63,12 +69,25 @@ class Lifecycle:
         self._done = threading.Event()
         self._prev: Any = None
         self._installed = False
+        self._int_at: float | None = None
+        self._int_installed = False
         exit_ref = weakref.WeakMethod(on_exit) if hasattr(on_exit, "__self__") else (lambda: on_exit)
         self._atexit = lambda: (f := exit_ref()) is not None and f()
         atexit.register(self._atexit)
-        if handle_sigterm and threading.current_thread() is threading.main_thread():
+        main = threading.current_thread() is threading.main_thread()
+        shielded = []
+        if handle_sigterm and main:
             self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
+            shielded.append(signal.SIGTERM)
+        if handle_interrupt and main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self._int_installed = True
+            shielded.append(signal.SIGINT)  # Ctrl-C in a terminal reaches the DataLoader workers too
+        if shielded:
+            from ._workers import shield_dataloader_workers  # a job-wide signal must not kill DataLoader workers
+
+            shield_dataloader_workers(shielded)
 
     @property
     def requested(self) -> bool:
@@ -79,6 +98,37 @@ class Lifecycle:
         """Note a termination request another rank saw (every rank must finish at the same step)."""
         if self._term_at is None:
             self._term_at = time.monotonic()
+
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C arrived and the last checkpoint is not taken yet (here, or on another rank: :meth:`interrupt`)."""
+        return self._int_at is not None
+
+    def interrupt(self) -> None:
+        """Note a Ctrl-C another rank saw (every rank must stop at the same step)."""
+        if self._int_at is None:
+            self._int_at = time.monotonic()
+
+    def finish_interrupt(self, save: Callable[[], None], last: Callable[[], str | None]) -> NoReturn:
+        """At a consistent point after Ctrl-C: ``save()`` the last checkpoint, flush within the grace period, say
+        what ``last()`` names as saved, then raise KeyboardInterrupt. Ready for the next run afterwards."""
+        try:
+            save()
+            ok = self._flush(self.grace_period)
+            name = last()
+            if name is None:
+                log.warning("Interrupted: no checkpoint was saved")
+            else:
+                done = "saved and mirrored" if self._mirrored else "saved"
+                log.warning(
+                    "Interrupted: %s %s%s; run again to resume from it",
+                    name,
+                    done,
+                    "" if ok else " (flush incomplete: still uploading)",
+                )
+        finally:
+            self._int_at = None
+        raise KeyboardInterrupt
 
     def remaining(self) -> float:
         """Seconds left of the grace period since the request."""
@@ -105,6 +155,10 @@ class Lifecycle:
         if self._installed and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._prev or signal.SIG_DFL)
             self._installed = False
+        if self._int_installed and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._int_installed = False
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self._term_at is not None or os.getpid() != self._pid:
@@ -116,6 +170,15 @@ class Lifecycle:
             self.grace_period,
         )
         threading.Thread(target=self._watchdog, name="syncckpt-sigterm", daemon=True).start()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            raise KeyboardInterrupt
+        if self._int_at is not None:  # the second Ctrl-C: stop now
+            self._int_at = None
+            raise KeyboardInterrupt
+        self._int_at = time.monotonic()
+        log.warning("Interrupted: saving a last checkpoint at the next step, then stopping (Ctrl-C again to stop now)")
 
     def _watchdog(self) -> None:
         # If the loop does not reach a step boundary in time (a long validation), flush what is committed and exit.

@@ -68,7 +68,10 @@ class CheckpointManager:
         handle_sigterm: on SIGTERM, save a last checkpoint at the next :meth:`step` and flush uploads within
             ``grace_period`` seconds, then exit with status 143.
         save_on_sigterm: take that last checkpoint (otherwise only flush what is committed).
-        grace_period: seconds a SIGTERM or interpreter exit may spend flushing.
+        grace_period: seconds a SIGTERM, Ctrl-C or interpreter exit may spend flushing.
+        handle_interrupt: on Ctrl-C (SIGINT: a terminal, the notebook's stop button), save a last checkpoint at
+            the next :meth:`step`, flush it, then raise KeyboardInterrupt there; a second Ctrl-C stops at once.
+            Only replaces Python's default SIGINT handler.
         remote_options: extra keyword arguments for the remote backend (e.g. ``min_commit_interval`` for hf://).
         incremental: mirror tensors as content-addressed blobs so unchanged ones (a frozen backbone, LoRA base
             weights) are not uploaded again (fsspec remotes; on the Hub, Xet deduplicates by itself).
@@ -95,6 +98,7 @@ class CheckpointManager:
         handle_sigterm: bool = True,
         save_on_sigterm: bool = True,
         grace_period: float = 60.0,
+        handle_interrupt: bool = True,
         remote_options: dict[str, Any] | None = None,
         incremental: bool = False,
         background_nice: int = 19,
@@ -161,6 +165,7 @@ class CheckpointManager:
             handle_sigterm=handle_sigterm,
             on_exit=self._flush_at_exit,
             save_on_sigterm=save_on_sigterm,
+            handle_interrupt=handle_interrupt,
         )
 
     # ---- registration -----------------------------------------------------------------------------------------
@@ -185,10 +190,16 @@ class CheckpointManager:
         self._check_usable()
         since = time.monotonic() - self._last_save_time
         # every rank must take the same decision at the same step
-        terminating, timed = self._dist.agree(self._life.requested, self.schedule.minutes_due(since))
+        life = self._life
+        terminating, interrupted, timed = self._dist.agree(
+            life.requested, life.interrupted, self.schedule.minutes_due(since)
+        )
         if terminating:
-            self._life.request()
-            self._life.finish(lambda: self._final_save("step", global_step, epoch, batch_idx, metrics))
+            life.request()
+            life.finish(lambda: self._final_save("step", global_step, epoch, batch_idx, metrics))
+        if interrupted:
+            life.interrupt()
+            life.finish_interrupt(lambda: self._final_save("step", global_step, epoch, batch_idx, metrics), self._last)
         if self._uploader is not None:
             self._uploader.raise_if_failed()
         if not self.schedule.step_due(global_step, since, self._writer.last_saved_step, timed=timed):
@@ -212,6 +223,8 @@ class CheckpointManager:
         self._check_usable()
         if self._life.requested:
             self._life.finish(lambda: self._final_save("epoch", global_step, epoch, -1, metrics))
+        if self._life.interrupted:
+            self._life.finish_interrupt(lambda: self._final_save("epoch", global_step, epoch, -1, metrics), self._last)
         kinds = self.schedule.epoch_kinds(epoch, self._best.consider(metrics))
         kinds = self._dist.broadcast_json(kinds)  # rank 0's metrics decide, so every rank takes part
         if not kinds:
@@ -226,6 +239,9 @@ class CheckpointManager:
     def _final_save(self, kind: Kind, global_step: int, epoch: int, batch_idx: int | None, metrics: Any) -> None:
         if self._objects and global_step != self._writer.last_saved_step:
             self._start([kind], global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
+
+    def _last(self) -> str | None:
+        return self._writer.last_committed
 
     def _batch(self, batch_idx: int | None) -> int:
         if batch_idx is None:

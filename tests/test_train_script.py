@@ -316,9 +316,19 @@ def test_storage_option_flags_reach_the_store_and_are_never_logged(tmp_path, s3_
     for k, v in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setitem(CHILD_ENV, k, v)
     endpoint = json.dumps({"endpoint_url": s3_server.endpoint_url})
-    args = job_args(tmp_path, "--remote", s3_remote_url, "--storage-option", f"client_kwargs={endpoint}",
-                    "--storage-option", "key=AKIATESTSYNCCKPT", "--storage-option", "secret=SECRET-DO-NOT-LOG",
-                    "--max-steps", "2")
+    args = job_args(
+        tmp_path,
+        "--remote",
+        s3_remote_url,
+        "--storage-option",
+        f"client_kwargs={endpoint}",
+        "--storage-option",
+        "key=AKIATESTSYNCCKPT",
+        "--storage-option",
+        "secret=SECRET-DO-NOT-LOG",
+        "--max-steps",
+        "2",
+    )
     proc = run(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout
     assert "Mirrored checkpoint-step-2 to s3://" in proc.stdout, proc.stdout
@@ -534,8 +544,15 @@ def test_every_checkpoint_damaged_exits_2_with_the_choices_unless_told_to_start_
     shutil.copytree(reference / "data", tmp_path / "data")
     damaged = damage(tmp_path / "ck")
     proc = run(job_args(tmp_path), cwd=tmp_path)
-    line = assert_error_exit(proc, "no valid checkpoint", "SHA-256 mismatch", "--start-fresh-if-damaged",
-                             "--resume-from", "quarantined", *damaged)
+    line = assert_error_exit(
+        proc,
+        "no valid checkpoint",
+        "SHA-256 mismatch",
+        "--start-fresh-if-damaged",
+        "--resume-from",
+        "quarantined",
+        *damaged,
+    )
     assert "No checkpoint found" not in proc.stdout and "starting from scratch" not in proc.stdout, line
     assert not list((tmp_path / "ck").glob("checkpoint-*")) and not (tmp_path / "ck" / "best_model").exists()
     assert len(list((tmp_path / "ck").glob(".quarantine-*"))) == len(damaged)  # kept aside, not deleted
@@ -560,6 +577,28 @@ def test_resume_from_an_older_checkpoint_next_to_damaged_newer_ones_is_not_refus
     assert "Resuming at the start of epoch 4" in proc.stdout
     assert all(f"Quarantined {name}" in proc.stdout for name in damaged), proc.stdout
     assert_same_weights(final_tensors(tmp_path), final_tensors(reference), "resumed next to damaged newer ones")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_last_checkpoint_and_the_same_command_resumes_there(tmp_path):
+    # The user's run: Ctrl-C (the notebook's stop button) with step checkpoints far apart saved nothing, yet said
+    # "rerun the same command to resume".
+    args = job_args(tmp_path, "--save-every-n-batches", "100000")
+    job = Job(args, cwd=tmp_path)
+    # Epoch 1's checkpoint is committed: the signal now lands inside epoch 2, far from any step checkpoint.
+    assert job.wait_for(re.compile(r"Checkpoint committed: checkpoint-epoch-0 ")) is not None, job.text()
+    job.proc.send_signal(signal.SIGINT)
+    rc = job.finish()
+    assert rc == 130, job.text()
+    saved = [m.group(1) for line in job.lines if (m := re.search(r"Interrupted: (checkpoint-\S+) saved;", line))]
+    assert saved and saved[0] != "checkpoint-epoch-0", job.text()
+    name = saved[0]
+    step = next(int(m.group(2)) for line in job.lines if (m := COMMITTED.search(line)) and m.group(1) == name)
+    assert (tmp_path / "ck" / name).is_dir() and step > BATCHES_PER_EPOCH // 2  # past epoch 1's checkpoint
+    again = Job(job_args(tmp_path, "--save-every-n-batches", "100000", "--max-steps", str(step + 1)), cwd=tmp_path)
+    resumed = again.wait_for(RESUMED_STEP)
+    assert resumed is not None and int(resumed.group(1)) == step, again.text()
+    assert again.finish() == 0, again.text()
 
 
 # ---- SIGKILL at random moments ----------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""lifecycle.py: Ctrl-C (SIGINT) takes a last checkpoint at the next step, then raises KeyboardInterrupt there;
+a second Ctrl-C stops at once. Real signals, sent to this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pytest
+import torch
+
+from syncckpt import CheckpointManager, local
+from syncckpt.format import decode_checkpoint
+
+
+def train(mgr, model, opt, steps, interrupt_after=None, interrupts=1):
+    for step in range(1, steps + 1):
+        model(torch.randn(2, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == interrupt_after:
+            for _ in range(interrupts):
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, on this (the main) thread
+        mgr.step(step, epoch=0, batch_idx=step - 1)
+
+
+def objects():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+@pytest.fixture
+def default_sigint():
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # what a notebook kernel and python have
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # close() put it back
+
+
+def test_ctrl_c_saves_a_last_checkpoint_at_the_next_step_then_raises(tmp_path, caplog, default_sigint):
+    model, opt = objects()
+    remote = (tmp_path / "bucket").as_uri()
+    with caplog.at_level(logging.WARNING, logger="syncckpt"):
+        with CheckpointManager(tmp_path / "ck", save_every_n_steps=1000, remote=remote) as mgr:
+            mgr.register(model=model, optimizer=opt)
+            with pytest.raises(KeyboardInterrupt):
+                train(mgr, model, opt, 20, interrupt_after=7)
+            # Ctrl-C came after step 7's optimizer step: step(7) is the next consistent point, saved there
+            assert mgr.list_local() == ["checkpoint-step-7"]
+            assert "checkpoint-step-7" in mgr.status()["mirrored"]
+            manifest, files = local.verify(tmp_path / "ck" / "checkpoint-step-7")
+            stored = decode_checkpoint(files, "checkpoint-step-7").states["model"]
+            assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
+            # The kernel lives on: the same manager trains again and is interrupted again.
+            with pytest.raises(KeyboardInterrupt):
+                for step in range(8, 12):
+                    if step == 10:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    mgr.step(step, epoch=0, batch_idx=step - 1)
+            assert mgr.list_local() == ["checkpoint-step-10"]
+    assert "Interrupted: saving a last checkpoint at the next step" in caplog.text
+    assert "Interrupted: checkpoint-step-7 saved and mirrored; run again to resume from it" in caplog.text
+    model2, opt2 = objects()
+    with CheckpointManager(tmp_path / "fresh", remote=remote) as mgr:  # a new session, from the mirror
+        mgr.register(model=model2, optimizer=opt2)
+        assert mgr.resume().global_step == 10
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, default_sigint):
+    model, opt = objects()
+    with CheckpointManager(tmp_path, save_every_n_steps=1000) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        with pytest.raises(KeyboardInterrupt):
+            train(mgr, model, opt, 20, interrupt_after=3, interrupts=2)
+        assert mgr.list_local() == []  # stopped inside step 3, before any step boundary
+
+
+def test_handle_interrupt_off_leaves_ctrl_c_alone(tmp_path, default_sigint):
+    model, opt = objects()
+    with CheckpointManager(tmp_path, save_every_n_steps=1000, handle_interrupt=False) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            train(mgr, model, opt, 20, interrupt_after=3)
+        assert mgr.list_local() == []
