@@ -1,18 +1,18 @@
 """Keep DataLoader workers alive when a termination signal reaches every process of the job, so that the main
 process can take its last checkpoint.
 
-SLURM (scancel, the time limit), systemd, GNU ``timeout``, ``tini -g``, dumb-init and ``kill -TERM -- -PGID``
-signal every process of a job, DataLoader workers included. torch's worker handler (``handler_SIGTERM`` in
-torch/csrc/DataLoader.cpp, installed at the start of ``_worker_loop`` by
-``_utils.signal_handling._set_worker_signal_handlers``) calls ``_exit(0)`` when the worker's parent sent the
-signal and otherwise dies by it; the main process's SIGCHLD handler then raises ``RuntimeError: DataLoader worker
-(pid N) is killed by signal: Terminated.`` before the loop reaches the ``step()`` that would save: exit status 1,
-not 143, and no last checkpoint.
+SLURM (scancel, the time limit), systemd, GNU ``timeout``, ``tini -g``, dumb-init, torchrun (it stops each rank
+with ``killpg``) and ``kill -TERM -- -PGID`` signal every process of a job, DataLoader workers included. torch's
+worker handler (``handler_SIGTERM`` in torch/csrc/DataLoader.cpp, installed at the start of ``_worker_loop`` by
+``_utils.signal_handling._set_worker_signal_handlers``) calls ``_exit(0)`` when the worker's parent sent the signal
+and otherwise dies by it; the main process's SIGCHLD handler then raises ``RuntimeError: DataLoader worker (pid N)
+is killed by signal: Terminated.`` before the loop reaches the ``step()`` that would save: exit status 1, not 143,
+and no last checkpoint.
 
-:func:`shield_dataloader_workers` (CheckpointManager calls it when it handles SIGTERM) makes each DataLoader worker
-started afterwards block the signals before torch's loop runs (threads started later inherit the mask, so torch's
-handler never runs) and take them in one thread with ``sigwaitinfo``, which, unlike a Python signal handler, says
-who sent the signal:
+:func:`shield_dataloader_workers` (lifecycle.py calls it for the signals a CheckpointManager handles: SIGTERM, and
+SIGINT, which a terminal sends to its whole foreground group) makes each DataLoader worker started afterwards block
+the signals before torch's loop runs (threads started later inherit the mask, so torch's handler never runs) and
+take them in one thread with ``sigwaitinfo``, which, unlike a Python signal handler, says who sent the signal:
 
 - from the DataLoader's process (or the worker's parent): ``_exit(0)``, as torch does, so ``_shutdown_workers``
   (join, then ``terminate()``) and multiprocessing's exit hook (``terminate()``, then ``join()`` without a
@@ -30,8 +30,8 @@ of those threads, where torch's handler runs, so such a worker is left as torch 
 same signal; a shielded worker then watches the DataLoader's process rather than its parent. Not covered: loaders
 with their own worker entry point (torchdata's StatefulDataLoader), platforms without ``signal.sigwaitinfo``
 (Windows, macOS: nothing changes there), SIGKILL. The mask survives ``exec``: a program a worker starts with
-``subprocess`` starts with the signals blocked (stop it with ``kill()``, or unblock them in ``preexec_fn``);
-children made with ``os.fork`` are unblocked.
+``subprocess`` starts with the signals blocked, so stop it with ``kill()``, or pass ``Popen`` a ``preexec_fn``
+(any: Python's fork hooks then run in the child, and one unblocks them, as in children made with ``os.fork``).
 
 >>> import torch
 >>> from torch.utils.data import DataLoader

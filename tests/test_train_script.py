@@ -290,6 +290,7 @@ def test_a_mistyped_data_dir_is_an_error_not_demo_data(script, tmp_path):
     assert not (tmp_path / "nli_datset").exists() and not list((tmp_path / "empty").iterdir())
 
 
+@pytest.mark.skipif(not HEAVY, reason="a second trainer run per test; SYNCCKPT_HEAVY=1 runs it")
 @pytest.mark.slow
 def test_without_demo_data_an_empty_data_dir_exits_2_and_the_demo_model_is_announced(tmp_path):
     config = tmp_path / "plain.yaml"
@@ -311,6 +312,7 @@ def test_an_unwritable_output_dir_exits_2_before_training(tmp_path):
     assert "Checkpoint committed" not in proc.stdout and "Epoch 1" not in proc.stdout
 
 
+@pytest.mark.skipif(not HEAVY, reason="a second trainer run per test; SYNCCKPT_HEAVY=1 runs it")
 @pytest.mark.slow
 def test_storage_option_flags_reach_the_store_and_are_never_logged(tmp_path, s3_server, s3_remote_url, monkeypatch):
     for k, v in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():

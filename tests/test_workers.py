@@ -111,7 +111,7 @@ def test_shielding_again_keeps_one_wrapper_around_torchs_worker_loop(shielded):
 def test_a_worker_ignores_sigterm_from_another_process_and_the_loader_finishes_and_shuts_down(shielded):
     loader = DataLoader(Items(64), batch_size=4, num_workers=2)
     it = iter(loader)
-    got = next(it).tolist()
+    got = next(it).tolist() + next(it).tolist()  # one batch from each worker: both run torch's loop
     workers = list(it._workers)
     assert all(_blocked(w.pid) & _bit(signal.SIGTERM) for w in workers), _threads(workers)
     _signal_from_elsewhere([w.pid for w in workers])
@@ -124,7 +124,7 @@ def test_a_worker_ignores_sigterm_from_another_process_and_the_loader_finishes_a
         assert w.exitcode == 0
 
     it = iter(loader)  # stopped half-way: the iterator's shutdown must not wait for a timeout
-    next(it)
+    next(it), next(it)
     workers = list(it._workers)
     _signal_from_elsewhere([w.pid for w in workers])
     start = time.monotonic()
@@ -136,7 +136,7 @@ def test_a_worker_ignores_sigterm_from_another_process_and_the_loader_finishes_a
 
 def test_a_busy_shielded_worker_still_ends_at_once_when_its_parent_terminates_it(shielded):
     it = iter(DataLoader(Items(64, stall_from=8), batch_size=4, num_workers=2))
-    next(it)  # batches 2 and 3 (items 8..15) are now being fetched: both workers sleep in __getitem__
+    next(it), next(it)  # batches 2 and 3 (items 8..15) are being fetched now: both workers sleep in __getitem__
     workers = list(it._workers)
     start = time.monotonic()
     for w in workers:
@@ -152,7 +152,7 @@ def test_a_busy_shielded_worker_still_ends_at_once_when_its_parent_terminates_it
 def test_sigusr1_can_be_shielded_too(shielded):
     assert shield_dataloader_workers([signal.SIGUSR1])
     it = iter(DataLoader(Items(16), batch_size=4, num_workers=2))
-    got = next(it).tolist()
+    got = next(it).tolist() + next(it).tolist()
     workers = list(it._workers)
     _signal_from_elsewhere([w.pid for w in workers], signal.SIGUSR1)  # its default action would end the worker
     assert all(w.is_alive() for w in workers)

@@ -134,8 +134,13 @@ def _ready_to_signal(lines: list[str], past_step: int = 6) -> bool:
 
 
 def _cleanup(proc: subprocess.Popen) -> None:
+    """After a failure: SIGKILL the job and everything it started (torchrun's ranks are in sessions of their own)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _tree(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
 
 
@@ -258,7 +263,8 @@ def test_workers_outlive_a_group_sigterm_but_not_their_main_process_killed_after
 
 def test_sigterm_to_torchrun_reaches_every_rank_and_its_workers_and_the_ranks_save_a_last_checkpoint(tmp_path):
     """torchrun starts each rank in its own session and stops it with ``killpg(rank, SIGTERM)``: a SIGTERM to the
-    launcher alone (``kill``, a pod's PID 1) reaches each rank's DataLoader workers, sent by the launcher."""
+    launcher alone (``kill``, a pod's PID 1) reaches each rank's DataLoader workers, sent by the launcher. (Resuming
+    a DDP job from the remote is tests/distributed/test_ddp.py's business.)"""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     args = ["--remote", (tmp_path / "bucket" / "run").as_uri(), "--grace-period", str(GRACE), "--workers", "2"]
     env = _env(OMP_NUM_THREADS="1")
@@ -285,17 +291,8 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_its_workers_and_the_ranks_sa
     assert not [ln for ln in lines if "DataLoader worker" in ln], tail
     assert sum(ln.startswith("WARNING SIGTERM: checkpoint saved") for ln in lines) == 2, tail  # each rank
     assert f"INFO Checkpoint committed: checkpoint-step-{final} (global step {final})" in lines, tail
+    assert any(ln.startswith(f"INFO Mirrored checkpoint-step-{final} ") for ln in lines), tail
     assert final > max(_steps(seen))
     assert elapsed < GRACE, tail
     assert rc == 1, tail  # torchrun raises SignalException (exit 1), whatever its ranks did
     assert not left, f"processes still alive after torchrun exited: {sorted(left)}"
-
-    log2 = tmp_path / "second.log"
-    proc = _start(["--ckpt-dir", str(tmp_path / "fresh"), "--max-steps", str(final + 2), *args], log2, env, launcher)
-    try:
-        rc = proc.wait(timeout=DEADLINE)
-    finally:
-        _cleanup(proc)
-    lines = _lines(log2)
-    assert rc == 0, "\n".join(lines[-40:])
-    assert f"resumed step {final} " in " ".join(lines), "\n".join(lines[-40:])
