@@ -152,7 +152,6 @@ class CheckpointManager:
             self._uploader,
             keep_last=keep_last,
             keep_epochs=keep_epochs,
-            metric_for_best=metric_for_best,
             best=self._best,
             token=token,
             background_nice=background_nice,

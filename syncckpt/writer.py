@@ -9,7 +9,9 @@ commits only when every rank reported success.
 >>> import tempfile, torch
 >>> from pathlib import Path
 >>> from syncckpt.distributed import Solo
->>> w = Writer(Path(tempfile.mkdtemp()), Solo(), uploader=None, keep_last=1, keep_epochs=1, metric_for_best=None)
+>>> from syncckpt.schedule import BestMetric, SaveSchedule
+>>> best = BestMetric(SaveSchedule())
+>>> w = Writer(Path(tempfile.mkdtemp()), Solo(), uploader=None, keep_last=1, keep_epochs=1, best=best)
 >>> w.start({"model": torch.nn.Linear(2, 2)}, ["step"], 5, epoch=0, batch_idx=4, metrics=None)
 >>> w.wait(), w.last_committed
 (True, 'checkpoint-step-5')
@@ -63,16 +65,16 @@ class Writer:
         *,
         keep_last: int,
         keep_epochs: int,
-        metric_for_best: str | None,
-        best: BestMetric | None = None,
+        best: BestMetric,
         token: str = "",
         background_nice: int = 19,
     ) -> None:
         self.directory = directory
         self.dist = dist
         self.uploader = uploader
-        self.keep_last, self.keep_epochs, self.metric_for_best = keep_last, keep_epochs, metric_for_best
-        self.best = best
+        self.keep_last, self.keep_epochs = keep_last, keep_epochs
+        self.best = best  # the best-metric bar; best_model's metric is its schedule's metric_for_best
+        self.metric_for_best = best.schedule.metric_for_best
         self.arena = StagingArena()
         self.last_committed: str | None = None
         self.last_saved_step: int | None = None
@@ -114,7 +116,7 @@ class Writer:
             raise
         self.last_saved_step = global_step
         safe_metrics = json_safe_metrics(metrics)
-        best = self.best.bar if self.best is not None and "best" in kinds else (self.best.best if self.best else None)
+        best = self.best.bar if "best" in kinds else self.best.best
         trainer = {
             "global_step": global_step,
             "epoch": epoch,
@@ -218,9 +220,8 @@ class Writer:
             self._apply_local_retention()
             release_free_memory()  # the writer thread's arena: hashing and health-check buffers
         except Exception as e:  # noqa: BLE001 - the training loop must survive a failed save (full disk, ...)
-            if self.best is not None and any(m.kind == "best" for m in job.commits):
-                if self.best.best != job.trainer["best_metric"]:
-                    self.best.lost()
+            if any(m.kind == "best" for m in job.commits) and self.best.best != job.trainer["best_metric"]:
+                self.best.lost()
             self.save_error = f"{job.commits[0].name}: {e}"
             log.warning(
                 "Checkpoint %s was NOT saved: %s. Checkpoints are not being saved until this is fixed; "
@@ -263,7 +264,7 @@ class Writer:
             committed.global_step,
             "" if committed.healthy else ", UNHEALTHY",
         )
-        if committed.kind == "best" and self.best is not None:
+        if committed.kind == "best":
             self.best.landed(committed.best_metric)
         if self.uploader is not None:
             self.uploader.submit(self.directory, committed)
