@@ -130,6 +130,24 @@ class Lifecycle:
             self._int_at = None
         raise KeyboardInterrupt
 
+    def at_boundary(
+        self,
+        save: Callable[[], None],
+        last: Callable[[], str | None],
+        *,
+        terminating: bool | None = None,
+        interrupted: bool | None = None,
+    ) -> None:
+        """At a consistent point (a step or epoch boundary): after SIGTERM :meth:`finish`, after Ctrl-C
+        :meth:`finish_interrupt`, with ``save`` taking the last checkpoint. ``terminating``/``interrupted`` are the
+        decisions every rank agreed on (default: what this process saw); otherwise this returns at once."""
+        if self.requested if terminating is None else terminating:
+            self.request()
+            self.finish(save)
+        if self.interrupted if interrupted is None else interrupted:
+            self.interrupt()
+            self.finish_interrupt(save, last)
+
     def remaining(self) -> float:
         """Seconds left of the grace period since the request."""
         return max(0.0, (self._term_at or time.monotonic()) + self.grace_period - time.monotonic())

@@ -29,20 +29,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from . import local
 from .distributed import Dist
 from .env import default_checkpoint_dir
-from .errors import ConfigError, SyncCkptError
+from .errors import SyncCkptError
 from .lifecycle import Lifecycle
 from .manifest import Kind
 from .restore import ResumeInfo, resume_run
 from .schedule import BestMetric, SaveSchedule
 from .snapshot import check_object_name
-from .writer import Writer
+from .writer import Writer, check_settings, open_directory
 
 log = logging.getLogger("syncckpt")
 
@@ -104,34 +104,16 @@ class CheckpointManager:
         background_nice: int = 19,
     ) -> None:
         schedule = SaveSchedule(save_every_n_steps, save_every_n_minutes, save_every_n_epochs, metric_for_best, mode)
-        if keep_last < 1 or keep_epochs < 0:
-            raise ConfigError("keep_last must be >= 1, keep_epochs >= 0 and save_every_n_epochs >= 1")
-        if on_upload_error not in ("warn", "raise"):
-            raise ConfigError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
-        if not 0 <= background_nice <= 19:
-            raise ConfigError(f"background_nice must be between 0 and 19, got {background_nice}")
+        check_settings(keep_last, keep_epochs, on_upload_error, background_nice)
         self.directory = Path(directory) if directory is not None else default_checkpoint_dir()
         self.schedule = schedule
-        self.save_every_n_steps, self.save_every_n_minutes = save_every_n_steps, save_every_n_minutes
-        self.keep_last, self.keep_epochs, self.save_every_n_epochs = keep_last, keep_epochs, save_every_n_epochs
-        self.metric_for_best, self.mode = metric_for_best, mode
-        self.grace_period, self.save_on_sigterm = grace_period, save_on_sigterm
         self._objects: dict[str, Any] = {}
         self._pid = os.getpid()
         self._closed = False
         self._best = BestMetric(schedule)
-        self._warned_no_batch = False
         self._last_save_time = time.monotonic()  # the clock is read here; the schedule only compares
         self._dist = Dist.detect()
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file in the way, a read-only mount: the user's setting, not a bug
-            raise ConfigError(f"checkpoint directory {self.directory}: {e.strerror or e}") from None
-        if self._dist.is_main:
-            for what in local.cleanup_leftovers(self.directory):
-                log.info("Checkpoint folder %s: %s", self.directory, what)
-        # One token for this job's temporary folders; every rank waits until rank 0 cleaned up.
-        token = self._dist.broadcast_json(uuid.uuid4().hex[:8]) if self._dist.active else ""
+        token = open_directory(self.directory, self._dist)
         self._uploader = None
         if remote is not None and self._dist.is_main:
             from .uploader import Uploader
@@ -193,12 +175,9 @@ class CheckpointManager:
         terminating, interrupted, timed = self._dist.agree(
             life.requested, life.interrupted, self.schedule.minutes_due(since)
         )
-        if terminating:
-            life.request()
-            life.finish(lambda: self._final_save("step", global_step, epoch, batch_idx, metrics))
-        if interrupted:
-            life.interrupt()
-            life.finish_interrupt(lambda: self._final_save("step", global_step, epoch, batch_idx, metrics), self._last)
+        final = partial(self._final_save, "step", global_step, epoch, batch_idx, metrics)
+        last = lambda: self._writer.last_committed  # noqa: E731
+        life.at_boundary(final, last, terminating=terminating, interrupted=interrupted)
         if self._uploader is not None:
             self._uploader.raise_if_failed()
         if not self.schedule.step_due(global_step, since, self._writer.last_saved_step, timed=timed):
@@ -206,7 +185,7 @@ class CheckpointManager:
             return False
         # If the previous checkpoint is still being written from the staging buffers, this waits for it: memory
         # stays bounded to one set of buffers, and with saves minutes apart this never blocks in practice.
-        self._start(["step"], global_step, epoch, self._batch(batch_idx), metrics)
+        self._start(["step"], global_step, epoch, batch_idx, metrics)
         return True
 
     def save(
@@ -214,16 +193,14 @@ class CheckpointManager:
     ) -> None:
         """Take a step checkpoint now (waits only for a previous save still reading the staging buffers)."""
         self._check_usable()
-        self._start(["step"], global_step, epoch, self._batch(batch_idx), metrics)
+        self._start(["step"], global_step, epoch, batch_idx, metrics)
 
     def save_epoch(self, epoch: int, *, global_step: int, metrics: dict[str, Any] | None = None) -> bool:
         """Call at the end of every epoch: writes ``checkpoint-epoch-E`` (every ``save_every_n_epochs``) and
         replaces ``best_model`` when ``metrics[metric_for_best]`` improved. Returns whether anything was saved."""
         self._check_usable()
-        if self._life.requested:
-            self._life.finish(lambda: self._final_save("epoch", global_step, epoch, -1, metrics))
-        if self._life.interrupted:
-            self._life.finish_interrupt(lambda: self._final_save("epoch", global_step, epoch, -1, metrics), self._last)
+        final = partial(self._final_save, "epoch", global_step, epoch, -1, metrics)
+        self._life.at_boundary(final, lambda: self._writer.last_committed)
         kinds = self.schedule.epoch_kinds(epoch, self._best.consider(metrics))
         kinds = self._dist.broadcast_json(kinds)  # rank 0's metrics decide, so every rank takes part
         if not kinds:
@@ -231,27 +208,13 @@ class CheckpointManager:
         self._start(kinds, global_step, epoch, -1, metrics)
         return True
 
-    def _start(self, kinds: list[Kind], global_step: int, epoch: int, batch_idx: int, metrics: Any) -> None:
+    def _start(self, kinds: list[Kind], global_step: int, epoch: int, batch_idx: int | None, metrics: Any) -> None:
         self._writer.start(self._objects, kinds, global_step, epoch=epoch, batch_idx=batch_idx, metrics=metrics)
         self._last_save_time = time.monotonic()
 
     def _final_save(self, kind: Kind, global_step: int, epoch: int, batch_idx: int | None, metrics: Any) -> None:
         if self._objects and global_step != self._writer.last_saved_step:
             self._start([kind], global_step, epoch, -1 if batch_idx is None else batch_idx, metrics)
-
-    def _last(self) -> str | None:
-        return self._writer.last_committed
-
-    def _batch(self, batch_idx: int | None) -> int:
-        if batch_idx is None:
-            if not self._warned_no_batch:
-                log.warning(
-                    "step()/save() without batch_idx: resuming from such a checkpoint restarts its epoch from "
-                    "the first batch; pass batch_idx for an exact mid-epoch resume"
-                )
-                self._warned_no_batch = True
-            return -1
-        return batch_idx
 
     # ---- waiting, status, shutdown ------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -268,13 +231,7 @@ class CheckpointManager:
 
     def status(self) -> dict[str, Any]:
         """What is committed locally, what is mirrored, what is pending, and the last errors."""
-        st: dict[str, Any] = {
-            "directory": str(self.directory),
-            "local": sorted(c.name for c in local.list_checkpoints(self.directory)),
-            "last_committed": self._writer.last_committed,
-            "saves_in_progress": self._writer.in_progress(),
-            "save_error": self._writer.save_error,
-        }
+        st = self._writer.status()
         if self._uploader is not None:
             st.update(self._uploader.status())
         return st
@@ -314,9 +271,9 @@ class CheckpointManager:
         if self._closed or os.getpid() != self._pid:
             return
         try:  # an exception here would only reach stderr as "Exception ignored in atexit callback"
-            if not self.wait(self.grace_period):
+            if not self.wait(self._life.grace_period):
                 log.warning(
-                    "Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period, self.status()
+                    "Exiting with checkpoint work still pending after %.0fs: %s", self._life.grace_period, self.status()
                 )
             self.close(timeout=0)
         except SyncCkptError as e:  # on_upload_error="raise" and the mirror failed: say so plainly
@@ -352,14 +309,8 @@ class CheckpointManager:
             start_fresh_if_damaged,
         )
         if up is not None:
-            up.forget_remote_state()  # LATEST or the quarantine index may have changed
+            up.resumed(self.directory, done.manifest, done.info.source if done.info is not None else None)
         if done.info is None or done.manifest is None:
             return None
-        manifest = done.manifest
-        if done.best_metric is not None:
-            self._best.landed(done.best_metric)
-        self._writer.last_saved_step = manifest.global_step
-        self._writer.protected = manifest.name if (self.directory / manifest.name).exists() else None
-        if up is not None and done.info.source == "local":
-            up.ensure_mirrored(self.directory, manifest)
+        self._writer.resumed(done.manifest, done.best_metric)
         return done.info

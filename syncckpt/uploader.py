@@ -134,6 +134,12 @@ class Uploader:
         log.info("Checkpoint %s is not on %s yet; mirroring it", manifest.name, self.url)
         self.submit(directory, manifest)
 
+    def resumed(self, directory: Path, manifest: Manifest | None, source: str | None) -> None:
+        """After a resume: re-read the remote's state, and mirror the local checkpoint resumed from if needed."""
+        self.forget_remote_state()
+        if manifest is not None and source == "local":
+            self.ensure_mirrored(directory, manifest)
+
     def forget_remote_state(self) -> None:
         """Re-read LATEST before the next commit (resume may have quarantined what it named)."""
         self._remote_run.forget_state()

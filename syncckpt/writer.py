@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ._memory import release_free_memory
 from ._threads import lower_priority
 from .distributed import Dist
 from .env import check_disk_budget
+from .errors import ConfigError
 from .format import STATE_FILE, encode_state, iter_file_chunks, versions
 from .manifest import Kind, Manifest, checkpoint_name, json_safe_metrics
 from .restore import positions
@@ -42,6 +44,29 @@ from .schedule import BestMetric
 from .snapshot import Reservation, Snapshot, StagingArena, collect_state, state_sizes, take_snapshot
 
 log = logging.getLogger("syncckpt")
+
+
+def check_settings(keep_last: int, keep_epochs: int, on_upload_error: str, background_nice: int) -> None:
+    """Raise ConfigError for a setting no writer can work with (before anything is created)."""
+    if keep_last < 1 or keep_epochs < 0:
+        raise ConfigError("keep_last must be >= 1, keep_epochs >= 0 and save_every_n_epochs >= 1")
+    if on_upload_error not in ("warn", "raise"):
+        raise ConfigError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
+    if not 0 <= background_nice <= 19:
+        raise ConfigError(f"background_nice must be between 0 and 19, got {background_nice}")
+
+
+def open_directory(directory: Path, dist: Dist) -> str:
+    """Create the checkpoint folder and (rank 0) clean up what a killed save left there. Returns the job's token
+    for its temporary folders: the same on every rank, and every rank waits until rank 0 cleaned up."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only mount: the user's setting, not a bug
+        raise ConfigError(f"checkpoint directory {directory}: {e.strerror or e}") from None
+    if dist.is_main:
+        for what in local.cleanup_leftovers(directory):
+            log.info("Checkpoint folder %s: %s", directory, what)
+    return dist.broadcast_json(uuid.uuid4().hex[:8]) if dist.active else ""
 
 
 @dataclass
@@ -91,6 +116,7 @@ class Writer:
         # Files get a CRC32C only when the mirror's store can check an upload against it (GCS).
         self._crc32c = uploader is not None and uploader.remote.keeps_crc32c
         self._token = token  # the same on every rank of a job: names the shared temporary folders
+        self._warned_no_batch = False
 
     # ---- the training thread --------------------------------------------------------------------------------
     def start(
@@ -100,11 +126,20 @@ class Writer:
         global_step: int,
         *,
         epoch: int,
-        batch_idx: int,
+        batch_idx: int | None,
         metrics: dict[str, Any] | None,
     ) -> None:
         """Snapshot ``objects`` now (waiting only for a previous save still reading the staging buffers), then
-        write and commit one checkpoint per kind in the background (best_model hard-links the first)."""
+        write and commit one checkpoint per kind in the background (best_model hard-links the first).
+        ``batch_idx`` None (not known) warns once: resuming such a checkpoint restarts its epoch."""
+        if batch_idx is None:
+            if not self._warned_no_batch:
+                log.warning(
+                    "step()/save() without batch_idx: resuming from such a checkpoint restarts its epoch from "
+                    "the first batch; pass batch_idx for an exact mid-epoch resume"
+                )
+                self._warned_no_batch = True
+            batch_idx = -1
         reservation = self.arena.reserve()
         assert reservation is not None
         try:
@@ -196,6 +231,24 @@ class Writer:
     def close(self, timeout: float | None = None) -> None:
         self.wait(timeout)
         self._executor.shutdown(wait=True)
+
+    def status(self) -> dict[str, Any]:
+        """The local half of the manager's status: committed checkpoints, the last one, saves running, errors."""
+        return {
+            "directory": str(self.directory),
+            "local": sorted(c.name for c in local.list_checkpoints(self.directory)),
+            "last_committed": self.last_committed,
+            "saves_in_progress": self.in_progress(),
+            "save_error": self.save_error,
+        }
+
+    def resumed(self, manifest: Manifest, best_metric: float | None) -> None:
+        """A run resumed from ``manifest``: its step counts as saved, the best bar is its best, and its local copy
+        (if any) is kept until a newer checkpoint exists."""
+        if best_metric is not None:
+            self.best.landed(best_metric)
+        self.last_saved_step = manifest.global_step
+        self.protected = manifest.name if (self.directory / manifest.name).exists() else None
 
     # ---- the writer thread ----------------------------------------------------------------------------------
     def _write(self, job: _Job) -> None:
