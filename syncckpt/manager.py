@@ -230,7 +230,9 @@ class CheckpointManager:
         return True
 
     def status(self) -> dict[str, Any]:
-        """What is committed locally, what is mirrored, what is pending, and the last errors."""
+        """What is committed locally, what is mirrored, what is pending, and the last errors. With a remote,
+        ``mirrored`` lists this session's uploads still on the remote (retention has not deleted them since) and
+        ``mirrored_history`` every upload of this session, in order."""
         st = self._writer.status()
         if self._uploader is not None:
             st.update(self._uploader.status())

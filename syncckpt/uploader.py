@@ -84,7 +84,8 @@ class Uploader:
         self._cond = threading.Condition()
         self._queue: list[_Upload] = []
         self._inflight: _Upload | None = None
-        self._mirrored: list[str] = []
+        self._mirrored: list[str] = []  # this session's uploads, in order (history)
+        self._on_remote: list[str] = []  # of those, the ones retention has not deleted since
         self._skipped: list[str] = []
         self._failures = 0
         self._last_error: str | None = None
@@ -170,7 +171,8 @@ class Uploader:
         with self._cond:
             return {
                 "remote": self.url,
-                "mirrored": list(self._mirrored),
+                "mirrored": list(self._on_remote),
+                "mirrored_history": list(self._mirrored),
                 "pending": [q.name for q in self._queue],
                 "uploading": self._inflight.name if self._inflight else None,
                 "skipped": list(self._skipped),
@@ -216,7 +218,7 @@ class Uploader:
                     self._cond.notify_all()
                 continue
             try:
-                self._upload(job)
+                deleted = self._upload(job)
             except RemoteConflict as e:  # another session owns the run now: stop, never interleave with it
                 self._stop_mirroring(job, e)
                 continue
@@ -229,6 +231,8 @@ class Uploader:
             with self._cond:
                 self._inflight = None
                 self._mirrored.append(job.name)
+                gone = {job.name, *deleted}
+                self._on_remote = [*(n for n in self._on_remote if n not in gone), job.name]
                 self._cond.notify_all()
 
     def _retry_later(self, job: _Upload, e: Exception, pause: float) -> bool:
@@ -287,7 +291,7 @@ class Uploader:
             [q.name for q in dropped],
         )
 
-    def _upload(self, job: _Upload) -> None:
+    def _upload(self, job: _Upload) -> list[str]:
         t0 = time.monotonic()
         done = self._remote_run.publish(job.staging)
         self.bytes_uploaded += done.sent
@@ -303,6 +307,7 @@ class Uploader:
         )
         for d in done.deleted:  # deleted after the new checkpoint and LATEST were written; logged after it, too
             log.info("Removed old remote checkpoint %s/%s", self.url, d)
+        return done.deleted
 
 
 def _supersedes(new: _Upload, old: _Upload) -> bool:

@@ -937,3 +937,20 @@ def test_leftovers_are_cleaned_when_a_manager_starts(tmp_path):
     with new_mgr(tmp_path):
         pass
     assert folders(tmp_path) == []
+
+
+def test_status_separates_checkpoints_still_on_the_remote_from_the_upload_history(tmp_path):
+    # issue 18: status()["mirrored"] listed checkpoints retention had since deleted from the remote
+    remote = (tmp_path / "bucket" / "run").as_uri()
+    model = nn.Linear(2, 2)
+    with CheckpointManager(tmp_path / "ck", save_every_n_steps=None, keep_last=1, remote=remote) as mgr:
+        mgr.register(model=model)
+        for step in (1, 2, 3):
+            mgr.save(step, batch_idx=step)
+            assert mgr.wait(30)
+        st = mgr.status()
+    assert st["mirrored"] == ["checkpoint-step-3"]
+    assert st["mirrored_history"] == ["checkpoint-step-1", "checkpoint-step-2", "checkpoint-step-3"]
+    assert sorted(p.name for p in (tmp_path / "bucket" / "run").iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-step-3"
+    ]
