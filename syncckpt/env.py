@@ -32,6 +32,7 @@ GB = 1000**3
 KAGGLE_WORKING_LIMIT = 20 * GB
 KAGGLE_WORKING = Path("/kaggle/working")
 COLAB_CONTENT = Path("/content")
+COLAB_DRIVE = COLAB_CONTENT / "drive"
 
 
 class DiskBudgetWarning(UserWarning):
@@ -94,6 +95,45 @@ def default_checkpoint_dir() -> Path:
     'checkpoints'
     """
     return checkpoint_dir_for(detect_platform())
+
+
+def mirror_problem(url: str, platform: str | None, cwd: str) -> str | None:
+    """Why ``url`` cannot be the mirror of a run on ``platform`` (working directory ``cwd``), or None. Pure.
+
+    A mirror must outlive the session. A path without a scheme that is not absolute is refused: ``bucket/run``
+    was meant as a bucket far more often than as a folder under the working directory. On Kaggle a folder under
+    ``/kaggle/working``, and on Colab one under ``/content`` outside the mounted Drive, die with the session.
+
+    >>> mirror_problem("s3://bucket/run", "kaggle", "/kaggle/working") is None
+    True
+    >>> mirror_problem("bucket/run", None, "/home/me").split("; ")[0]
+    "remote 'bucket/run' has no scheme, so it would be the local folder /home/me/bucket/run"
+    >>> mirror_problem("/kaggle/working/mirror", "kaggle", "/kaggle/working").split(":")[0]
+    "remote '/kaggle/working/mirror' is under /kaggle/working, which is deleted with the Kaggle session"
+    >>> mirror_problem("/content/drive/MyDrive/run", "colab", "/content") is None
+    True
+    """
+    path = url[len("file://") :] if url.startswith("file://") else url
+    if "://" in path:
+        return None
+    if not os.path.isabs(path):
+        local = os.path.normpath(os.path.join(cwd, path))
+        return (
+            f"remote {url!r} has no scheme, so it would be the local folder {local}; write s3://{path}, "
+            f"gs://{path} or hf://... for a store, or an absolute path for a local folder"
+        )
+    where = Path(os.path.normpath(path))
+    if platform == "kaggle" and where.is_relative_to(KAGGLE_WORKING):
+        return (
+            f"remote {url!r} is under {KAGGLE_WORKING}, which is deleted with the Kaggle session: it is not a "
+            "mirror; use a bucket (s3://, gs://), the Hub (hf://) or an attached Kaggle Dataset"
+        )
+    if platform == "colab" and where.is_relative_to(COLAB_CONTENT) and not where.is_relative_to(COLAB_DRIVE):
+        return (
+            f"remote {url!r} is under {COLAB_CONTENT} but not in the mounted Drive ({COLAB_DRIVE}), and is deleted "
+            "with the Colab session: it is not a mirror; use a Drive folder, a bucket or the Hub (hf://)"
+        )
+    return None
 
 
 def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used_bytes: int = 0) -> str | None:

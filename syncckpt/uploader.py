@@ -25,6 +25,7 @@ True
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import threading
@@ -37,7 +38,8 @@ from typing import Any
 from . import local
 from ._memory import release_free_memory
 from ._threads import lower_priority
-from .errors import RemoteConflict, RemoteError
+from .env import detect_platform, mirror_problem
+from .errors import ConfigError, RemoteConflict, RemoteError
 from .manifest import MANIFEST_NAME, Manifest
 from .remote import open_remote
 from .remote.run import RemoteRun, Retention
@@ -76,8 +78,13 @@ class Uploader:
         incremental: bool = False,
         background_nice: int = 0,
     ) -> None:
+        problem = mirror_problem(url, detect_platform(), os.getcwd())
+        if problem is not None:
+            raise ConfigError(problem)
         self.storage_options = storage_options
         self.remote = open_remote(url, storage_options, **(remote_options or {}))
+        if self.remote.url.startswith("file://"):  # say where a local-folder mirror really is
+            log.info("Mirroring to the local folder %s", self.remote.url[len("file://") :])
         self.url = self.remote.url
         self.on_error = on_error
         self._max_pause = max_pause

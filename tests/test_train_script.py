@@ -695,3 +695,25 @@ def test_sigkill_at_random_moments_always_resumes_from_the_newest_committed_chec
     for name in chains:
         # Exact resumption: however often it was killed, the job ends with the uninterrupted run's weights.
         assert_same_weights(final_tensors(tmp_path / name), final_tensors(reference), name)
+
+
+@pytest.mark.slow
+def test_a_remote_without_a_scheme_is_refused_before_training(tmp_path):
+    # issue 18: `--remote bucket/run2` was taken as a folder under the working directory ("Mirrored ... to
+    # bucket/run2"), which on Kaggle dies with the session
+    proc = run(job_args(tmp_path, "--remote", "bucket/run2"), cwd=tmp_path)
+    line = assert_error_exit(proc, "'bucket/run2' has no scheme", str(tmp_path / "bucket" / "run2"), "s3://bucket/run2")
+    assert "Checkpoint committed" not in proc.stdout and not (tmp_path / "bucket").exists(), line
+    # on Kaggle, a folder under /kaggle/working is no mirror either (a fake Kaggle: the platform's variable)
+    kaggle = {**CHILD_ENV, "KAGGLE_KERNEL_RUN_TYPE": "Interactive"}
+    proc = subprocess.run(
+        [*job_args(tmp_path, "--remote", "/kaggle/working/mirror")],
+        cwd=tmp_path,
+        env=kaggle,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=180,
+    )
+    assert_error_exit(proc, "/kaggle/working", "deleted with the Kaggle session")
+    assert not Path("/kaggle/working/mirror").exists()
