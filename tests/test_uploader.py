@@ -449,3 +449,39 @@ def test_a_failed_upload_superseded_while_in_flight_is_reported_as_skipped(s3, t
         u.close()
     assert st["mirrored"] == ["checkpoint-step-20"] and st["skipped"] == ["checkpoint-step-10"], st
     assert "not retried: superseded by checkpoint-step-20" in messages(caplog, logging.WARNING)
+
+
+def test_a_drive_like_mirror_is_not_reported_mirrored_before_its_files_read_back(tmp_path: Path, monkeypatch):
+    """A mounted Drive acknowledges a write before it holds the bytes (colabtools #2869). The Drive FUSE mount
+    cannot run here, so the copy is replaced by one whose writes land late: until the test lets them through,
+    the file the mount shows holds zeros of the right size (the size check alone passes)."""
+    import threading
+
+    from syncckpt.remote import localfs
+
+    landed = threading.Event()
+    real_copy = localfs.copy_durable
+
+    def lagging_copy(src: Path, dst: str, counter: Any) -> None:
+        real_copy(src, dst, counter)
+        if not landed.is_set():
+            with open(dst, "r+b") as f:
+                f.write(b"\0" * Path(dst).stat().st_size)
+
+    monkeypatch.setattr(localfs, "copy_durable", lagging_copy)
+    d, drive = tmp_path / "ck", tmp_path / "drive" / "MyDrive" / "run"
+    m = commit_local(d, "checkpoint-step-10")
+    u = Uploader(str(drive))
+    try:
+        u.submit(d, m)
+        assert not u.wait(30, stop_on_failure=True)  # the read-back failed: not mirrored
+        st = u.status()
+        assert st["mirrored"] == [] and st["upload_failures"] >= 1, st
+        assert "read back after the copy" in st["last_upload_error"] and "SHA-256 mismatch" in st["last_upload_error"]
+        assert not (drive / "checkpoint-step-10" / "manifest.json").exists()  # nothing vouches for the zeros
+        landed.set()  # the mount catches up; the uploader's retry copies again and the read-back passes
+        assert u.wait(30)
+        assert u.status()["mirrored"] == ["checkpoint-step-10"]
+        assert local.verify(drive / "checkpoint-step-10")[0].name == "checkpoint-step-10"
+    finally:
+        u.close()

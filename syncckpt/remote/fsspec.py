@@ -39,7 +39,7 @@ from fsspec.spec import AbstractFileSystem
 from .._secrets import Scrubber, safe_url
 from ..blobs import BLOB_DIR
 from ..errors import RemoteError, SyncCkptError, UnsafeCheckpoint
-from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, check_relative_path, parse_checkpoint_name
+from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, check_relative_path, parse_checkpoint_name
 from . import localfs, streams
 from .base import ProgressFn, Remote, RemoteStat, _check_name
 from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
@@ -291,6 +291,13 @@ class FsspecRemote(Remote):
             return False
         self.write_bytes(rel, data)
         return True
+
+    def check_uploaded(self, name: str, manifest: Manifest) -> None:
+        """Sizes (and GCS's CRC32C) in the store; on a local path every file is also read back and its SHA-256
+        checked (a mounted Drive acknowledges writes before it holds them)."""
+        super().check_uploaded(name, manifest)
+        if self._kind == "local":
+            localfs.read_back(self._path(name), manifest, f"{self.url}/{name}")
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:

@@ -16,11 +16,13 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..local import fsync_dir
+from ..errors import CheckpointCorrupt, RemoteError
+from ..local import fsync_dir, hash_file
+from ..manifest import Manifest, verify_digest
 from .base import CHUNK
 from .streams import Progress
 
-__all__ = ["copy_durable", "create_exclusive", "rmtree_quiet", "unlink_quiet", "write_atomic"]
+__all__ = ["copy_durable", "create_exclusive", "read_back", "rmtree_quiet", "unlink_quiet", "write_atomic"]
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -68,6 +70,18 @@ def copy_durable(src: Path, dst: str, counter: Progress) -> None:
         fo.flush()
         os.fsync(fo.fileno())
     fsync_dir(Path(dst).parent)
+
+
+def read_back(folder: str, manifest: Manifest, where: str) -> None:
+    """Read every file of ``manifest`` back from ``folder`` and check its SHA-256. A mounted Drive (or another
+    FUSE or network mount) acknowledges a write before it holds the bytes; a mirror is only called mirrored once
+    it holds them. Raises RemoteError naming the first file that differs."""
+    for entry in manifest.files:
+        try:
+            seen = hash_file(Path(folder), entry.path)
+            verify_digest(entry, seen.size, seen.sha256)
+        except (OSError, CheckpointCorrupt) as e:
+            raise RemoteError(f"{where}/{entry.path}: read back after the copy: {e}") from None
 
 
 def unlink_quiet(path: str) -> None:
