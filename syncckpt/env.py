@@ -25,12 +25,15 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+from .manifest import MANIFEST_NAME, parse_checkpoint_name
+
 log = logging.getLogger("syncckpt")
 
 GB = 1000**3
 #: Kaggle's limit on ``/kaggle/working`` (the only folder kept as the notebook's output).
 KAGGLE_WORKING_LIMIT = 20 * GB
 KAGGLE_WORKING = Path("/kaggle/working")
+KAGGLE_INPUT = Path("/kaggle/input")  # attached Datasets and Models, read-only
 COLAB_CONTENT = Path("/content")
 COLAB_DRIVE = COLAB_CONTENT / "drive"
 
@@ -95,6 +98,41 @@ def default_checkpoint_dir() -> Path:
     'checkpoints'
     """
     return checkpoint_dir_for(detect_platform())
+
+
+def find_input_runs(root: Path, max_depth: int = 4) -> list[Path]:
+    """Folders under ``root`` (at most ``max_depth`` levels down) that hold checkpoint folders: an attached
+    Kaggle Dataset or Model version of a run. Only lists; nothing is opened for writing.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> (root / "my-run-ckpts" / "checkpoint-step-40").mkdir(parents=True)
+    >>> _ = (root / "my-run-ckpts" / "checkpoint-step-40" / "manifest.json").write_text("{}")
+    >>> [p.name for p in find_input_runs(root)]
+    ['my-run-ckpts']
+    """
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        if any(parse_checkpoint_name(p.name) and (p / MANIFEST_NAME).is_file() for p in children):
+            found.append(folder)
+        elif depth < max_depth:
+            for child in children:
+                walk(child, depth + 1)
+
+    if root.is_dir():
+        walk(root, 0)
+    return found
+
+
+def default_inputs(platform: str | None) -> list[Path]:
+    """Read-only folders ``resume()`` also looks in by default: on Kaggle, runs attached under ``/kaggle/input``
+    (a Dataset version made from a previous session's checkpoints resumes with no download); elsewhere none."""
+    return find_input_runs(KAGGLE_INPUT) if platform == "kaggle" else []
 
 
 def mirror_problem(url: str, platform: str | None, cwd: str) -> str | None:

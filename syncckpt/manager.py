@@ -35,7 +35,7 @@ from typing import Any
 
 from . import local
 from .distributed import Dist
-from .env import default_checkpoint_dir
+from .env import default_checkpoint_dir, default_inputs, detect_platform
 from .errors import SyncCkptError
 from .lifecycle import Lifecycle
 from .manifest import Kind
@@ -78,6 +78,8 @@ class CheckpointManager:
         background_nice: nice value (0..19) of the writer and uploader threads and the threads they start
             (Linux). The default 19 lets them run in the CPU time training leaves idle; under full CPU load a
             save then takes longer to commit. 0 runs them at the training loop's priority.
+        read_only_inputs: folders of checkpoints :meth:`resume` also considers, verified and loaded in place and
+            never written to (default: on Kaggle, the runs attached under ``/kaggle/input``; elsewhere none).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class CheckpointManager:
         remote_options: dict[str, Any] | None = None,
         incremental: bool = False,
         background_nice: int = 19,
+        read_only_inputs: list[str | os.PathLike[str]] | None = None,
     ) -> None:
         schedule = SaveSchedule(save_every_n_steps, save_every_n_minutes, save_every_n_epochs, metric_for_best, mode)
         check_settings(keep_last, keep_epochs, on_upload_error, background_nice)
@@ -113,6 +116,7 @@ class CheckpointManager:
         self._best = BestMetric(schedule)
         self._last_save_time = time.monotonic()  # the clock is read here; the schedule only compares
         self._dist = Dist.detect()
+        self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
         token = open_directory(self.directory, self._dist)
         self._uploader = None
         if remote is not None and self._dist.is_main:
@@ -309,6 +313,7 @@ class CheckpointManager:
             up.storage_options if up is not None else None,
             None if path is None else str(path),
             start_fresh_if_damaged,
+            default_inputs(detect_platform()) if self._inputs is None else self._inputs,
         )
         if up is not None:
             up.resumed(self.directory, done.manifest, done.info.source if done.info is not None else None)

@@ -103,9 +103,12 @@ def resume_run(
     storage_options: dict[str, Any] | None,
     path: str | None,
     start_fresh_if_damaged: bool,
+    inputs: list[Path] | None = None,
 ) -> Resumed:
-    """Restore ``objects`` from ``path`` or from the newest valid checkpoint; collective under torch.distributed."""
-    where = str(directory) + (f" or {remote.url}" if remote is not None else "")
+    """Restore ``objects`` from ``path`` or from the newest valid checkpoint (``inputs``: read-only folders that
+    are one more source); collective under torch.distributed."""
+    inputs = inputs or []
+    where = ", ".join([str(directory), *map(str, inputs)]) + (f" or {remote.url}" if remote is not None else "")
     fresh_noted = False
     if dist.is_main:
         try:
@@ -113,7 +116,7 @@ def resume_run(
                 loaded = _load_explicit(path, directory, storage_options)
                 _refuse_older_than_saved(loaded[0], loaded[2], directory, remote)
             else:
-                loaded, fresh_noted = _load_newest(directory, remote, where, start_fresh_if_damaged)
+                loaded, fresh_noted = _load_newest(directory, remote, where, start_fresh_if_damaged, inputs)
         except SyncCkptError as e:
             if dist.active:  # the other ranks wait for the choice: tell them it failed
                 dist.broadcast_json({"error": f"{type(e).__name__}: {e}"})
@@ -214,10 +217,10 @@ def _refuse_older_than_saved(manifest: Manifest, source: Path, directory: Path, 
 
 
 def _load_newest(
-    directory: Path, remote: Remote | None, where: str, start_fresh_if_damaged: bool
+    directory: Path, remote: Remote | None, where: str, start_fresh_if_damaged: bool, inputs: list[Path]
 ) -> tuple[_Loaded | None, bool]:
     """The newest valid checkpoint, or (None, whether a fresh start beside damaged ones was logged)."""
-    search = find_resumable(directory, remote, decode=_decode)
+    search = find_resumable(directory, remote, decode=_decode, inputs=inputs)
     if search.found is not None:
         f = search.found
         return (f.manifest, f.decoded, f.path, f.source), False

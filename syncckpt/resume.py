@@ -104,6 +104,7 @@ def find_resumable(
     decode: Decode | None = None,
     quarantine_damaged: bool = True,
     include_local: bool = True,
+    inputs: Iterable[Path] = (),
 ) -> Search:
     """Find, verify (and ``decode``) the newest valid checkpoint in ``directory`` and ``remote``.
 
@@ -112,7 +113,8 @@ def find_resumable(
     CheckpointCorrupt for content that passed its digests but is not what it claims. ``quarantine_damaged``:
     move failed checkpoints aside (only for a folder and run the caller owns; never for a read-only input).
     ``include_local``: False to consider the remote's checkpoints only. A remote candidate that wins is pulled
-    into ``directory``.
+    into ``directory``. ``inputs``: read-only folders of checkpoints (a Kaggle Dataset under ``/kaggle/input``)
+    that are one more source: verified in place and loaded from there, never written to or quarantined.
     """
     directory = Path(directory)
     ok = accept or (lambda name: True)
@@ -120,6 +122,10 @@ def find_resumable(
     cands = [_local_candidate(c) for c in checkpoints if ok(c.name)]
     damaged = [Damaged(n, "local", str(directory / n), r) for n, r in unreadable.items() if ok(n)]
     quarantined = [q for q in quarantine.list_local(directory) if ok(q.name)] if include_local else []
+    for folder in inputs:
+        found, bad = local.scan(Path(folder))
+        cands += [_local_candidate(c, folder) for c in found if ok(c.name)]
+        damaged += [Damaged(n, "input", str(Path(folder) / n), r) for n, r in bad.items() if ok(n)]
     if remote is not None:
         listing = listing if listing is not None else remote_listing(remote)
         cands += [c for c in listing.candidates if ok(c.name)]
@@ -130,9 +136,8 @@ def find_resumable(
         log.warning("No healthy checkpoint found; trying unhealthy ones (non-finite weights)")
 
     def failed(c: Candidate, reason: str) -> None:
-        done = quarantine_damaged and _quarantine(c, reason, directory, remote, listing)
-        where = str(directory / c.name) if c.location == "local" else f"{remote.url}/{c.name}"  # type: ignore[union-attr]
-        damaged.append(Damaged(c.name, c.location, where, reason, done))
+        done = quarantine_damaged and c.location != "input" and _quarantine(c, reason, directory, remote, listing)
+        damaged.append(Damaged(c.name, c.location, _where(c, directory, remote), reason, done))
 
     won = first_valid(ordered, lambda c: _load(c, directory, remote, listing, decode), failed)
     if won is None:
@@ -222,16 +227,23 @@ def newer_valid(
     return out
 
 
-def _local_candidate(c: local.LocalCheckpoint) -> Candidate:
+def _local_candidate(c: local.LocalCheckpoint, input_folder: Path | None = None) -> Candidate:
     m = c.manifest
-    return Candidate(c.name, m.kind, m.global_step, m.epoch, "local", c.manifest_sha256, m.healthy)
+    where = ("local", "") if input_folder is None else ("input", str(input_folder))
+    return Candidate(c.name, m.kind, m.global_step, m.epoch, where[0], c.manifest_sha256, m.healthy, where[1])
+
+
+def _where(c: Candidate, directory: Path, remote: Remote | None) -> str:
+    if c.location == "remote":
+        return f"{remote.url}/{c.name}"  # type: ignore[union-attr]
+    return str(Path(c.folder or directory) / c.name)
 
 
 def _load(
     c: Candidate, directory: Path, remote: Remote | None, listing: RemoteListing | None, decode: Decode | None
 ) -> Found:
-    if c.location == "local":
-        path, source = directory / c.name, "local"
+    if c.location in ("local", "input"):
+        path, source = Path(c.folder or directory) / c.name, c.location
         manifest, files = local.verify(path)
     else:
         assert remote is not None and listing is not None

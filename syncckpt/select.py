@@ -34,9 +34,10 @@ class Candidate:
     kind: Kind
     global_step: int
     epoch: int
-    location: str  # "local" or "remote"
+    location: str  # "local", "input" (a read-only folder such as /kaggle/input/...) or "remote"
     manifest_sha256: str
     healthy: bool = True
+    folder: str = ""  # where an "input" checkpoint lies
 
 
 def order_candidates(candidates: Iterable[Candidate]) -> list[Candidate]:

@@ -41,7 +41,7 @@ from ._threads import lower_priority
 from .env import detect_platform, mirror_problem
 from .errors import ConfigError, RemoteConflict, RemoteError
 from .manifest import MANIFEST_NAME, Manifest
-from .remote import open_remote
+from .remote import check_url, open_remote
 from .remote.run import RemoteRun, Retention
 
 log = logging.getLogger("syncckpt")
@@ -78,6 +78,7 @@ class Uploader:
         incremental: bool = False,
         background_nice: int = 0,
     ) -> None:
+        check_url(url)  # a mistyped "://" first: its message names the URL that was meant
         problem = mirror_problem(url, detect_platform(), os.getcwd())
         if problem is not None:
             raise ConfigError(problem)

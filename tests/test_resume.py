@@ -278,3 +278,62 @@ def test_latest_is_repointed_only_when_it_names_the_removed_checkpoint(tmp_path)
     assert remote.read_latest().name == "checkpoint-step-9"
     resume.repoint_latest(remote, "checkpoint-step-9", [])
     assert remote.read_latest() is None
+
+
+# ---- a read-only input: a Kaggle Dataset made from a previous session's checkpoints ---------------------------
+def _tree(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every path under ``root`` with its size, mtime and bytes: what 'writes nothing there' compares."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("damaged_newest", [False, True])
+def test_resume_from_a_read_only_copy_under_kaggle_input_writes_nothing_there(
+    tmp_path, monkeypatch, caplog, damaged_newest
+):
+    # session 1 trained and saved steps 3 and 6; its checkpoints became a Dataset version, attached read-only
+    model, opt = _model()
+    with _manager(tmp_path / "session1", keep_last=2, every=3) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        weights = {}
+        for step in range(1, 7):
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            mgr.step(step, batch_idx=step - 1)
+            weights[step] = model.weight.detach().clone()
+        mgr.wait()
+    kaggle_input = tmp_path / "kaggle" / "input"
+    dataset = kaggle_input / "my-run-checkpoints"
+    shutil.copytree(tmp_path / "session1", dataset)
+    if damaged_newest:
+        target = dataset / "checkpoint-step-6" / "model.safetensors"
+        data = bytearray(target.read_bytes())
+        data[-3] ^= 1
+        target.write_bytes(bytes(data))
+    before = _tree(kaggle_input)
+    for p in dataset.rglob("*"):  # read-only as Kaggle mounts it (root ignores the bits: the tree check decides)
+        p.chmod(0o555 if p.is_dir() else 0o444)
+
+    # session 2 on Kaggle: an empty /kaggle/working, the Dataset under (a fake) /kaggle/input
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setattr("syncckpt.env.KAGGLE_INPUT", kaggle_input)
+    caplog.set_level(logging.WARNING, logger="syncckpt")
+    model2, opt2 = _model()
+    with _manager(tmp_path / "working", keep_last=2, every=1) as mgr:
+        mgr.register(model=model2, optimizer=opt2)
+        info = mgr.resume()
+        expected = 3 if damaged_newest else 6
+        assert info is not None and info.global_step == expected and info.source == "input"
+        assert info.path == str(dataset / f"checkpoint-step-{expected}")  # loaded in place: no copy, no download
+        assert torch.equal(model2.weight, weights[expected])
+        mgr.step(expected + 1, batch_idx=expected)
+        mgr.wait()
+        assert mgr.list_local() == [f"checkpoint-step-{expected + 1}"]  # new checkpoints go to the working dir
+    if damaged_newest:
+        assert any("checkpoint-step-6" in r.getMessage() and "SHA-256" in r.getMessage() for r in caplog.records)
+    for p in dataset.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    assert _tree(kaggle_input) == before  # nothing written, renamed, quarantined or cleaned up there
