@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", help="mirror checkpoints to this URL (overrides checkpointing.remote)")
     p.add_argument("--save-every-n-batches", type=int, help="step checkpoint every N optimizer steps")
     p.add_argument("--save-every-n-minutes", type=float, help="also checkpoint after N minutes without one")
+    p.add_argument(
+        "--keep-local",
+        choices=["all", "newest", "none"],
+        help="with --remote, local copies kept once mirrored (overrides checkpointing.keep_local)",
+    )
     resume = p.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume-from", metavar="PATH_OR_URL", help="resume from this checkpoint (folder or remote URL)"
@@ -210,6 +215,7 @@ _OVERRIDES = {
     "remote": "checkpointing.remote",
     "save_every_n_batches": "checkpointing.save_every_n_batches",
     "save_every_n_minutes": "checkpointing.save_every_n_minutes",
+    "keep_local": "checkpointing.keep_local",
 }
 
 

@@ -72,6 +72,9 @@ class CheckpointingConfig(BaseModel):
         None, gt=0, description="Also take a step checkpoint when this many minutes passed since the last one."
     )
     keep_last: int = Field(1, ge=1, description="Step checkpoints to keep (the newest ones).")
+    keep_local: Literal["all", "newest", "none"] = Field(
+        "all", description='With a remote: local copies kept once mirrored ("all" that retention keeps).'
+    )
     remote: str | None = Field(None, min_length=1, description="Mirror to this URL (s3://, gs://, hf://, file://).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to the remote store.")
     on_upload_error: Literal["warn", "raise"] = Field(
@@ -90,8 +93,8 @@ class CheckpointingConfig(BaseModel):
         """Keyword arguments for :class:`syncckpt.CheckpointManager`, named the way the manager names them.
 
         >>> sorted(CheckpointingConfig().manager_kwargs())  # doctest: +NORMALIZE_WHITESPACE
-        ['directory', 'keep_epochs', 'keep_last', 'metric_for_best', 'mode', 'on_upload_error', 'remote',
-         'save_every_n_epochs', 'save_every_n_minutes', 'save_every_n_steps', 'storage_options']
+        ['directory', 'keep_epochs', 'keep_last', 'keep_local', 'metric_for_best', 'mode', 'on_upload_error',
+         'remote', 'save_every_n_epochs', 'save_every_n_minutes', 'save_every_n_steps', 'storage_options']
         """
         return {
             "directory": self.save_dir,
@@ -99,6 +102,7 @@ class CheckpointingConfig(BaseModel):
             "save_every_n_minutes": self.save_every_n_minutes,
             "save_every_n_epochs": self.save_every_n_epochs,
             "keep_last": self.keep_last,
+            "keep_local": self.keep_local,
             "keep_epochs": self.save_total_limit,
             "metric_for_best": self.metric_for_best if self.save_strategy == "best" else None,
             "mode": self.mode,

@@ -185,7 +185,7 @@ def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used
     >>> for part in disk_budget_problem(checkpoint_bytes=6 * GB, keep=3, limit_bytes=20 * GB).split("; "):
     ...     print(part)
     keeping 3 checkpoints of 6.0 GB needs up to 24.0 GB (keep + 1 while saving), over the 20.0 GB limit
-    lower keep_last/keep_epochs to 2, or mirror to a remote and keep fewer locally
+    lower keep_last/keep_epochs to 2, or mirror to a remote with keep_local='newest'
     >>> print(disk_budget_problem(checkpoint_bytes=12 * GB, keep=1, limit_bytes=20 * GB).split("; ")[1])
     even one checkpoint does not fit beside the one being written: checkpoint to a larger disk
     """
@@ -201,7 +201,8 @@ def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used
         f"{peak / GB:.1f} GB{used} (keep + 1 while saving), over the {limit_bytes / GB:.1f} GB limit; "
     )
     if fits >= 1:
-        return msg + f"lower keep_last/keep_epochs to {fits}, or mirror to a remote and keep fewer locally"
+        fewer = "keep_local='newest'" if fits >= 2 else "keep_local='none'"  # peaks of 3 and 2 checkpoints
+        return msg + f"lower keep_last/keep_epochs to {fits}, or mirror to a remote with {fewer}"
     return msg + "even one checkpoint does not fit beside the one being written: checkpoint to a larger disk"
 
 

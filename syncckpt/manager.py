@@ -78,6 +78,8 @@ class CheckpointManager:
         background_nice: nice value (0..19) of the writer and uploader threads and the threads they start
             (Linux). The default 19 lets them run in the CPU time training leaves idle; under full CPU load a
             save then takes longer to commit. 0 runs them at the training loop's priority.
+        keep_local: with a remote, the local copies kept once mirrored and verified there: ``"all"`` that
+            retention keeps (default), ``"newest"`` or ``"none"`` (resume then pulls from the remote).
         read_only_inputs: folders of checkpoints :meth:`resume` also considers, verified and loaded in place and
             never written to (default: on Kaggle, the runs attached under ``/kaggle/input``; elsewhere none).
     """
@@ -105,9 +107,10 @@ class CheckpointManager:
         incremental: bool = False,
         background_nice: int = 19,
         read_only_inputs: list[str | os.PathLike[str]] | None = None,
+        keep_local: str = "all",
     ) -> None:
         schedule = SaveSchedule(save_every_n_steps, save_every_n_minutes, save_every_n_epochs, metric_for_best, mode)
-        check_settings(keep_last, keep_epochs, on_upload_error, background_nice)
+        check_settings(keep_last, keep_epochs, on_upload_error, background_nice, keep_local, remote is not None)
         self.directory = Path(directory) if directory is not None else default_checkpoint_dir()
         self.schedule = schedule
         self._objects: dict[str, Any] = {}
@@ -131,6 +134,7 @@ class CheckpointManager:
                 remote_options=remote_options or {},
                 incremental=incremental,
                 background_nice=background_nice,
+                on_mirrored=lambda manifest, on_remote: self._writer.mirrored(manifest, on_remote),
             )
         self._writer = Writer(
             self.directory,
@@ -141,6 +145,7 @@ class CheckpointManager:
             best=self._best,
             token=token,
             background_nice=background_nice,
+            keep_local=keep_local,
         )
         self._arena = self._writer.arena
         self._life = Lifecycle(

@@ -5,6 +5,8 @@
 ...         Ref("best_model", "best", 250, 0)]
 >>> plan_deletions(refs, keep_last=1, keep_epochs=1)
 ['checkpoint-epoch-0', 'checkpoint-step-100']
+
+With a mirror, :func:`local_copies_to_drop` bounds the local copies further (``keep_local``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,37 @@ def plan_deletions(refs: Iterable[Ref], keep_last: int, keep_epochs: int, protec
     if healthy:
         keep.add(healthy[0].name)
     return sorted(r.name for r in refs if r.name not in keep)
+
+
+KEEP_LOCAL = ("all", "newest", "none")
+
+
+def local_copies_to_drop(local: Iterable[Ref], mirrored: Iterable[str], keep_local: str) -> list[str]:
+    """With a mirror, the local copies to delete under ``keep_local``, sorted. ``mirrored``: the checkpoints
+    verified in the store. ``"all"`` keeps what retention keeps; ``"newest"`` keeps only the newest local
+    checkpoint; ``"none"`` keeps none once it is mirrored. A copy the store does not hold is kept, unless it is
+    a step checkpoint older than a mirrored one (its upload was skipped as superseded): else a mirror that falls
+    behind would fill the disk with them.
+
+    >>> refs = [Ref("checkpoint-step-10", "step", 10, 0), Ref("checkpoint-step-20", "step", 20, 0),
+    ...         Ref("checkpoint-step-30", "step", 30, 0), Ref("checkpoint-epoch-0", "epoch", 5, 0)]
+    >>> local_copies_to_drop(refs, ["checkpoint-step-20"], "none")  # step 10: superseded; epoch 0: not mirrored
+    ['checkpoint-step-10', 'checkpoint-step-20']
+    >>> local_copies_to_drop(refs, ["checkpoint-step-20", "checkpoint-step-30"], "newest")
+    ['checkpoint-step-10', 'checkpoint-step-20']
+    >>> local_copies_to_drop(refs, ["checkpoint-step-30"], "all")
+    []
+    """
+    if keep_local not in KEEP_LOCAL:
+        raise ValueError(f"keep_local must be one of {', '.join(KEEP_LOCAL)}, got {keep_local!r}")
+    refs = list(local)
+    if keep_local == "all" or not refs:
+        return []
+    keep = {max(refs, key=recency).name} if keep_local == "newest" else set()
+    done = set(mirrored)
+    newest_step = max((r.global_step for r in refs if r.name in done and r.kind == "step"), default=None)
+    superseded = {r.name for r in refs if r.kind == "step" and newest_step is not None and r.global_step < newest_step}
+    return sorted(r.name for r in refs if (r.name in done or r.name in superseded) and r.name not in keep)
 
 
 def next_latest(current: Latest | None, manifest: Manifest, manifest_bytes: bytes) -> Latest | None:

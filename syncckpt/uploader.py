@@ -31,6 +31,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class Uploader:
         max_pause: float = 60.0,
         incremental: bool = False,
         background_nice: int = 0,
+        on_mirrored: Callable[[Manifest, list[str]], None] | None = None,
     ) -> None:
         check_url(url)  # a mistyped "://" first: its message names the URL that was meant
         problem = mirror_problem(url, detect_platform(), os.getcwd())
@@ -105,6 +107,7 @@ class Uploader:
         self._remote_run = RemoteRun(self.remote, takeover=takeover, retention=retention, incremental=incremental)
         self.lease = self._remote_run.lease
         self._nice = background_nice
+        self._on_mirrored = on_mirrored  # (manifest, what this session mirrored that is still there)
         self._thread = threading.Thread(target=self._run, name="syncckpt-uploader", daemon=True)
         self._thread.start()
 
@@ -240,8 +243,10 @@ class Uploader:
                 self._inflight = None
                 self._mirrored.append(job.name)
                 gone = {job.name, *deleted}
-                self._on_remote = [*(n for n in self._on_remote if n not in gone), job.name]
+                self._on_remote = on_remote = [*(n for n in self._on_remote if n not in gone), job.name]
                 self._cond.notify_all()
+            if self._on_mirrored is not None:
+                self._on_mirrored(job.manifest, on_remote)
 
     def _retry_later(self, job: _Upload, e: Exception, pause: float) -> bool:
         """Put a failed job back at the head of the queue (unless a newer one supersedes it) and wait about

@@ -37,17 +37,23 @@ from .distributed import Dist
 from .env import check_disk_budget
 from .errors import ConfigError
 from .format import STATE_FILE, encode_state, iter_file_chunks, versions
-from .manifest import Kind, Manifest, checkpoint_name, json_safe_metrics
+from .manifest import Kind, Manifest, checkpoint_name, json_safe_metrics, same_content
 from .restore import positions
-from .retention import Ref, plan_deletions
+from .retention import KEEP_LOCAL, Ref, local_copies_to_drop, plan_deletions
 from .schedule import BestMetric
 from .snapshot import Reservation, Snapshot, StagingArena, collect_state, state_sizes, take_snapshot
 
 log = logging.getLogger("syncckpt")
 
 
-def check_settings(keep_last: int, keep_epochs: int, on_upload_error: str, background_nice: int) -> None:
+def check_settings(
+    keep_last: int, keep_epochs: int, on_upload_error: str, background_nice: int, keep_local: str, mirrored: bool
+) -> None:
     """Raise ConfigError for a setting no writer can work with (before anything is created)."""
+    if keep_local not in KEEP_LOCAL:
+        raise ConfigError(f"keep_local must be one of {', '.join(map(repr, KEEP_LOCAL))}, got {keep_local!r}")
+    if keep_local != "all" and not mirrored:
+        raise ConfigError(f"keep_local={keep_local!r} needs a remote: without one the local copies are the only ones")
     if keep_last < 1 or keep_epochs < 0:
         raise ConfigError("keep_last must be >= 1, keep_epochs >= 0 and save_every_n_epochs >= 1")
     if on_upload_error not in ("warn", "raise"):
@@ -93,8 +99,11 @@ class Writer:
         best: BestMetric,
         token: str = "",
         background_nice: int = 19,
+        keep_local: str = "all",
     ) -> None:
         self.directory = directory
+        self.keep_local = keep_local
+        self._verified: dict[str, Manifest] = {}  # mirrored by this session and still in the store
         self.dist = dist
         self.uploader = uploader
         self.keep_last, self.keep_epochs = keep_last, keep_epochs
@@ -302,11 +311,9 @@ class Writer:
 
     def _committed(self, committed: Manifest) -> None:
         if self.last_committed is None:  # sizes are known now: warn early if retention cannot fit
-            check_disk_budget(
-                self.directory,
-                committed.total_size,
-                self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0),
-            )
+            kept = self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0)
+            # with keep_local, the newest (or none) stays, plus one still uploading beside the one being written
+            check_disk_budget(self.directory, committed.total_size, {"newest": 2, "none": 1}.get(self.keep_local, kept))
         self.last_committed = committed.name
         if self.save_error:
             log.warning("Checkpoints are being saved again (%s)", committed.name)
@@ -371,10 +378,37 @@ class Writer:
             Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, c.manifest.healthy)
             for c in local.list_checkpoints(self.directory)
         ]
-        for name in plan_deletions(refs, self.keep_last, self.keep_epochs, self.protected_names()):
+        keep_last, keep_epochs = self.keep_last, self.keep_epochs
+        if self.keep_local != "all":  # the store keeps the history: locally the newest (plus any uploading) will do
+            keep_last, keep_epochs = 1, min(keep_epochs, 1)
+        for name in plan_deletions(refs, keep_last, keep_epochs, self.protected_names()):
             failpoint("retention-delete")
             local.delete(self.directory, name)
             log.info("Removed old checkpoint %s", name)
+
+    def mirrored(self, manifest: Manifest, on_remote: list[str]) -> None:
+        """The uploader verified ``manifest`` in the store (called from its thread; ``on_remote``: what this
+        session mirrored and retention kept there). Under ``keep_local`` the local copies the store holds are
+        deleted on the writer thread, so that no commit of the same name (best_model) runs meanwhile."""
+        if self.keep_local == "all":
+            return
+        with self._lock:
+            self._verified = {n: m for n, m in self._verified.items() if n in on_remote}
+            self._verified[manifest.name] = manifest
+        try:
+            self._executor.submit(self._drop_mirrored)
+        except RuntimeError:  # the writer is closed: no commit runs any more
+            self._drop_mirrored()
+
+    def _drop_mirrored(self) -> None:
+        with self._lock:
+            verified = dict(self._verified)
+        listed = local.list_checkpoints(self.directory)
+        same = [c.name for c in listed if c.name in verified and same_content(c.manifest, verified[c.name])]
+        refs = [Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch) for c in listed]
+        for name in local_copies_to_drop(refs, same, self.keep_local):
+            local.delete(self.directory, name)
+            log.info("Removed the local copy of %s: mirrored and verified (keep_local=%r)", name, self.keep_local)
 
     def protected_names(self) -> set[str]:
         return {self.protected} if self.protected else set()

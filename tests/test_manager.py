@@ -954,3 +954,37 @@ def test_status_separates_checkpoints_still_on_the_remote_from_the_upload_histor
     assert sorted(p.name for p in (tmp_path / "bucket" / "run").iterdir() if p.name.startswith("checkpoint-")) == [
         "checkpoint-step-3"
     ]
+
+
+@pytest.mark.parametrize(("keep_local", "left"), [("all", 3), ("newest", 1), ("none", 0)])
+def test_keep_local_bounds_the_local_copies_once_mirrored(tmp_path, keep_local, left):
+    remote = tmp_path / "bucket" / "run"
+    model = nn.Linear(2, 2)
+    with CheckpointManager(tmp_path / "ck", save_every_n_steps=None, keep_last=3, remote=str(remote),
+                           keep_local=keep_local) as mgr:  # fmt: skip
+        mgr.register(model=model)
+        for step in (1, 2, 3):
+            mgr.save(step, batch_idx=step)
+            assert mgr.wait(30)
+        mgr.close()
+        assert mgr.list_local() == [f"checkpoint-step-{s}" for s in (1, 2, 3)][3 - left :]
+    assert sorted(p.name for p in remote.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-step-1",
+        "checkpoint-step-2",
+        "checkpoint-step-3",
+    ]
+    resumed = nn.Linear(2, 2)
+    with CheckpointManager(tmp_path / "ck", save_every_n_steps=None, keep_last=3, remote=str(remote),
+                           keep_local=keep_local) as mgr:  # fmt: skip
+        mgr.register(model=resumed)
+        assert mgr.resume().global_step == 3
+    assert torch.equal(resumed.weight, model.weight)
+
+
+def test_keep_local_without_a_remote_is_a_config_error(tmp_path):
+    from syncckpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_local='none' needs a remote"):
+        CheckpointManager(tmp_path / "ck", keep_local="none")
+    with pytest.raises(ConfigError, match="keep_local must be one of"):
+        CheckpointManager(tmp_path / "ck", keep_local="some")
