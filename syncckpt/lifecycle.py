@@ -66,6 +66,7 @@ class Lifecycle:
         self._mirrored = mirrored
         self._pid = os.getpid()
         self._term_at: float | None = None
+        self._why = "SIGTERM"  # what asked for the end: the log says it
         self._done = threading.Event()
         self._prev: Any = None
         self._installed = False
@@ -94,10 +95,12 @@ class Lifecycle:
         """SIGTERM arrived (here, or on another rank: see :meth:`request`)."""
         return self._term_at is not None
 
-    def request(self) -> None:
-        """Note a termination request another rank saw (every rank must finish at the same step)."""
+    def request(self, why: str | None = None) -> None:
+        """Note a termination request another rank saw (every rank must finish at the same step), or one of the
+        owner's own (``why``: e.g. the session deadline)."""
         if self._term_at is None:
             self._term_at = time.monotonic()
+            self._why = why or self._why
 
     @property
     def interrupted(self) -> bool:
@@ -162,7 +165,7 @@ class Lifecycle:
                 save()
             ok = self._flush(self.remaining())
             done = "checkpoint saved and mirrored" if self._mirrored else "checkpoint saved"
-            log.warning("SIGTERM: %s; exiting", done if ok else "flush incomplete")
+            log.warning("%s: %s; exiting", self._why, done if ok else "flush incomplete")
         finally:
             self._done.set()
         raise SystemExit(143)

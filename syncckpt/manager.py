@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import local
+from .deadline import announce, resolve_deadline, session_start, taking_last
 from .distributed import Dist
 from .env import default_checkpoint_dir, default_inputs, detect_platform
 from .errors import SyncCkptError
@@ -80,6 +81,9 @@ class CheckpointManager:
             save then takes longer to commit. 0 runs them at the training loop's priority.
         keep_local: with a remote, the local copies kept once mirrored and verified there: ``"all"`` that
             retention keeps (default), ``"newest"`` or ``"none"`` (resume then pulls from the remote).
+        deadline: when the session ends (see :mod:`syncckpt.deadline`): ``"auto"`` (Kaggle's and Colab's limits
+            from the session start), a duration from the session start (``"11h30m"``), a datetime, or ``"off"``.
+            A checkpoint is taken and mirrored before it, leaving the time the last save took plus a margin.
         read_only_inputs: folders of checkpoints :meth:`resume` also considers, verified and loaded in place and
             never written to (default: on Kaggle, the runs attached under ``/kaggle/input``; elsewhere none).
     """
@@ -108,6 +112,7 @@ class CheckpointManager:
         background_nice: int = 19,
         read_only_inputs: list[str | os.PathLike[str]] | None = None,
         keep_local: str = "all",
+        deadline: Any = "auto",
     ) -> None:
         schedule = SaveSchedule(save_every_n_steps, save_every_n_minutes, save_every_n_epochs, metric_for_best, mode)
         check_settings(keep_last, keep_epochs, on_upload_error, background_nice, keep_local, remote is not None)
@@ -119,6 +124,8 @@ class CheckpointManager:
         self._best = BestMetric(schedule)
         self._last_save_time = time.monotonic()  # the clock is read here; the schedule only compares
         self._dist = Dist.detect()
+        self._platform = detect_platform()
+        self._deadline = resolve_deadline(deadline, self._platform, session_start(self._platform))
         self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
         token = open_directory(self.directory, self._dist)
         self._uploader = None
@@ -148,6 +155,7 @@ class CheckpointManager:
             keep_local=keep_local,
         )
         self._arena = self._writer.arena
+        announce(self._deadline)
         self._life = Lifecycle(
             flush=self.wait,
             grace_period=grace_period,
@@ -180,13 +188,17 @@ class CheckpointManager:
         self._check_usable()
         since = time.monotonic() - self._last_save_time
         # every rank must take the same decision at the same step
-        life = self._life
-        terminating, interrupted, timed = self._dist.agree(
-            life.requested, life.interrupted, self.schedule.minutes_due(since)
+        life, deadline = self._life, self._deadline
+        deadline_due = deadline is not None and deadline.save_due(self._writer.last_durable)
+        terminating, interrupted, timed, at_deadline = self._dist.agree(
+            life.requested, life.interrupted, self.schedule.minutes_due(since), deadline_due
         )
+        if at_deadline and deadline is not None:  # the last checkpoint, mirrored, then the run ends: no step lost
+            taking_last(deadline, global_step, self._writer.last_durable)
+            life.request("Session deadline")
         final = partial(self._final_save, "step", global_step, epoch, batch_idx, metrics)
         last = lambda: self._writer.last_committed  # noqa: E731
-        life.at_boundary(final, last, terminating=terminating, interrupted=interrupted)
+        life.at_boundary(final, last, terminating=terminating or at_deadline, interrupted=interrupted)
         if self._uploader is not None:
             self._uploader.raise_if_failed()
         if not self.schedule.step_due(global_step, since, self._writer.last_saved_step, timed=timed):
@@ -318,7 +330,7 @@ class CheckpointManager:
             up.storage_options if up is not None else None,
             None if path is None else str(path),
             start_fresh_if_damaged,
-            default_inputs(detect_platform()) if self._inputs is None else self._inputs,
+            default_inputs(self._platform) if self._inputs is None else self._inputs,
         )
         if up is not None:
             up.resumed(self.directory, done.manifest, done.info.source if done.info is not None else None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -104,6 +105,8 @@ class Writer:
         self.directory = directory
         self.keep_local = keep_local
         self._verified: dict[str, Manifest] = {}  # mirrored by this session and still in the store
+        self._started: dict[str, float] = {}  # when each save in flight started (monotonic)
+        self.last_durable: float | None = None  # seconds the last save took to commit (and be mirrored)
         self.dist = dist
         self.uploader = uploader
         self.keep_last, self.keep_epochs = keep_last, keep_epochs
@@ -159,6 +162,7 @@ class Writer:
             reservation.release()
             raise
         self.last_saved_step = global_step
+        started = time.monotonic()
         safe_metrics = json_safe_metrics(metrics)
         best = self.best.bar if "best" in kinds else self.best.best
         trainer = {
@@ -183,6 +187,8 @@ class Writer:
             for kind in kinds
         ]
         self._seq += 1
+        with self._lock:  # before the writer thread can commit it
+            self._started.update((m.name, started) for m in commits)
         fut = self._executor.submit(self._write, _Job(snap, reservation, trainer, commits, self._seq, shards))
         with self._lock:
             self._futures = [f for f in self._futures if not f.done()] + [fut]
@@ -310,6 +316,8 @@ class Writer:
             self._committed(committed)
 
     def _committed(self, committed: Manifest) -> None:
+        if self.uploader is None:
+            self._durable(committed.name)
         if self.last_committed is None:  # sizes are known now: warn early if retention cannot fit
             kept = self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0)
             # with keep_local, the newest (or none) stays, plus one still uploading beside the one being written
@@ -390,6 +398,7 @@ class Writer:
         """The uploader verified ``manifest`` in the store (called from its thread; ``on_remote``: what this
         session mirrored and retention kept there). Under ``keep_local`` the local copies the store holds are
         deleted on the writer thread, so that no commit of the same name (best_model) runs meanwhile."""
+        self._durable(manifest.name)
         if self.keep_local == "all":
             return
         with self._lock:
@@ -399,6 +408,12 @@ class Writer:
             self._executor.submit(self._drop_mirrored)
         except RuntimeError:  # the writer is closed: no commit runs any more
             self._drop_mirrored()
+
+    def _durable(self, name: str) -> None:
+        with self._lock:
+            started = self._started.pop(name, None)
+        if started is not None:
+            self.last_durable = time.monotonic() - started
 
     def _drop_mirrored(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -319,6 +320,7 @@ def test_resume_from_a_read_only_copy_under_kaggle_input_writes_nothing_there(
 
     # session 2 on Kaggle: an empty /kaggle/working, the Dataset under (a fake) /kaggle/input
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setenv("SYNCCKPT_SESSION_START", str(time.time()))  # a fresh session: its deadline is 12 h away
     monkeypatch.setattr("syncckpt.env.KAGGLE_INPUT", kaggle_input)
     caplog.set_level(logging.WARNING, logger="syncckpt")
     model2, opt2 = _model()
