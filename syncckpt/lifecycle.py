@@ -39,6 +39,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .deadline import Deadline, announce, taking_last
+
 log = logging.getLogger("syncckpt")
 
 
@@ -59,6 +61,7 @@ class Lifecycle:
         on_exit: Callable[[], None],
         save_on_sigterm: bool = True,
         handle_interrupt: bool = False,
+        deadline: Deadline | None = None,
     ) -> None:
         self.grace_period = grace_period
         self.save_on_sigterm = save_on_sigterm
@@ -67,6 +70,8 @@ class Lifecycle:
         self._pid = os.getpid()
         self._term_at: float | None = None
         self._why = "SIGTERM"  # what asked for the end: the log says it
+        self._deadline = deadline
+        announce(deadline)
         self._done = threading.Event()
         self._prev: Any = None
         self._installed = False
@@ -132,6 +137,17 @@ class Lifecycle:
         finally:
             self._int_at = None
         raise KeyboardInterrupt
+
+    def deadline_due(self, global_step: int, last_durable_seconds: float | None) -> bool:
+        """At a step boundary: whether the session deadline calls for the last checkpoint now; if so the end is
+        requested (as on SIGTERM: the last checkpoint, mirrored, then exit) and the log says so once."""
+        d = self._deadline
+        if d is None or not d.save_due(last_durable_seconds):
+            return False
+        taking_last(d, global_step, last_durable_seconds)
+        self._deadline = None
+        self.request("Session deadline")
+        return True
 
     def at_boundary(
         self,

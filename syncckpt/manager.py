@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import local
-from .deadline import announce, resolve_deadline, session_start, taking_last
+from .deadline import resolve_deadline, session_start
 from .distributed import Dist
 from .env import default_checkpoint_dir, default_inputs, detect_platform
 from .errors import SyncCkptError
@@ -125,7 +125,6 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()  # the clock is read here; the schedule only compares
         self._dist = Dist.detect()
         self._platform = detect_platform()
-        self._deadline = resolve_deadline(deadline, self._platform, session_start(self._platform))
         self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
         token = open_directory(self.directory, self._dist)
         self._uploader = None
@@ -155,8 +154,8 @@ class CheckpointManager:
             keep_local=keep_local,
         )
         self._arena = self._writer.arena
-        announce(self._deadline)
         self._life = Lifecycle(
+            deadline=resolve_deadline(deadline, self._platform, session_start(self._platform)),
             flush=self.wait,
             grace_period=grace_period,
             mirrored=self._uploader is not None,
@@ -188,17 +187,12 @@ class CheckpointManager:
         self._check_usable()
         since = time.monotonic() - self._last_save_time
         # every rank must take the same decision at the same step
-        life, deadline = self._life, self._deadline
-        deadline_due = deadline is not None and deadline.save_due(self._writer.last_durable)
-        terminating, interrupted, timed, at_deadline = self._dist.agree(
-            life.requested, life.interrupted, self.schedule.minutes_due(since), deadline_due
-        )
-        if at_deadline and deadline is not None:  # the last checkpoint, mirrored, then the run ends: no step lost
-            taking_last(deadline, global_step, self._writer.last_durable)
-            life.request("Session deadline")
+        life = self._life
+        ending = life.requested or life.deadline_due(global_step, self._writer.last_durable)
+        terminating, interrupted, timed = self._dist.agree(ending, life.interrupted, self.schedule.minutes_due(since))
         final = partial(self._final_save, "step", global_step, epoch, batch_idx, metrics)
         last = lambda: self._writer.last_committed  # noqa: E731
-        life.at_boundary(final, last, terminating=terminating or at_deadline, interrupted=interrupted)
+        life.at_boundary(final, last, terminating=terminating, interrupted=interrupted)
         if self._uploader is not None:
             self._uploader.raise_if_failed()
         if not self.schedule.step_due(global_step, since, self._writer.last_saved_step, timed=timed):
@@ -306,18 +300,13 @@ class CheckpointManager:
     def resume(
         self, path: str | os.PathLike[str] | None = None, *, start_fresh_if_damaged: bool = False
     ) -> ResumeInfo | None:
-        """Restore every registered object from the newest valid checkpoint (local or remote), in place.
-
-        With ``path`` (a checkpoint folder, a folder of checkpoints, or a remote checkpoint URL) resume from that.
-        Returns None when there is nothing to resume. A checkpoint that fails verification is skipped with a
-        warning and quarantined (moved aside, never deleted; see :mod:`syncckpt.quarantine`). When checkpoints
-        exist but none verifies, one warning names each and its reason, and resume raises NoValidCheckpoint
-        unless ``start_fresh_if_damaged`` is True (then it returns None). Raises CheckpointNotFound when
-        ``path`` holds no valid checkpoint, StateMismatch when a checkpoint does not fit the registered objects,
-        and SyncCkptError when ``path`` is older than a valid checkpoint this manager's folder or remote already
-        holds (retention would delete the new run's checkpoints as they land; save the new run elsewhere or
-        move the newer ones away).
-        """
+        """Restore every registered object from the newest valid checkpoint (local, read-only input or remote), in
+        place, or from ``path`` (a checkpoint folder, a folder of them, a remote checkpoint URL). None when there
+        is nothing to resume. A checkpoint that fails verification is skipped with a warning and quarantined
+        (:mod:`syncckpt.quarantine`); when none verifies, resume raises NoValidCheckpoint unless
+        ``start_fresh_if_damaged``. CheckpointNotFound: ``path`` holds no valid checkpoint; StateMismatch: it does
+        not fit the registered objects; SyncCkptError: ``path`` is older than a valid checkpoint this folder or
+        remote holds (retention would delete the new run's checkpoints as they land)."""
         self._check_usable()
         if not self._objects:
             raise SyncCkptError("register() the model, optimizer, ... before resume()")
