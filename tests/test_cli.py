@@ -577,8 +577,8 @@ def damaged_run(request, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     returns (URL, extra CLI arguments)."""
     directory = tmp_path / "ckpts"
     make_run(directory)
-    flip_byte(directory / "checkpoint-step-3" / "model.safetensors")
     if request.param == "local":
+        flip_byte(directory / "checkpoint-step-3" / "model.safetensors")
         return str(directory), []
     if request.param == "file":
         url, options, args = f"file://{tmp_path}/remote/run", None, []
@@ -587,11 +587,14 @@ def damaged_run(request, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         url = request.getfixturevalue("s3_remote_url")
         args = ["--storage-option", f"client_kwargs={json.dumps(options['client_kwargs'])}"]
     remote = open_remote(url, options)
-    try:  # push as-is: push verifies first and would refuse the damaged folder
+    try:  # commit all three, then damage step 3 in the store (an upload reads back what it wrote)
         for name in ("checkpoint-step-1", "checkpoint-step-2", "checkpoint-step-3"):
             folder = directory / name
             manifest = Manifest.from_bytes((folder / "manifest.json").read_bytes())
             remote.commit_checkpoint(name, folder, manifest, (folder / "manifest.json").read_bytes(), None)
+        data = bytearray(remote.read_bytes("checkpoint-step-3/model.safetensors", max_size=1 << 30))
+        data[len(data) // 2] ^= 0xFF
+        remote.write_bytes("checkpoint-step-3/model.safetensors", bytes(data))
     finally:
         remote.close()
     return url, args

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .base import Remote, RemoteStat
+from .reach import check_reachable
 
 _ALMOST_A_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)(:/?|//)(?!/)")
 
@@ -23,6 +24,7 @@ def open_remote(url: str, storage_options: dict[str, Any] | None = None, **optio
     ``options`` are backend keyword arguments (``max_workers``; ``min_commit_interval`` for the Hub).
     """
     check_url(url)
+    check_reachable(url, storage_options)  # one line in seconds, not minutes of retries, for a dead endpoint
     if url.startswith("hf://"):
         from .hub import HubRemote
 
