@@ -43,6 +43,7 @@ from .manifest import Kind
 from .restore import ResumeInfo, resume_run
 from .schedule import BestMetric, SaveSchedule
 from .snapshot import check_object_name
+from .status import status_line
 from .writer import Writer, check_settings, open_directory
 
 log = logging.getLogger("syncckpt")
@@ -252,6 +253,12 @@ class CheckpointManager:
         if self._uploader is not None:
             st.update(self._uploader.status())
         return st
+
+    def status_line(self) -> str:
+        """:meth:`status` in one line for a notebook cell: last committed, last mirrored, what is uploading (and
+        how many bytes), errors, and when the next save falls due (see :mod:`syncckpt.status`)."""
+        since = time.monotonic() - self._last_save_time
+        return status_line(self.status(), self.schedule.next_due(self._writer.last_saved_step, since))
 
     def list_local(self) -> list[str]:
         """Names of the committed local checkpoints."""

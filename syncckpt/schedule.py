@@ -60,6 +60,22 @@ class SaveSchedule:
         due = timed or bool(self.every_n_steps and global_step % self.every_n_steps == 0)
         return due and global_step != last_saved_step
 
+    def next_due(self, global_step: int | None, seconds_since_save: float) -> str:
+        """When the next step checkpoint falls due, in words (for a status line).
+
+        >>> SaveSchedule(every_n_steps=500, every_n_minutes=20).next_due(1234, seconds_since_save=300)
+        'step 1500 or in 15 min'
+        >>> SaveSchedule(every_n_steps=None).next_due(7, 0)
+        'at epoch end'
+        """
+        due = []
+        if self.every_n_steps:
+            at = ((global_step or 0) // self.every_n_steps + 1) * self.every_n_steps
+            due.append(f"step {at}")
+        if self.every_n_minutes:
+            due.append(f"in {max(0.0, self.every_n_minutes - seconds_since_save / 60):.0f} min")
+        return " or ".join(due) or "at epoch end"
+
     def epoch_kinds(self, epoch: int, improves_best: bool) -> list[Kind]:
         """What to write at the end of ``epoch``: an epoch checkpoint every N epochs, and best_model."""
         kinds: list[Kind] = ["epoch"] if (epoch + 1) % self.every_n_epochs == 0 else []

@@ -186,6 +186,7 @@ class Uploader:
                 "mirrored_history": list(self._mirrored),
                 "pending": [q.name for q in self._queue],
                 "uploading": self._inflight.name if self._inflight else None,
+                "bytes_pending": sum(j.manifest.total_size for j in [*self._queue, self._inflight] if j is not None),
                 "skipped": list(self._skipped),
                 "upload_failures": self._failures,
                 "last_upload_error": self._last_error,

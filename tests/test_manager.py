@@ -988,3 +988,17 @@ def test_keep_local_without_a_remote_is_a_config_error(tmp_path):
         CheckpointManager(tmp_path / "ck", keep_local="none")
     with pytest.raises(ConfigError, match="keep_local must be one of"):
         CheckpointManager(tmp_path / "ck", keep_local="some")
+
+
+def test_status_line_says_what_is_committed_mirrored_uploading_and_when_the_next_save_is_due(tmp_path):
+    model = nn.Linear(2, 2)
+    with CheckpointManager(tmp_path / "ck", save_every_n_steps=5, remote=str(tmp_path / "bucket" / "run")) as mgr:
+        mgr.register(model=model)
+        assert mgr.status_line().startswith("syncckpt: committed none yet | mirrored none yet | uploading none")
+        mgr.step(5, batch_idx=4)
+        assert mgr.wait(30)
+        line = mgr.status_line()
+    assert line == (
+        "syncckpt: committed checkpoint-step-5 | mirrored checkpoint-step-5 | uploading none | next save step 10"
+    )
+    assert len(line) <= 120 and "\n" not in line
