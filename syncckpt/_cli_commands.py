@@ -10,12 +10,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import local, quarantine
-from ._cli_common import EXIT_INVALID, EXIT_OK, Context, UsageError, check_name, human_size, iso, keep_epochs, table
+from ._cli_common import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Context,
+    UsageError,
+    check_name,
+    fitting_table,
+    human_size,
+    iso,
+    keep_epochs,
+)
 from .errors import CheckpointCorrupt, CheckpointNotFound
 from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content
 from .pull import pull
@@ -57,14 +68,20 @@ def cmd_ls(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _ls_table(rows: list[dict[str, Any]]) -> str:
+    """The listing, as wide as the terminal allows (a notebook cell, or no terminal: 80 columns): the creation
+    time shortens from ISO 8601 to minutes to the date before the columns close up."""
     yes_no = {True: "yes", False: "no", None: "-"}
     headers = ["checkpoint", "kind", "step", "epoch", "size", "created", "healthy", "mirrored"]
-    cells = [
-        [r["name"], r["kind"], str(r["global_step"]), str(r["epoch"]), human_size(r["size"]), r["created_iso"]]
-        + [yes_no[r["healthy"]], yes_no[r["mirrored"]]]
-        for r in rows
-    ]
-    return table(headers, cells)
+
+    def cells(created: Callable[[str], str]) -> list[list[str]]:
+        return [
+            [r["name"], r["kind"], str(r["global_step"]), str(r["epoch"]), human_size(r["size"])]
+            + [created(r["created_iso"]), yes_no[r["healthy"]], yes_no[r["mirrored"]]]
+            for r in rows
+        ]
+
+    variants = [cells(lambda t: t), cells(lambda t: t[:16].replace("T", " ")), cells(lambda t: t[:10])]
+    return fitting_table(headers, variants, shutil.get_terminal_size((80, 24)).columns)
 
 
 def _remote_manifests(ctx: Context, url: str | None) -> dict[str, Manifest] | None:

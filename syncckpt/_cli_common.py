@@ -101,8 +101,25 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned columns two spaces apart, without trailing blanks."""
+def table(headers: list[str], rows: list[list[str]], gap: int = 2) -> str:
+    """Left-aligned columns ``gap`` spaces apart, without trailing blanks."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+    sep = " " * gap
+    lines = [sep.join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
     return "\n".join(lines)
+
+
+def fitting_table(headers: list[str], variants: list[list[list[str]]], width: int) -> str:
+    """The first of ``variants`` (the same rows, each shorter than the one before) that fits ``width`` columns
+    with two spaces between columns, then one; the last, one space apart, when none fits.
+
+    >>> print(fitting_table(["when"], [[["2026-12-02 01:27:23"]], [["2026-12-02"]]], width=12))
+    when
+    2026-12-02
+    """
+    for gap in (2, 1):
+        for rows in variants:
+            text = table(headers, rows, gap)
+            if max(map(len, text.splitlines())) <= width:
+                return text
+    return table(headers, variants[-1], 1)

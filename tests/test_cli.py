@@ -645,3 +645,19 @@ def test_rm_on_a_remote_run_repoints_latest_and_removes_the_quarantine_entry(cap
 def test_rm_needs_a_checkpoint_name(capsys, run: Path) -> None:
     code, _, err = cli(capsys, "rm", str(run))
     assert code == 2 and "name one checkpoint" in err
+
+
+def test_ls_fits_an_80_column_cell_even_with_long_names(tmp_path: Path) -> None:
+    # issue 18: `syncckpt ls` printed 89-column lines, which wrap in a notebook cell (80 columns, no terminal)
+    directory = tmp_path / "ckpts"
+    make_run(directory, steps=(123456, 1234567))
+    env = {**os.environ, "COLUMNS": "80"}
+    listed = subprocess.run([syncckpt_script(), "ls", str(directory)], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, listed.stdout
+    assert lines[0].split() == ["checkpoint", "kind", "step", "epoch", "size", "created", "healthy", "mirrored"]
+    assert lines[1].split()[0] == "checkpoint-step-1234567" and lines[1].split()[6].startswith("20")
+    wide = subprocess.run([syncckpt_script(), "ls", str(directory)], capture_output=True, text=True,
+                          env={**env, "COLUMNS": "200"})  # fmt: skip
+    assert "T" in wide.stdout.splitlines()[1].split()[6]  # a wide terminal shows the full ISO 8601 time
