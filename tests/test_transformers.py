@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -26,6 +27,15 @@ from syncckpt.integrations.transformers import STAGE_DIR, SyncCheckpointCallback
 from syncckpt.remote import open_remote  # noqa: E402
 
 JOB = Path(__file__).parent / "e2e" / "hf_trainer_job.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The model is tiny: two intra-op threads on two shared cores run it several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _env() -> dict[str, str]:
@@ -176,3 +186,14 @@ def test_callback_rejects_bad_arguments():
         SyncCheckpointCallback("memory://x/run", on_upload_error="ignore")
     with pytest.raises(ValueError, match="keep_last"):
         SyncCheckpointCallback("memory://x/run", keep_last=0)
+
+
+def test_o1_skip_refuses_an_epoch_the_accumulation_does_not_divide_before_touching_the_remote(tmp_path):
+    remote = tmp_path / "remote"
+    sync = SyncCheckpointCallback(remote.as_uri())
+    # 64 samples in batches of 8: 8 batches per epoch, not a multiple of 3
+    trainer = build_trainer(str(tmp_path / "out"), [sync], sampler_of=sync, gradient_accumulation_steps=3)
+    with pytest.raises(ValueError, match=r"batches per epoch \(8\) to be a multiple of gradient_accumulation_steps"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert not remote.exists()

@@ -24,10 +24,19 @@ Each mirrored checkpoint also gets its ``manifest.json`` locally, so :func:`resu
 folder only when every file matches: a folder the Trainer was still writing when the session died (the Trainer
 does not write atomically) is never resumed from. The Trainer ignores the extra file.
 
+SIGTERM (a preemption, ``scancel``, a Kaggle/Colab shutdown) and Ctrl-C are handled by the shared
+:class:`syncckpt.lifecycle.Lifecycle`: at the next optimizer step the callback asks the Trainer for a checkpoint
+(``control.should_save``), mirrors it within the grace period and exits with status 143 (Ctrl-C: raises
+KeyboardInterrupt there instead, so a notebook kernel lives on).
+
+Mid-epoch resume without the Trainer's own skip: with ``ignore_data_skip=True`` and the sampler from
+:meth:`SyncCheckpointCallback.train_sampler`, the resumed epoch starts at the saved position by index arithmetic
+(see :class:`syncckpt.ResumableSampler`), bit-identical to an uninterrupted run.
+
 What this does not guarantee: a checkpoint saved right before the machine vanishes is remote only once the
 upload finished (``on_train_end`` waits for it, ``callback.wait()`` does so on demand). The Trainer's own files
-are its usual ``torch.save`` pickles (optimizer, scheduler, RNG); syncckpt verifies their digests but the Trainer
-loads them.
+are its usual ``torch.save`` pickles (optimizer, scheduler, RNG); syncckpt verifies their digests (no pickle is
+opened to find, verify or pull a checkpoint) but the Trainer loads them with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -41,12 +50,14 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .. import local
+from .. import local, rng
+from ..distributed import Dist
 from ..errors import NoValidCheckpoint, SyncCkptError
 from ..lifecycle import Lifecycle
 from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
@@ -54,6 +65,7 @@ from ..pull import split_checkpoint_url
 from ..remote import open_remote
 from ..resume import find_resumable, pull_checkpoint_url
 from ..retention import Ref, plan_deletions, recency
+from ..sampler import ResumableSampler
 
 log = logging.getLogger("syncckpt")
 
@@ -102,6 +114,13 @@ class SyncCheckpointCallback(TrainerCallback):
     uploader: training does not wait for hashing or the network. Remote retention mirrors the Trainer's rotation
     (see :func:`plan_rotation`); ``on_train_end`` waits up to ``flush_timeout`` seconds for the uploads.
 
+    After SIGTERM (or a first Ctrl-C) the next optimizer step ends with a Trainer checkpoint (``control.should_save``)
+    that is mirrored within ``grace_period`` seconds of the signal; then the process exits with status 143 (Ctrl-C:
+    KeyboardInterrupt is raised from ``trainer.train()``). A step that does not end within half the grace period
+    (a long evaluation) is not waited for: what is saved is flushed and the process exits with 143 anyway. Under
+    torch.distributed every rank handles the signals and the ranks agree at each step end, so all of them save at
+    the same step.
+
     Args:
         remote: run URL (``s3://``, ``gs://``, ``hf://``, ``file://``, a local or mounted path, any fsspec URL).
         storage_options: passed to the remote backend (credentials, ``endpoint_url``, ...); never logged.
@@ -112,6 +131,10 @@ class SyncCheckpointCallback(TrainerCallback):
         keep_last: ``checkpoint-N`` folders kept on the remote; default ``args.save_total_limit`` (None keeps all).
         flush_timeout: seconds ``on_train_end`` (and interpreter exit) waits for pending uploads.
         remote_options: extra keyword arguments for the remote backend (e.g. ``min_commit_interval`` for hf://).
+        handle_sigterm: on SIGTERM, save and mirror a last checkpoint at the next step, then exit with status 143.
+        handle_interrupt: the same on Ctrl-C, then KeyboardInterrupt; a second Ctrl-C stops at once. Only
+            replaces Python's default SIGINT handler.
+        grace_period: seconds from the signal to the exit, saving and mirroring included.
 
     >>> cb = SyncCheckpointCallback("memory://doc-callback/run", keep_last=2)
     >>> cb.status()
@@ -128,6 +151,9 @@ class SyncCheckpointCallback(TrainerCallback):
         *,
         flush_timeout: float = 600.0,
         remote_options: dict[str, Any] | None = None,
+        handle_sigterm: bool = True,
+        handle_interrupt: bool = True,
+        grace_period: float = 60.0,
     ) -> None:
         if on_upload_error not in ("warn", "raise"):
             raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
@@ -140,6 +166,9 @@ class SyncCheckpointCallback(TrainerCallback):
         self.keep_last = keep_last
         self.flush_timeout = flush_timeout
         self.remote_options = dict(remote_options or {})
+        self.handle_sigterm = handle_sigterm
+        self.handle_interrupt = handle_interrupt
+        self.grace_period = grace_period
         self._uploader: Any = None
         self._hasher: ThreadPoolExecutor | None = None
         self._futures: list[Future[None]] = []
@@ -150,26 +179,63 @@ class SyncCheckpointCallback(TrainerCallback):
         self._best_name: str | None = None
         self._error: str | None = None
         self._pid = os.getpid()
-        self._life: Lifecycle | None = None  # the interpreter-exit flush, as the manager's
+        self._life: Lifecycle | None = None  # signals and the interpreter-exit flush, as the manager's
+        self._dist: Dist | None = None
+        self._stop: list[bool] | None = None  # (SIGTERM, Ctrl-C) every rank agreed on: the save now ends the run
+        self._sampler: _TrainerSampler | None = None
+        self._resumed: _ResumedPass | None = None
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self._sampler is not None and args.ignore_data_skip:
+            self._resumed = _arm_sampler(self._sampler, args, state, len(kwargs["train_dataloader"]))
+        elif args.ignore_data_skip and state.global_step > 0:
+            log.warning(
+                "ignore_data_skip=True without SyncCheckpointCallback.train_sampler(): the resumed epoch starts again "
+                "from its first batch (the Trainer skips nothing)"
+            )
+        if self._dist is None and (self.handle_sigterm or self.handle_interrupt):
+            self._dist = Dist.detect()  # collective: every rank is here
         if state.is_world_process_zero:
             self._start(args)  # opens the remote and takes its lease now, so a LeaseHeld surfaces before step 1
+        elif self._life is None:  # the other ranks only take part in the last save
+            self._life = self._lifecycle(flush=lambda timeout: True, mirrored=False, on_exit=lambda: None)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self._resumed is not None:
+            self._resumed = self._resumed.fix_epoch(state)
         if state.is_world_process_zero and self._uploader is not None:
             self._raise_if_failed()
+        if self._dist is not None and self._life is not None:
+            stop = self._dist.agree(self._life.requested, self._life.interrupted)  # every rank stops at one step
+            if any(stop):
+                control.should_save = True  # the Trainer saves right after this event; on_save then ends the run
+                self._stop = stop
+
+    @property
+    def terminating(self) -> bool:
+        """SIGTERM arrived in this process: the run ends with a checkpoint at the next step.
+
+        >>> SyncCheckpointCallback("memory://doc-terminating/run").terminating
+        False
+        """
+        return self._life is not None and self._life.requested
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Called after the Trainer finished writing (and rotating) ``output_dir/checkpoint-{global_step}``."""
-        if not state.is_world_process_zero:
-            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero:
+            self._mirror(args, state, folder)
+        if self._stop is not None and self._life is not None:
+            (terminating, interrupted), self._stop = self._stop, None
+            # flush, then exit 143 (or raise KeyboardInterrupt)
+            self._life.at_boundary(lambda: None, lambda: folder.name, terminating=terminating, interrupted=interrupted)
+
+    def _mirror(self, args: TrainingArguments, state: TrainerState, folder: Path) -> None:
         self._start(args)
         self._raise_if_failed()
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not folder.is_dir():
             log.warning(
                 "on_save: %s does not exist; nothing to mirror (hyperparameter search runs are not mirrored)", folder
@@ -212,6 +278,9 @@ class SyncCheckpointCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if not state.is_world_process_zero and self._life is not None:
+            self._life.close()
+            self._life = None
         if not state.is_world_process_zero or self._uploader is None:
             return
         t0 = time.monotonic()
@@ -228,6 +297,25 @@ class SyncCheckpointCallback(TrainerCallback):
         self.close(remove_staging=done)
 
     # ---- public helpers ---------------------------------------------------------------------------------------
+    def train_sampler(self, dataset: Any, args: TrainingArguments) -> ResumableSampler:
+        """The training sampler that resumes mid-epoch by index arithmetic: return it from the Trainer's
+        ``_get_train_sampler`` and set ``ignore_data_skip=True``; without that flag the Trainer's own skip runs.
+
+        A seeded shuffle (``args.data_seed``, else ``args.seed``); single process only. The callback positions
+        it when a resumed run begins: the skipped batches are never drawn, no sample of them is read.
+
+        >>> from transformers import TrainingArguments
+        >>> cb = SyncCheckpointCallback("memory://doc-sampler/run")
+        >>> s = cb.train_sampler(range(10), TrainingArguments("out", per_device_train_batch_size=2, report_to=[]))
+        >>> s.batch_size, len(s)
+        (2, 10)
+        """
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        self._sampler = _TrainerSampler(
+            dataset, batch_size=args.per_device_train_batch_size, seed=seed, num_replicas=1, rank=0
+        )
+        return self._sampler
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every saved checkpoint is hashed and mirrored. True when everything is done in time."""
         if self._uploader is None:
@@ -289,18 +377,20 @@ class SyncCheckpointCallback(TrainerCallback):
         )
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-hash")
         self._pid = os.getpid()
-        self._life = Lifecycle(
-            flush=self.wait,
-            grace_period=self.flush_timeout,
-            mirrored=True,
-            handle_sigterm=False,
-            on_exit=self._flush_at_exit,
-        )
+        self._life = self._lifecycle(flush=self.wait, mirrored=True, on_exit=self._flush_at_exit)
         log.info(
             "Mirroring Trainer checkpoints from %s to %s (remote keeps %s)",
             args.output_dir,
             self._uploader.url,
             self._rotation_limit or "all",
+        )
+
+    def _lifecycle(self, **kwargs: Any) -> Lifecycle:
+        return Lifecycle(
+            grace_period=self.grace_period,
+            handle_sigterm=self.handle_sigterm,
+            handle_interrupt=self.handle_interrupt,
+            **kwargs,
         )
 
     def _hash_and_submit(
@@ -361,6 +451,70 @@ def _place_manifest(folder: Path, data: bytes) -> None:
         os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
     except OSError as e:  # the Trainer rotated the folder away meanwhile: the remote copy is what matters
         log.debug("Could not place %s in %s: %s", MANIFEST_NAME, folder, e)
+
+
+class _TrainerSampler(ResumableSampler):
+    """ResumableSampler that puts back, when the resumed pass begins, the RNG state the Trainer loaded from the
+    checkpoint: ``iter(DataLoader)`` draws a seed from the global generator between the two, which the
+    uninterrupted run did at the epoch's start (the Trainer's own skip re-loads ``rng_state.pth`` for the same
+    reason). The Trainer calls ``set_epoch`` right after loading it."""
+
+    rng_at_epoch: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.rng_at_epoch = rng.capture()
+
+    def restore_rng(self) -> None:
+        if self.rng_at_epoch is not None:
+            rng.restore(self.rng_at_epoch)
+
+
+@dataclass
+class _ResumedPass:
+    """The epoch a resumed run re-enters mid-way, and what the Trainer needs corrected while it lasts."""
+
+    epoch: int
+    steps_per_epoch: int  # optimizer steps
+    accumulation: int
+    batches: int  # micro-batches per epoch
+
+    def fix_epoch(self, state: TrainerState) -> _ResumedPass | None:
+        """The Trainer counts the resumed pass's micro-batches from 0 (it skipped nothing itself): set
+        ``state.epoch`` to the uninterrupted run's value (same expression, same float). None once past it."""
+        done = state.global_step - self.epoch * self.steps_per_epoch
+        if not 0 < done <= self.steps_per_epoch:
+            return None
+        state.epoch = self.epoch + (done * self.accumulation) / self.batches
+        return self
+
+
+def _arm_sampler(
+    sampler: _TrainerSampler, args: TrainingArguments, state: TrainerState, batches: int
+) -> _ResumedPass | None:
+    """At ``on_train_begin`` with ``ignore_data_skip``: check the Trainer's loop allows the O(1) skip, and on a
+    resumed run position the sampler after the last trained batch."""
+    ga = args.gradient_accumulation_steps
+    if args.world_size > 1:
+        raise ValueError(
+            "train_sampler() with ignore_data_skip=True is single-process only (accelerate shards its batches "
+            "across processes); leave ignore_data_skip=False to use the Trainer's own skip"
+        )
+    if batches % ga:
+        raise ValueError(
+            f"train_sampler() with ignore_data_skip=True needs the batches per epoch ({batches}) to be a multiple "
+            f"of gradient_accumulation_steps ({ga}): the Trainer would miss the optimizer step at the end of the "
+            "resumed epoch; change the batch size, dataloader_drop_last or leave ignore_data_skip=False"
+        )
+    steps_per_epoch = max(batches // ga, 1)
+    epoch, done = divmod(state.global_step, steps_per_epoch)
+    if done == 0:  # a fresh run, or a checkpoint at an epoch's end: the Trainer starts the epoch from its start
+        return None
+    trained = done * ga
+    sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, **sampler.checkpoint_position(epoch, trained - 1)})
+    sampler.on_resumed_pass(sampler.restore_rng)
+    log.info("Resuming epoch %d after its batch %d by index: the batches before are not read", epoch, trained)
+    return _ResumedPass(epoch, steps_per_epoch, ga, batches)
 
 
 def resume_checkpoint(
