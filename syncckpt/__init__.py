@@ -7,6 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .augment import PerSampleRandom, sample_generator
+from .data import ResumableLoader, ShuffleBuffer
 from .errors import (
     CheckpointCorrupt,
     CheckpointNotFound,
@@ -27,6 +29,10 @@ from .sampler import ResumableSampler
 __all__ = [
     "CheckpointManager",
     "ResumableSampler",
+    "ResumableLoader",
+    "ShuffleBuffer",
+    "PerSampleRandom",
+    "sample_generator",
     "ResumeInfo",
     "SyncCkptError",
     "CheckpointNotFound",

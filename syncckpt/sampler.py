@@ -1,8 +1,19 @@
-"""ResumableSampler: the uninterrupted run's sample order, resumable mid-epoch in O(1).
+"""ResumableSampler: the uninterrupted run's sample order, resumable mid-epoch in O(1), elastic across world sizes.
 
 It behaves like ``RandomSampler``/``DistributedSampler`` (a permutation seeded by ``seed + epoch``, padded and
 strided across replicas), and after :class:`syncckpt.CheckpointManager` restores it, the epoch being resumed
 starts right after the last trained batch: the skipped indices are sliced off, no sample is loaded.
+
+The saved position is in **global samples consumed** (``samples_consumed``: every replica's batches together), not
+in per-replica batches, so the epoch being resumed may continue with another ``num_replicas`` or ``batch_size``.
+The rule: the epoch's global order is the permutation of all ``n`` samples; a checkpoint after ``C`` global samples
+has trained its first ``C`` (with R replicas, replica r had positions r, r + R, ...). The resumed pass takes the
+rest, ``order[C:n]``, and splits it over the new replicas as DistributedSampler splits a whole epoch: padded to a
+multiple of the new ``num_replicas`` by repeating the epoch's first samples (``drop_last``: truncated to one), then
+strided (rank r takes positions r, r + R', ...). Every sample of the epoch is therefore trained exactly once, plus
+``(-(n - C)) % R'`` padding repeats of ``order[0], order[1], ...`` (none with ``drop_last``, which instead leaves out
+up to R' - 1 samples of the tail, as DistributedSampler does). With the same replicas and batch size this is the
+uninterrupted run's order exactly.
 
 >>> s = ResumableSampler(range(10), batch_size=2, shuffle=True, seed=0)
 >>> s.set_epoch(0); full = list(s)
@@ -66,47 +77,64 @@ class ResumableSampler(Sampler[int]):
         self.rank = rank
         self.epoch = 0
         self._resume_epoch: int | None = None
-        self._resume_skip = 0
+        self._resume_consumed = 0  # global samples of the resumed epoch trained before the checkpoint
+        self._resume_batch_idx = -1  # the loop's batch index at that checkpoint
+        self._pass_base: tuple[int, int, int] | None = None  # (epoch, batch_idx, consumed) of a resumed pass
         self._on_resume_iter: Callable[[], None] | None = None
 
     # -- sizes -------------------------------------------------------------------------------------------------
-    def _per_replica(self) -> int:
-        n = len(self.data_source)
-        if self.drop_last and n % self.num_replicas:
-            return n // self.num_replicas
-        return math.ceil(n / self.num_replicas)
+    def _share(self, count: int) -> int:
+        """Samples each replica gets when ``count`` samples are split DistributedSampler's way."""
+        if self.drop_last and count % self.num_replicas:
+            return count // self.num_replicas
+        return math.ceil(count / self.num_replicas)
 
-    def _skip(self) -> int:
-        return self._resume_skip if self._resume_epoch == self.epoch else 0
+    def _per_replica(self) -> int:
+        return self._share(len(self.data_source))
+
+    def _consumed(self) -> int:
+        """Global samples the next pass starts after (non-zero only on the pass being resumed)."""
+        return self._resume_consumed if self._resume_epoch == self.epoch else 0
 
     def __len__(self) -> int:
         """Samples the next iteration yields (fewer than a full epoch on the pass being resumed)."""
-        return max(self._per_replica() - self._skip(), 0)
+        consumed = self._consumed()
+        if not consumed:
+            return self._per_replica()
+        return self._share(max(len(self.data_source) - consumed, 0))
 
     # -- order -------------------------------------------------------------------------------------------------
-    def _indices(self) -> list[int]:
+    def _order(self) -> list[int]:
+        """The epoch's global order of all samples (before padding and striding)."""
         n = len(self.data_source)
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(n, generator=g).tolist()
-        else:
-            indices = list(range(n))
-        total = self._per_replica() * self.num_replicas
-        if total > len(indices):  # pad by repeating, as DistributedSampler does
-            reps = math.ceil((total - len(indices)) / max(len(indices), 1))
-            indices += (indices * reps)[: total - len(indices)]
-        return indices[:total][self.rank : total : self.num_replicas]
+            return torch.randperm(n, generator=g).tolist()
+        return list(range(n))
+
+    def _split(self, order: list[int], consumed: int) -> list[int]:
+        """This replica's share of ``order[consumed:]``, padded from the epoch's first samples."""
+        rest = order[consumed:]
+        total = self._share(len(rest)) * self.num_replicas
+        if total > len(rest) and order:  # pad by repeating the epoch's first samples, as DistributedSampler does
+            reps = math.ceil((total - len(rest)) / len(order))
+            rest += (order * reps)[: total - len(rest)]
+        return rest[:total][self.rank : total : self.num_replicas]
+
+    def _indices(self) -> list[int]:
+        return self._split(self._order(), 0)
 
     def __iter__(self) -> Iterator[int]:
-        skip = self._skip()
+        consumed = self._consumed()
+        self._pass_base = None
         if self._resume_epoch == self.epoch:
             self._resume_epoch = None  # one resumed pass; later passes of any epoch start at 0
+            self._pass_base = (self.epoch, self._resume_batch_idx, consumed)
             hook, self._on_resume_iter = self._on_resume_iter, None
             if hook is not None:
                 hook()
-        indices = self._indices()
-        return iter(indices[skip:])
+        return iter(self._split(self._order(), consumed))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (call it before every epoch)."""
@@ -140,25 +168,53 @@ class ResumableSampler(Sampler[int]):
         for key in ("seed", "shuffle", "drop_last"):
             if key in state:
                 setattr(self, key, state[key])
-        if state.get("batch_size", self.batch_size) != self.batch_size:
-            log.warning(
-                "ResumableSampler: batch_size changed from %s to %s; the skip uses the saved one",
-                state["batch_size"],
-                self.batch_size,
-            )
         self.epoch = int(state.get("epoch", self.epoch))
         pos = state.get("position")
-        if pos and pos.get("batch_idx", -1) >= 0:
+        if pos and int(pos.get("batch_idx", -1)) >= 0:
             self._resume_epoch = int(pos["epoch"])
-            self._resume_skip = (int(pos["batch_idx"]) + 1) * int(state.get("batch_size", self.batch_size))
+            self._resume_batch_idx = int(pos["batch_idx"])
+            self._resume_consumed = _samples_consumed(pos, state, self)
+            self._log_elastic(state)
         else:
-            self._resume_epoch, self._resume_skip = None, 0
+            self._resume_epoch, self._resume_consumed, self._resume_batch_idx = None, 0, -1
+
+    def _log_elastic(self, state: dict[str, Any]) -> None:
+        saved = (state.get("num_replicas", self.num_replicas), state.get("batch_size", self.batch_size))
+        if saved != (self.num_replicas, self.batch_size):
+            log.info(
+                "ResumableSampler: epoch %d was saved with %d replicas x batch %d, resumes with %d x %d: the rest "
+                "of its global order (after %d samples) is split over the new replicas",
+                self._resume_epoch,
+                saved[0],
+                saved[1],
+                self.num_replicas,
+                self.batch_size,
+                self._resume_consumed,
+            )
 
     # -- resume hooks (syncckpt.restore) ------------------------------------------------------------------------
     def checkpoint_position(self, epoch: int, batch_idx: int) -> dict[str, Any]:
-        """Saved with the state: the loop position, so a resumed pass skips what was trained."""
-        return {"position": {"epoch": epoch, "batch_idx": batch_idx}}
+        """Saved with the state: the loop position and the global samples consumed in ``epoch``, so a resumed pass
+        (with any number of replicas or batch size) starts right after what was trained.
+
+        On the pass being resumed the loop's ``batch_idx`` continues the saved run's numbering; the batches since
+        then are counted in this run's replicas and batch size.
+        """
+        consumed = (batch_idx + 1) * self.batch_size * self.num_replicas
+        base = self._pass_base
+        if base is not None and base[0] == epoch and batch_idx >= 0:
+            consumed = base[2] + (batch_idx - base[1]) * self.batch_size * self.num_replicas
+        return {"position": {"epoch": epoch, "batch_idx": batch_idx, "samples_consumed": max(consumed, 0)}}
 
     def on_resumed_pass(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` when the pass being resumed begins (after the DataLoader drew its worker seed)."""
         self._on_resume_iter = hook
+
+
+def _samples_consumed(pos: dict[str, Any], state: dict[str, Any], sampler: ResumableSampler) -> int:
+    """Global samples consumed at a saved position; a checkpoint from before ``samples_consumed`` was saved counts
+    its per-replica batches in the saved batch size and number of replicas."""
+    if "samples_consumed" in pos:
+        return int(pos["samples_consumed"])
+    per_batch = int(state.get("batch_size", sampler.batch_size)) * int(state.get("num_replicas", sampler.num_replicas))
+    return (int(pos["batch_idx"]) + 1) * per_batch

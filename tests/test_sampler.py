@@ -178,3 +178,98 @@ def test_generator_is_not_the_global_rng():
     torch.manual_seed(0)
     order_of(ResumableSampler(range(100), 10, seed=1), 0)
     assert torch.equal(torch.rand(1), before)
+
+
+# ---- elastic position: global samples consumed ----------------------------------------------------------------------
+def _ranks(n: int, bs: int, replicas: int, state: dict | None = None, **kw) -> list[ResumableSampler]:
+    samplers = [ResumableSampler(range(n), bs, num_replicas=replicas, rank=r, **kw) for r in range(replicas)]
+    for s in samplers:
+        if state is not None:
+            s.load_state_dict(state)
+    return samplers
+
+
+def _train(samplers: list[ResumableSampler], epoch: int, first: int, stop_after: int | None):
+    """Lockstep data-parallel pass: every rank takes one batch per step, as DDP does. Returns the sample indices
+    trained, the state saved at the last step (rank 0's, with its position, as the manager saves it)."""
+    batches = []
+    for s in samplers:
+        s.set_epoch(epoch)
+        idx = list(s)
+        batches.append([idx[i : i + s.batch_size] for i in range(0, len(idx), s.batch_size)])
+    trained, state = [], None
+    for k, step in enumerate(zip(*batches, strict=True)):
+        trained += [i for b in step for i in b]
+        batch_idx = first + k
+        state = {**samplers[0].state_dict(), **samplers[0].checkpoint_position(epoch, batch_idx)}
+        if stop_after is not None and k + 1 == stop_after:
+            break
+    return trained, state
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        [(2, 4, 3), (1, 4, None)],  # 2 replicas -> 1
+        [(1, 4, 5), (2, 4, None)],  # 1 -> 2
+        [(2, 4, 2), (3, 4, None)],  # 2 -> 3
+        [(2, 4, 3), (2, 3, None)],  # batch size 4 -> 3
+        [(2, 4, 2), (1, 4, 4), (2, 5, None)],  # 2 -> 1 -> 2 within one epoch, batch size changed on the way
+    ],
+)
+def test_resuming_with_other_replicas_or_batch_size_trains_every_sample_of_the_epoch_once(plan, drop_last):
+    n, epoch, kw = 61, 2, dict(shuffle=True, seed=11, drop_last=drop_last)
+    order = order_of(ResumableSampler(range(n), 1, **kw), epoch)  # the epoch's global order (1 replica)
+    trained, state, first = [], None, 0
+    for replicas, bs, steps in plan:
+        got, state = _train(_ranks(n, bs, replicas, state, **kw), epoch, first, steps)
+        trained += got
+        first = state["position"]["batch_idx"] + 1
+        assert state["position"]["samples_consumed"] == len(trained) or steps is None
+    consumed_before_last = len(trained) - len(got)
+    # one global order across the segments: what was trained before the last resume is the order's first C samples
+    assert sorted(trained[:consumed_before_last]) == sorted(order[:consumed_before_last])
+    last_replicas = plan[-1][0]
+    rest = n - consumed_before_last
+    if drop_last:  # the tail that does not split evenly is left out, as DistributedSampler does
+        dropped = rest % last_replicas
+        assert sorted(trained) == sorted(order[: n - dropped])
+    else:  # the rule: padding repeats the epoch's first samples, (-(n - C)) % R' of them
+        pad = -rest % last_replicas
+        assert sorted(trained) == sorted(list(range(n)) + order[:pad])
+
+
+def test_same_replicas_and_batch_size_give_the_uninterrupted_order():
+    n, kw = 50, dict(shuffle=True, seed=3)
+    straight, _ = _train(_ranks(n, 4, 2, **kw), 0, 0, None)
+    part, state = _train(_ranks(n, 4, 2, **kw), 0, 0, 3)
+    rest, _ = _train(_ranks(n, 4, 2, state, **kw), 0, 3, None)
+    assert part + rest == straight
+
+
+def test_position_is_saved_in_global_samples_consumed():
+    s = ResumableSampler(range(100), 4, num_replicas=2, rank=1)
+    assert s.checkpoint_position(0, 2) == {"position": {"epoch": 0, "batch_idx": 2, "samples_consumed": 24}}
+    assert s.checkpoint_position(1, -1)["position"]["samples_consumed"] == 0
+
+
+def test_a_checkpoint_saved_without_samples_consumed_still_resumes():
+    """The format before the elastic position: {epoch, batch_idx} counted in the saved per-replica batch size."""
+    old = {
+        **ResumableSampler(range(40), 4, num_replicas=2, rank=0).state_dict(),
+        "position": {"epoch": 1, "batch_idx": 2},
+    }
+    full, _ = _train(_ranks(40, 4, 2), 1, 0, None)
+    rest, _ = _train(_ranks(40, 4, 2, old), 1, 3, None)
+    assert rest == full[24:]
+    one = _ranks(40, 4, 1, old)[0]  # and with another world size: 24 global samples were consumed
+    one.set_epoch(1)
+    assert list(one) == order_of(ResumableSampler(range(40), 4), 1)[24:]
+
+
+def test_replica_change_is_logged(caplog):
+    _, state = _train(_ranks(30, 2, 2), 0, 0, 2)
+    caplog.set_level("INFO", logger="syncckpt")
+    _ranks(30, 2, 3, state)
+    assert "saved with 2 replicas x batch 2, resumes with 3 x 2" in caplog.text
