@@ -3,8 +3,13 @@
 A preempted notebook or job gets SIGTERM and a grace period. The signal handler only notes the time; the owner
 calls :meth:`Lifecycle.finish` at its next consistent point (the manager's ``step()``/``save_epoch()``), which
 takes the last checkpoint, flushes within what is left of the grace period and exits with status 143. A watchdog
-covers a loop that never gets there (a long validation): at half the grace period it flushes what is committed
-and exits anyway. At interpreter exit, pending work is flushed for at most the grace period.
+covers a loop that never gets there (a long validation, a stalled DataLoader): at half the grace period it asks the
+owner to save what it can save consistently from outside the loop (``on_stalled``), flushes and exits anyway. At
+interpreter exit, pending work is flushed for at most the grace period.
+
+The signals are configurable (:func:`default_signals`: SIGTERM, plus SIGUSR1 under SLURM). Before exiting, every
+rank agrees (``before_exit``: a barrier), and under SLURM the job is requeued (``scontrol requeue``) once the last
+checkpoint is mirrored (``requeue``).
 
 Ctrl-C (SIGINT: a terminal, the notebook's stop button) works the same way when ``handle_interrupt`` is on: the
 first one is noted and :meth:`Lifecycle.finish_interrupt` takes a last checkpoint at the next step boundary, then
@@ -33,10 +38,11 @@ import atexit
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from .deadline import Deadline, announce, taking_last
@@ -62,6 +68,10 @@ class Lifecycle:
         save_on_sigterm: bool = True,
         handle_interrupt: bool = False,
         deadline: Deadline | None = None,
+        signals: Sequence[int] | None = None,
+        requeue: bool = False,
+        on_stalled: Callable[[], str | None] | None = None,
+        before_exit: Callable[[], None] | None = None,
     ) -> None:
         self.grace_period = grace_period
         self.save_on_sigterm = save_on_sigterm
@@ -71,9 +81,11 @@ class Lifecycle:
         self._term_at: float | None = None
         self._why = "SIGTERM"  # what asked for the end: the log says it
         self._deadline = deadline
+        self._requeue = requeue
+        self._on_stalled = on_stalled
+        self._before_exit = before_exit or (lambda: None)
         announce(deadline)
         self._done = threading.Event()
-        self._prev: Any = None
         self._installed = False
         self._int_at: float | None = None
         self._int_installed = False
@@ -81,11 +93,13 @@ class Lifecycle:
         self._atexit = lambda: (f := exit_ref()) is not None and f()
         atexit.register(self._atexit)
         main = threading.current_thread() is threading.main_thread()
-        shielded = []
+        shielded: list[int] = []
+        self._prev_handlers: dict[int, Any] = {}
         if handle_sigterm and main:
-            self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._installed = True
-            shielded.append(signal.SIGTERM)
+            for sig in default_signals(os.environ) if signals is None else signals:
+                self._prev_handlers[sig] = signal.signal(sig, self._on_sigterm)
+                shielded.append(sig)
+            self._installed = bool(shielded)
         if handle_interrupt and main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, self._on_sigint)
             self._int_installed = True
@@ -182,15 +196,23 @@ class Lifecycle:
             ok = self._flush(self.remaining())
             done = "checkpoint saved and mirrored" if self._mirrored else "checkpoint saved"
             log.warning("%s: %s; exiting", self._why, done if ok else "flush incomplete")
+            self._end()
         finally:
             self._done.set()
         raise SystemExit(143)
+
+    def _end(self) -> None:
+        """Before the exit: every rank agrees (``before_exit``), then the job is requeued when asked (SLURM)."""
+        self._before_exit()
+        if self._requeue:
+            requeue_slurm_job(os.environ)
 
     def close(self) -> None:
         """Stop handling: the previous SIGTERM handler is back and nothing runs at exit."""
         atexit.unregister(self._atexit)
         if self._installed and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._prev or signal.SIG_DFL)
+            for sig, prev in self._prev_handlers.items():
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
             self._installed = False
         if self._int_installed and threading.current_thread() is threading.main_thread():
             if signal.getsignal(signal.SIGINT) == self._on_sigint:
@@ -201,8 +223,10 @@ class Lifecycle:
         if self._term_at is not None or os.getpid() != self._pid:
             return
         self._term_at = time.monotonic()
+        self._why = signal.Signals(signum).name
         log.warning(
-            "SIGTERM received: %s at the next step, then flushing uploads (grace period %.0fs)",
+            "%s received: %s at the next step, then flushing uploads (grace period %.0fs)",
+            self._why,
             "saving a last checkpoint" if self.save_on_sigterm else "stopping",
             self.grace_period,
         )
@@ -218,13 +242,54 @@ class Lifecycle:
         log.warning("Interrupted: saving a last checkpoint at the next step, then stopping (Ctrl-C again to stop now)")
 
     def _watchdog(self) -> None:
-        # If the loop does not reach a step boundary in time (a long validation), flush what is committed and exit.
+        # The loop did not come back to a step boundary in time (a long validation, a stalled DataLoader, a long
+        # save_epoch): save what the owner can save consistently from here (``on_stalled``), flush, exit.
         if self._done.wait(self.grace_period * 0.5):
             return
+        saved = None
+        if self._on_stalled is not None and self.save_on_sigterm:
+            try:
+                saved = self._on_stalled()
+            except Exception as e:  # noqa: BLE001 - the exit must happen whatever the save did
+                log.warning("%s: could not save from outside the training loop: %s", self._why, e)
         ok = self._flush(self.remaining())
-        done = "committed checkpoints are mirrored" if self._mirrored else "committed checkpoints are saved"
+        done = "mirrored" if self._mirrored else "saved"
         log.warning(
-            "SIGTERM: training did not reach a step boundary in time; %s; exiting", done if ok else "flush incomplete"
+            "%s: training did not come back to step() within %.0fs (half the grace period); %s; %s; exiting",
+            self._why,
+            self.grace_period * 0.5,
+            saved or "the last committed checkpoint is the last state",
+            done if ok else "flush incomplete",
         )
+        if ok and self._requeue:
+            requeue_slurm_job(os.environ)
         logging.shutdown()
         os._exit(143)
+
+
+def default_signals(environ: Mapping[str, str]) -> list[int]:
+    """The signals that end a run with a last checkpoint: SIGTERM, plus SIGUSR1 under SLURM (``SLURM_JOB_ID``),
+    which ``sbatch --signal=USR1@90`` sends ahead of the time limit.
+
+    >>> [s.name for s in default_signals({})], [s.name for s in default_signals({"SLURM_JOB_ID": "42"})]
+    (['SIGTERM'], ['SIGTERM', 'SIGUSR1'])
+    """
+    return [signal.SIGTERM, *([signal.SIGUSR1] if environ.get("SLURM_JOB_ID") else [])]
+
+
+def requeue_slurm_job(environ: Mapping[str, str], timeout: float = 15.0) -> bool:
+    """``scontrol requeue $SLURM_JOB_ID`` after the last checkpoint is mirrored; True when scontrol agreed. A
+    failure is logged, never raised: the checkpoint is safe either way."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("Could not requeue SLURM job %s: %s", job, e)
+        return False
+    if done.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, (done.stderr or done.stdout).strip())
+        return False
+    log.warning("Requeued SLURM job %s: it resumes from the last checkpoint when it runs again", job)
+    return True

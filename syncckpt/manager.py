@@ -68,7 +68,10 @@ class CheckpointManager:
         on_upload_error: ``"warn"`` (default: training never crashes because of the network) or ``"raise"``.
         takeover: take over a remote run another live session holds (see :class:`syncckpt.errors.LeaseHeld`).
         handle_sigterm: on SIGTERM, save a last checkpoint at the next :meth:`step` and flush uploads within
-            ``grace_period`` seconds, then exit with status 143.
+            ``grace_period`` seconds, then exit with status 143. If the loop does not come back to :meth:`step`
+            within half the grace period, the live state is saved as of the last step boundary (single process).
+        signals: the signals handled so (default: SIGTERM, plus SIGUSR1 under SLURM).
+        requeue: under SLURM, ``scontrol requeue`` the job after that last checkpoint is mirrored.
         save_on_sigterm: take that last checkpoint (otherwise only flush what is committed).
         grace_period: seconds a SIGTERM, Ctrl-C or interpreter exit may spend flushing.
         handle_interrupt: on Ctrl-C (SIGINT: a terminal, the notebook's stop button), save a last checkpoint at
@@ -114,6 +117,8 @@ class CheckpointManager:
         read_only_inputs: list[str | os.PathLike[str]] | None = None,
         keep_local: str = "all",
         deadline: Any = "auto",
+        signals: list[int] | None = None,
+        requeue: bool = True,
     ) -> None:
         schedule = SaveSchedule(save_every_n_steps, save_every_n_minutes, save_every_n_epochs, metric_for_best, mode)
         check_settings(keep_last, keep_epochs, on_upload_error, background_nice, keep_local, remote is not None)
@@ -164,7 +169,12 @@ class CheckpointManager:
             on_exit=self._flush_at_exit,
             save_on_sigterm=save_on_sigterm,
             handle_interrupt=handle_interrupt,
+            signals=signals,
+            requeue=requeue and self._dist.is_main,
+            on_stalled=None if self._dist.active else self._save_stalled,
+            before_exit=self._dist.barrier,
         )
+        self._at: tuple[int, int, int | None] | None = None  # (global_step, epoch, batch_idx) of the last step()
 
     # ---- registration -----------------------------------------------------------------------------------------
     def register(self, **objects: Any) -> None:
@@ -186,6 +196,7 @@ class CheckpointManager:
         ``batch_idx`` is the index within ``epoch`` of the last micro-batch already trained.
         """
         self._check_usable()
+        self._at = (global_step, epoch, batch_idx)
         since = time.monotonic() - self._last_save_time
         # every rank must take the same decision at the same step
         life = self._life
@@ -227,6 +238,18 @@ class CheckpointManager:
     def _start(self, kinds: list[Kind], global_step: int, epoch: int, batch_idx: int | None, metrics: Any) -> None:
         self._writer.start(self._objects, kinds, global_step, epoch=epoch, batch_idx=batch_idx, metrics=metrics)
         self._last_save_time = time.monotonic()
+
+    def _save_stalled(self) -> str | None:
+        """SIGTERM's watchdog, when the loop is away from step() (validation, a stalled DataLoader): the weights
+        and optimizer have not changed since the last step() (they change in optimizer.step(), right before it)."""
+        if self._at is None or self._at[0] == self._writer.last_saved_step:
+            return None
+        step, epoch, batch_idx = self._at
+        self._final_save("step", step, epoch, batch_idx, None)
+        return (
+            f"saved checkpoint-step-{step} from the live state at the last step() (epoch {epoch}, batch "
+            f"{batch_idx}; its RNG streams as at the signal, so a resume from it is exact but for them)"
+        )
 
     def _final_save(self, kind: Kind, global_step: int, epoch: int, batch_idx: int | None, metrics: Any) -> None:
         if self._objects and global_step != self._writer.last_saved_step:

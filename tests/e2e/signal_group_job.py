@@ -7,7 +7,10 @@ rank 0 prints steps. It prints (one write per line, to stdout):
 - ``worker I pid PID`` from each DataLoader worker process as it starts;
 - ``step N`` after every ``mgr.step()`` (rank 0);
 - ``resumed step N epoch E batch B`` (or ``fresh start``) after ``resume()``;
-- ``done N`` when ``--max-steps`` is reached and the manager is closed.
+- ``done N`` when ``--max-steps`` is reached and the manager is closed;
+- ``stalling`` after step ``--stall-at``: from there the loop never comes back to ``step()``, in a validation that
+  does not end (``--stall validation``) or a DataLoader whose workers block (``--stall loader``; each worker
+  prints ``blocked`` when it does, and then fewer batches are in flight than an optimizer step needs).
 
 The manager logs ``SIGTERM received`` when the signal reaches the main process; the ``step N`` printed last
 before that line is the step at which the signal arrived.
@@ -19,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -30,7 +34,8 @@ from syncckpt import CheckpointManager, ResumableSampler
 class Squares(Dataset):
     """``i -> (x_i, y_i)`` computed on demand, so the workers do real fetching."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, block_file: str | None = None) -> None:
+        self.block_file = block_file
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, 8, generator=g)
         self.y = (self.x[:, :2].sum(1) > 0).long()
@@ -39,6 +44,9 @@ class Squares(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.block_file and os.path.exists(self.block_file):  # a stalled data source: never returns
+            say("blocked")
+            threading.Event().wait()
         return self.x[i], self.y[i]
 
 
@@ -49,6 +57,19 @@ def say(line: str) -> None:
 
 def announce(worker_id: int) -> None:
     say(f"worker {worker_id} pid {os.getpid()}")
+
+
+def stall(how: str, model: torch.nn.Module, block_file: str | None) -> None:
+    """The loop goes where SIGTERM cannot find it at a step(): an endless validation, or blocked data."""
+    if how == "loader":
+        open(block_file, "w").close()  # the workers' next fetch blocks; the loop waits in next(loader)
+        say("stalling")
+        return
+    say("stalling")
+    with torch.no_grad():
+        while True:  # a validation longer than half the grace period
+            model(torch.randn(64, 8))
+            time.sleep(0.01)
 
 
 def main() -> int:
@@ -67,6 +88,8 @@ def main() -> int:
         help="seconds of simulated accelerator time per micro-batch (workload, not synchronisation)",
     )
     p.add_argument("--grace-period", type=float, default=20.0)
+    p.add_argument("--stall-at", type=int, default=None, help="after this step the loop never reaches step() again")
+    p.add_argument("--stall", choices=["validation", "loader"], default="validation")
     args = p.parse_args()
     rank = 0
     if "WORLD_SIZE" in os.environ:
@@ -82,7 +105,8 @@ def main() -> int:
     )
     torch.set_num_threads(1)
 
-    ds = Squares(1024)
+    block_file = os.path.join(args.ckpt_dir + "-stall") if args.stall == "loader" else None
+    ds = Squares(1024, block_file)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     if "WORLD_SIZE" in os.environ:
@@ -96,6 +120,8 @@ def main() -> int:
         num_workers=args.workers,
         worker_init_fn=announce,
         multiprocessing_context=args.start_method if args.workers else None,
+        # a stalled loader: one batch per worker in flight, fewer than a step needs, so no step follows the block
+        prefetch_factor=1 if args.workers and args.stall == "loader" else None,
     )
     mgr = CheckpointManager(
         args.ckpt_dir,
@@ -124,6 +150,8 @@ def main() -> int:
                 mgr.step(global_step, epoch=epoch, batch_idx=batch_idx)
                 if rank == 0:
                     say(f"step {global_step}")
+                if global_step == args.stall_at:
+                    stall(args.stall, model, block_file)
                 if global_step >= args.max_steps:
                     break
         else:
