@@ -9,6 +9,7 @@ cannot run here: a fake ``scontrol`` on PATH records its arguments, which is all
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -90,3 +91,42 @@ def test_a_signal_outside_step_still_saves_mirrors_and_exits_in_the_grace_period
         assert record.read_text().split() == ["requeue", "4242"]
         assert any("Requeued SLURM job 4242" in ln for ln in out)
     assert _fresh_session_step(tmp_path, remote) >= at  # nothing trained before the signal is lost
+
+
+def test_sigusr1_to_a_torchrun_job_in_validation_mirrors_and_every_rank_exits_in_the_grace_period(tmp_path):
+    """SLURM delivers ``--signal=USR1@90`` to the job step's tasks; here each of torchrun's two ranks gets it while
+    both are in a validation longer than half the grace period. (torchrun itself does not handle SIGUSR1: sent to
+    the launcher, its default action would end it, which is SLURM's ``B:`` form with a trap to write.)"""
+    from test_process_group_signal import _procs, _tree
+
+    record = tmp_path / "scontrol-calls"
+    _fake_scontrol(tmp_path / "bin", record)
+    env = _env(OMP_NUM_THREADS="1", SLURM_JOB_ID="77")
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    remote = (tmp_path / "bucket" / "run").as_uri()
+    args = ["--ckpt-dir", str(tmp_path / "ck"), "--remote", remote, "--save-every", "4", "--stall-at", "7"]
+    args += ["--stall", "validation", "--grace-period", str(GRACE), "--workers", "0"]
+    log = tmp_path / "job.log"
+    proc = _start(args, log, env, launcher)
+    try:
+        _wait_for(log, proc, lambda ls: "stalling" in ls and any("Mirrored checkpoint-step-4" in x for x in ls))
+        ranks = _tree(proc.pid) - {proc.pid}
+        assert len(ranks) == 2, ranks
+        sent = time.monotonic()
+        for pid in ranks:
+            os.kill(pid, signal.SIGUSR1)
+        while ranks & set(_procs()) and time.monotonic() - sent < GRACE + 10:
+            time.sleep(0.05)  # polling /proc: the ranks are torchrun's children, not ours to wait on
+        took = time.monotonic() - sent
+        proc.wait(timeout=30)
+    finally:
+        for pid in _tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    out = _lines(log)
+    assert not ranks & set(_procs()) and took <= GRACE, f"ranks left after {took:.1f} s:\n" + "\n".join(out[-30:])
+    said = [ln for ln in out if "SIGUSR1: training did not come back to step()" in ln]
+    assert len(said) >= 1 and all("mirrored" in ln or "saved" in ln for ln in said), "\n".join(out[-30:])
+    assert (tmp_path / "bucket" / "run" / "checkpoint-step-4" / "manifest.json").exists()
+    assert record.read_text().split() == ["requeue", "77"]  # once, by rank 0
