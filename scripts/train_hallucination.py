@@ -98,6 +98,7 @@ class TrainingConfig(BaseModel):
     eval_batch_size: int = Field(64, ge=1)
     output_dir: str = Field("./outputs", min_length=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (tests, smoke runs).")
+    tensorboard: bool = Field(False, description="Scalars under <output_dir>/tensorboard, mirrored with the run.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -159,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="write TensorBoard scalars under <output-dir>/tensorboard, mirrored beside the checkpoints",
+    )
     p.add_argument("--remote", help="mirror checkpoints to this URL (overrides checkpointing.remote)")
     p.add_argument("--save-every-n-batches", type=int, help="step checkpoint every N optimizer steps")
     p.add_argument("--save-every-n-minutes", type=float, help="also checkpoint after N minutes without one")
@@ -212,6 +219,7 @@ _OVERRIDES = {
     "seed": "training.seed",
     "num_workers": "training.num_workers",
     "max_steps": "training.max_steps",
+    "tensorboard": "training.tensorboard",
     "remote": "checkpointing.remote",
     "save_every_n_batches": "checkpointing.save_every_n_batches",
     "save_every_n_minutes": "checkpointing.save_every_n_minutes",
@@ -665,7 +673,53 @@ def build_run(cfg: TrainConfig, train_examples: list[dict[str, Any]], val_exampl
     )
 
 
-def train_epoch(run: Run, mgr: Any, epoch: int, first: int, global_step: int) -> tuple[int, bool]:
+class Curves:
+    """``--tensorboard``: training and validation scalars under ``<output_dir>/tensorboard``. With a remote, the
+    folder is mirrored to ``<remote>/tensorboard`` at every epoch end and at the end (syncckpt.sidefolder), and a
+    new session with an empty folder pulls it back first, so the curves survive the session."""
+
+    def __init__(self, folder: Path, remote: str | None, storage_options: dict[str, Any]) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        from syncckpt.remote import open_remote
+        from syncckpt.sidefolder import pull_folder
+
+        self.folder = folder
+        self.remote = open_remote(remote, storage_options) if remote else None
+        if self.remote is not None and not any(folder.glob("*")):
+            if pulled := pull_folder(self.remote, "tensorboard", folder):
+                log.info("TensorBoard: %d files of the earlier sessions pulled from %s", pulled, self.remote.url)
+        self.writer = SummaryWriter(str(folder))
+        log.info("TensorBoard: scalars in %s%s", folder, f", mirrored to {self.remote.url}" if self.remote else "")
+
+    def step(self, global_step: int, loss: float, lr: float) -> None:
+        self.writer.add_scalar("train/loss", loss, global_step)
+        self.writer.add_scalar("train/learning_rate", lr, global_step)
+
+    def epoch(self, global_step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"val/{name.removeprefix('val_')}", value, global_step)
+        self.sync()
+
+    def sync(self) -> None:
+        self.writer.flush()
+        if self.remote is not None:
+            from syncckpt.sidefolder import push_folder
+
+            push_folder(self.remote, self.folder, "tensorboard")
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()
+        if self.remote is not None:
+            self.remote.close()
+
+
+def train_epoch(
+    run: Run, mgr: Any, epoch: int, first: int, global_step: int, curves: Curves | None = None
+) -> tuple[int, bool]:
     """Train batches ``first``.. of ``epoch``; returns the global step and whether --max-steps was reached."""
     tcfg = run.cfg.training
     accum, max_steps = tcfg.gradient_accumulation_steps, tcfg.max_steps
@@ -697,6 +751,8 @@ def train_epoch(run: Run, mgr: Any, epoch: int, first: int, global_step: int) ->
             running = group_loss if running == 0.0 else 0.9 * running + 0.1 * group_loss
             bar.set_postfix(loss=f"{running:.4f}", step=global_step)
             metrics = {"train_loss": group_loss}
+            if curves is not None:
+                curves.step(global_step, group_loss, run.scheduler.get_last_lr()[0])
             saved = mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics=metrics)
             group_loss = 0.0
             if max_steps is not None and global_step >= max_steps:
@@ -790,12 +846,16 @@ def train(
             "" if minutes is None else f", and after {minutes:g} minutes without one",
         )
         stop = tcfg.max_steps is not None and global_step >= tcfg.max_steps
+        output_dir = Path(tcfg.output_dir).expanduser()
+        curves = (
+            Curves(output_dir / "tensorboard", ccfg.remote, kwargs["storage_options"]) if tcfg.tensorboard else None
+        )
         run.model.train()
         for epoch in range(info.epoch if info else 0, tcfg.epochs):
             if stop:
                 break
             first = info.batch_idx + 1 if info and epoch == info.epoch else 0
-            global_step, stop = train_epoch(run, mgr, epoch, first, global_step)
+            global_step, stop = train_epoch(run, mgr, epoch, first, global_step, curves)
             if stop:
                 break
             metrics = evaluate(run.model, run.val_loader, run.device, run.autocast, cfg.model.num_labels)
@@ -809,8 +869,12 @@ def train(
                 global_step,
             )
             mgr.save_epoch(epoch, global_step=global_step, metrics=metrics)  # every save_every_n_epochs; best_model
+            if curves is not None:
+                curves.epoch(global_step, metrics)
         if stop:
             log.info("Reached --max-steps %d; stopping", tcfg.max_steps)
+        if curves is not None:
+            curves.close()
     finally:
         mgr.close()  # waits for checkpoints still being written or uploaded
     save_final_model(run.model, run.tokenizer, Path(tcfg.output_dir).expanduser() / "final_model")

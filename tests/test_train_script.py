@@ -740,3 +740,29 @@ def test_an_unreachable_store_fails_in_seconds_with_one_line(tmp_path, store):
     assert_error_exit(proc, remote, *needles)
     assert "retry" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout
     assert took < 45, f"{took:.0f} s: the probe bounds the failure at 5 s per address beside the trainer's start"
+
+
+@pytest.mark.slow
+def test_tensorboard_writes_scalars_under_the_output_folder_and_they_survive_the_session(tmp_path):
+    # issue 18: the write-up's FAQ names a --tensorboard flag, which the trainer rejected
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    remote = (tmp_path / "bucket" / "run").as_uri()
+    first = run(job_args(tmp_path, "--tensorboard", "--remote", remote, "--epochs", "1"), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout
+    events = sorted((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1, first.stdout
+    scalars = EventAccumulator(str(events[0])).Reload()
+    assert {"train/loss", "train/learning_rate", "val/f1_macro", "val/loss"} <= set(scalars.Tags()["scalars"])
+    assert len(scalars.Scalars("train/loss")) >= 10  # one point per optimizer step
+    mirrored = tmp_path / "bucket" / "run" / "tensorboard"
+    assert (mirrored / events[0].name).read_bytes() == events[0].read_bytes()
+    assert (mirrored / "INDEX.json").exists()
+
+    shutil.rmtree(tmp_path / "out")  # a new session: the output folder is gone, the bucket is not
+    shutil.rmtree(tmp_path / "ck")
+    second = run(job_args(tmp_path, "--tensorboard", "--remote", remote, "--epochs", "1"), cwd=tmp_path)
+    assert second.returncode == 0, second.stdout
+    assert "TensorBoard: 1 files of the earlier sessions pulled from" in second.stdout, second.stdout
+    back = tmp_path / "out" / "tensorboard" / events[0].name
+    assert EventAccumulator(str(back)).Reload().Scalars("train/loss") == scalars.Scalars("train/loss")
