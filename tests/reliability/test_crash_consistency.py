@@ -30,6 +30,7 @@ from syncckpt._failpoints import NAMES as FAILPOINTS
 from syncckpt._failpoints import QUARANTINE_NAMES as QUARANTINE_POINTS
 from syncckpt.manifest import parse_checkpoint_name
 from syncckpt.remote import open_remote
+from syncckpt.retention import KIND_PRIORITY
 
 pytestmark = pytest.mark.slow
 HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
@@ -223,7 +224,9 @@ def test_sigkill_during_quarantine_never_loses_a_valid_checkpoint(store, point, 
     else:
         before = audit_local(ck)
     assert len(before.valid) >= 2 and not before.problems, before
-    newest = max(before.valid, key=lambda n: before.valid[n])
+    # the one resume tries first: the highest step, then kind priority (an epoch checkpoint at the same step as a
+    # step checkpoint wins); damaging another leaves nothing for resume to quarantine
+    newest = max(before.valid, key=lambda n: (before.valid[n], KIND_PRIORITY[parse_checkpoint_name(n)[0]]))
     rel = f"{newest}/model.safetensors"
     if remote_side:
         data = bytearray(remote.read_bytes(rel, max_size=1 << 30))
