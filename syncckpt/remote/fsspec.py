@@ -245,24 +245,11 @@ class FsspecRemote(Remote):
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in found if _HEX64.match(p.rstrip("/").rsplit("/", 1)[-1])]
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create ``rel`` holding ``data`` only if it does not exist yet. True when created.
-
-        What each store guarantees:
-
-        - ``s3://``: ``PUT`` with ``If-None-Match: *`` (AWS S3 since 2024, MinIO, R2; moto enforces it). A store
-          that ignores the header silently overwrites: check your S3-compatible store supports it.
-        - ``gs://``: upload with ``ifGenerationMatch=0``: atomic.
-        - local paths: the bytes go to a temporary file that is hard-linked into place, so the object appears
-          atomically and complete; where links are unsupported (some FUSE mounts) ``O_CREAT | O_EXCL`` is used,
-          which is atomic but lets a reader see a partly written file.
-        - ``memory://``: a process-wide lock around check-and-create.
-        - anything else: check, then write, with a warning: two writers can both succeed.
-
-        On s3:// and gs://, a create whose reply was lost may be retried (by this policy or by the client) and
-        then answered "exists" although it was ours; the object is then read back and True returned when it holds
-        exactly ``data``. Put something unique in ``data`` (a session id) so another writer's object never
-        compares equal.
-        """
+        """Create ``rel`` holding ``data`` only if it does not exist yet; True when created. The store's own
+        conditional write where it has one (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, a hard link or
+        ``O_EXCL`` on local paths, a lock for ``memory://``); elsewhere check-then-write, with a warning. A create
+        whose reply was lost and that was retried counts as ours when the object holds exactly ``data``: put
+        something unique in it (a session id)."""
         path = self._path(rel)
         kind = self._kind
         if kind == "local":
