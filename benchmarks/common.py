@@ -30,7 +30,8 @@ for _k, _v in (
 
 import torch  # noqa: E402
 
-RESULTS = Path(__file__).with_name("results")
+# SYNCCKPT_BENCH_RESULTS redirects the JSON files (the tests' smoke runs write to a temporary folder)
+RESULTS = Path(os.environ.get("SYNCCKPT_BENCH_RESULTS") or Path(__file__).with_name("results"))
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 BUCKET = "syncckpt-bench"
 
@@ -56,6 +57,63 @@ def build_model(
     opt.step()
     opt.zero_grad(set_to_none=True)
     return model, opt
+
+
+def build_mlp(size_m: float = 16.0, width: int = 1024) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A plain stack of ``width`` x ``width`` Linear layers with about ``size_m`` million parameters, and AdamW
+    state populated by one step (fp32: 12 bytes of state per parameter). The size knob of the small benchmarks."""
+    torch.manual_seed(0)
+    layers = max(1, round(size_m * 1e6 / (width * width + width)))
+    model = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # distinct, non-zero moments (see build_model)
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def mlp_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int = 8, seed: int = 0) -> float:
+    """One training step of a :func:`build_mlp` model on random data (changes every parameter and moment)."""
+    g = torch.Generator().manual_seed(seed)
+    width = model[0].in_features
+    x = torch.randn(batch, width, generator=g)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of every thread of this process so far (``getrusage(RUSAGE_SELF)``; child
+    processes such as the moto server are not included)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def settle(pid: int | None, quiet: float = 0.05, timeout: float = 30.0, interval: float = 0.5) -> None:
+    """Wait until process ``pid`` (a storage server) is idle: under ``quiet`` CPU-seconds per ``interval``."""
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = cpu_seconds(pid)
+        if now - last < quiet:
+            return
+        last = now
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not tell)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor) -> float:
@@ -124,7 +182,12 @@ def _fmt(v) -> str:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     payload = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_1min": load_average(),
+        },
         **payload,
     }
     path = RESULTS / f"{name}.json"

@@ -1,15 +1,19 @@
-"""Run every benchmark, one after another (they must not share the machine), and print all their tables.
+"""Run benchmarks one after another (they must not share the machine) and print all their tables.
 
-Each script runs in its own process with its defaults (the 134M-parameter model, ~1.6 GB of state), or with
-``--quick`` with small sizes (2 layers, short durations: a smoke test of a few minutes each). Progress lines stream
-as the scripts run; the tables are printed again together at the end. Results land in benchmarks/results/*.json.
+Without options: the fair stall benchmark and the peers benchmark (DCP, torch.save + put, syncckpt against the
+same moto S3) at small sizes, a few minutes on 2 cores; ``--size M`` sets the state (M million parameters of a
+Linear stack, 12 bytes of fp32 + AdamW state each) for both. ``--all``: every benchmark with its defaults (the
+134M-parameter model, ~1.6 GB of state; about 1 h 15 min on 2 cores), ``--all --quick`` with small sizes (2
+layers, short durations). Progress lines stream as the scripts run; the tables are printed again together at the
+end. Results land in benchmarks/results/*.json (and the combined output in benchmarks/results/run_all.txt).
 
-Usage:  python benchmarks/run_all.py [--quick] [--only overhead,upload] [--skip stall]
+Usage:  python benchmarks/run_all.py [--size 16] [--all [--quick]] [--only overhead,upload] [--skip stall]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +24,7 @@ HERE = Path(__file__).parent
 # name -> (full-size arguments, quick arguments); the script is bench_NAME.py (NAME up to a "+")
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "stall": ([], ["--layers", "2", "--repeat", "3", "--no-dcp"]),
+    "peers": (["--size", "134"], ["--size", "4", "--repeat", "2"]),
     "overhead": (
         ["--background-nice", "19,0"],
         ["--background-nice", "19,0", "--layers", "2", "--duration", "30", "--every-seconds", "15"],
@@ -55,6 +60,13 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+# the default run: small, a few minutes on 2 cores ({size} is --size)
+DEFAULT: dict[str, list[str]] = {
+    "stall": ["--size", "{size}", "--repeat", "7"],
+    "peers": ["--size", "{size}", "--repeat", "3"],
+}
+
+
 def tables(output: str) -> str:
     """The part of a script's output from its first table on (print_table starts with a blank line)."""
     lines = output.splitlines()
@@ -64,19 +76,26 @@ def tables(output: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    ap.add_argument("--size", type=float, default=16.0, help="millions of parameters for the default run")
+    ap.add_argument("--all", action="store_true", help="every benchmark, full size (with --quick: small)")
+    ap.add_argument("--quick", action="store_true", help="with --all: small sizes, a smoke test")
     ap.add_argument("--only", default="", help="comma-separated benchmark names")
     ap.add_argument("--skip", default="", help="comma-separated benchmark names")
     args = ap.parse_args()
-    names = [n for n in (args.only.split(",") if args.only else BENCHMARKS) if n not in args.skip.split(",")]
-    unknown = [n for n in names if n not in BENCHMARKS]
+    suite = BENCHMARKS if args.all or args.quick else DEFAULT
+    names = [n for n in (args.only.split(",") if args.only else suite) if n not in args.skip.split(",")]
+    unknown = [n for n in names if n not in suite]
     if unknown:
-        sys.exit(f"unknown benchmarks {unknown}; choose from {sorted(BENCHMARKS)}")
+        sys.exit(f"unknown benchmarks {unknown}; choose from {sorted(suite)}")
 
     collected, failed = [], []
     for name in names:
         script = HERE / f"bench_{name.split('+')[0]}.py"
-        cmd = [sys.executable, str(script), *BENCHMARKS[name][1 if args.quick else 0]]
+        if suite is DEFAULT:
+            extra = [a.format(size=f"{args.size:g}") for a in DEFAULT[name]]
+        else:
+            extra = BENCHMARKS[name][1 if args.quick else 0]
+        cmd = [sys.executable, str(script), *extra]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -90,10 +109,12 @@ def main() -> None:
             failed.append(name)
         collected.append((name, rc, tables("".join(out))))
 
-    print("\n\n######## All tables ########")
+    report = [f"######## All tables ######## ({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end)"]
     for name, rc, text in collected:
-        print(f"\n--- {name}{'' if rc == 0 else f' (FAILED, exit {rc})'}")
-        print(text)
+        report += [f"\n--- {name}{'' if rc == 0 else f' (FAILED, exit {rc})'}", text]
+    print("\n\n" + "\n".join(report))
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "run_all.txt").write_text("\n".join(report) + "\n")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
