@@ -125,6 +125,8 @@ class _Flattener:
             return v if math.isfinite(v) else {"__float__": repr(v)}
         if isinstance(v, bytes):
             return {"__bytes__": base64.b64encode(v).decode()}
+        if isinstance(v, (list, tuple)) and all(type(x) is int for x in v):  # RNG states: ~1,250 ints, one pass
+            return list(v) if isinstance(v, list) else {"__tuple__": list(v)}
         if isinstance(v, tuple):  # also torch.Size
             return {"__tuple__": [self.enc(x, path + [str(i)]) for i, x in enumerate(v)]}
         if isinstance(v, list):
