@@ -104,23 +104,24 @@ class ResumableSampler(Sampler[int]):
         return self._share(max(len(self.data_source) - consumed, 0))
 
     # -- order -------------------------------------------------------------------------------------------------
-    def _order(self) -> list[int]:
-        """The epoch's global order of all samples (before padding and striding)."""
+    def _order(self) -> torch.Tensor:
+        """The epoch's global order of all samples (before padding and striding), as an int64 tensor."""
         n = len(self.data_source)
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            return torch.randperm(n, generator=g).tolist()
-        return list(range(n))
+            return torch.randperm(n, generator=g)
+        return torch.arange(n)
 
-    def _split(self, order: list[int], consumed: int) -> list[int]:
-        """This replica's share of ``order[consumed:]``, padded from the epoch's first samples."""
+    def _split(self, order: torch.Tensor, consumed: int) -> list[int]:
+        """This replica's share of ``order[consumed:]``, padded from the epoch's first samples. Sliced as a tensor
+        (views), so only this replica's share of the pass becomes a Python list."""
         rest = order[consumed:]
         total = self._share(len(rest)) * self.num_replicas
-        if total > len(rest) and order:  # pad by repeating the epoch's first samples, as DistributedSampler does
+        if total > len(rest) and len(order):  # pad by repeating the epoch's first samples, as DistributedSampler does
             reps = math.ceil((total - len(rest)) / len(order))
-            rest += (order * reps)[: total - len(rest)]
-        return rest[:total][self.rank : total : self.num_replicas]
+            rest = torch.cat([rest, order.repeat(reps)[: total - len(rest)]])
+        return rest[:total][self.rank : total : self.num_replicas].tolist()
 
     def _indices(self) -> list[int]:
         return self._split(self._order(), 0)
