@@ -8,12 +8,18 @@ fail on rank 0, so no manifest is written and nothing commits.
 Two dedicated gloo groups keep checkpoint traffic apart from training collectives (NCCL or gloo) and from each
 other: one for the training thread (per-step agreement: a due time-based save, a SIGTERM seen by any rank), one
 for the background writer (gathering file entries). Messages are JSON in uint8 tensors: nothing is pickled.
+
+On a cluster without a shared file system (``node_local``, see :mod:`syncckpt.nodes`) each node's local rank 0
+commits and mirrors its own ranks' files from its own disk; :attr:`Dist.commits` and :attr:`Dist.uploads` say
+which processes do.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +36,13 @@ class Dist:
     save_group: Any
     #: True under torch.distributed; False for :class:`Solo`, so callers never branch on "no job".
     active: bool = True
+    node: int = 0  # this process's node (torchrun's GROUP_RANK), and its rank on that node
+    local_rank: int = 0
+    #: the node of every global rank, in rank order
+    node_of: list[int] = field(default_factory=lambda: [0])
+    #: each node writes and mirrors its own part from its own disk (set by ``writer.open_directory``)
+    node_local: bool = False
+    token: str = ""  # the job's token, the same on every rank (names temporary folders and saves)
 
     @classmethod
     def detect(cls) -> Dist:
@@ -40,11 +53,37 @@ class Dist:
             return Solo()
         step_group = dist.new_group(backend="gloo")
         save_group = dist.new_group(backend="gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), step_group, save_group)
+        me = cls(dist.get_rank(), dist.get_world_size(), step_group, save_group)
+        places = me.gather_json(_node_id(), group=step_group)
+        nodes = sorted(set(places), key=lambda n: (len(n), n))  # "10" after "9"
+        me.node_of = [nodes.index(n) for n in places]
+        me.node = me.node_of[me.rank]
+        me.local_rank = me.node_ranks.index(me.rank)  # the node's first global rank commits and mirrors
+        return me
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return max(self.node_of) + 1
+
+    @property
+    def node_ranks(self) -> list[int]:
+        """The global ranks on this process's node."""
+        return [r for r, n in enumerate(self.node_of) if n == self.node]
+
+    @property
+    def commits(self) -> bool:
+        """Whether this process commits checkpoints into its folder: rank 0, or each node's first rank when
+        every node keeps its own part."""
+        return self.is_main or (self.node_local and self.local_rank == 0)
+
+    @property
+    def uploads(self) -> bool:
+        """Whether this process runs an uploader (the same processes that commit)."""
+        return self.commits
 
     def agree(self, *flags: bool) -> list[bool]:
         """Element-wise OR of ``flags`` over all ranks (training thread)."""
@@ -83,6 +122,15 @@ class Dist:
 
     def barrier(self, *, group: Any = None) -> None:
         dist.barrier(group=group or self.step_group)
+
+
+def _node_id() -> str:
+    """This machine's node under torchrun (GROUP_RANK, or NODE_RANK), else its host name."""
+    for var in ("GROUP_RANK", "NODE_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return value
+    return socket.gethostname()
 
 
 class Solo(Dist):

@@ -40,6 +40,7 @@ from .env import default_checkpoint_dir, default_inputs, detect_platform
 from .errors import SyncCkptError
 from .lifecycle import Lifecycle
 from .manifest import Kind
+from .nodes import resume_nodes
 from .restore import ResumeInfo, resume_run
 from .schedule import BestMetric, SaveSchedule
 from .snapshot import check_object_name
@@ -134,7 +135,7 @@ class CheckpointManager:
         self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
         token = open_directory(self.directory, self._dist)
         self._uploader = None
-        if remote is not None and self._dist.is_main:
+        if remote is not None and self._dist.uploads:  # rank 0; each node's first rank when node-local
             from .uploader import Uploader
 
             self._uploader = Uploader(
@@ -147,6 +148,7 @@ class CheckpointManager:
                 incremental=incremental,
                 background_nice=background_nice,
                 on_mirrored=lambda manifest, on_remote: self._writer.mirrored(manifest, on_remote),
+                dist=self._dist,
             )
         self._writer = Writer(
             self.directory,
@@ -341,7 +343,7 @@ class CheckpointManager:
         if not self._objects:
             raise SyncCkptError("register() the model, optimizer, ... before resume()")
         up = self._uploader
-        done = resume_run(
+        done = (resume_nodes if self._dist.node_local else resume_run)(
             self._objects,
             self.directory,
             self._dist,

@@ -42,6 +42,7 @@ from ._threads import lower_priority
 from .env import detect_platform, mirror_problem
 from .errors import ConfigError, RemoteConflict, RemoteError
 from .manifest import MANIFEST_NAME, Manifest
+from .nodes import NodeMirror
 from .remote import check_url, open_remote
 from .remote.run import RemoteRun, Retention
 
@@ -64,7 +65,10 @@ class Uploader:
     """Mirror committed checkpoints to ``url`` from a background thread. Used by CheckpointManager.
 
     What is committed, and in which order, is the :class:`~syncckpt.remote.run.RemoteRun`'s business (lease,
-    LATEST, retention, incremental parts); this class is the queue and the thread in front of it.
+    LATEST, retention, incremental parts); this class is the queue and the thread in front of it. ``dist``: the
+    job's :class:`~syncckpt.distributed.Dist`; when each node keeps its own directory, this node's part is sent
+    through a :class:`~syncckpt.nodes.NodeMirror` (uploads are then never skipped as superseded: every node must
+    send the same saves).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Uploader:
         incremental: bool = False,
         background_nice: int = 0,
         on_mirrored: Callable[[Manifest, list[str]], None] | None = None,
+        dist: Any = None,
     ) -> None:
         check_url(url)  # a mistyped "://" first: its message names the URL that was meant
         problem = mirror_problem(url, detect_platform(), os.getcwd())
@@ -104,8 +109,17 @@ class Uploader:
         self._stopped: str | None = None  # why mirroring stopped for good (another session took the run over)
         self.incremental = incremental
         self.bytes_uploaded = 0
-        self._remote_run = RemoteRun(self.remote, takeover=takeover, retention=retention, incremental=incremental)
-        self.lease = self._remote_run.lease
+        # Node-local jobs (syncckpt.nodes): each node sends its own part; only rank 0 holds the lease and commits.
+        node_local = dist is not None and dist.node_local
+        if node_local and incremental:
+            raise ConfigError("incremental mirroring is not supported when each node keeps its own directory")
+        self._part = NodeMirror(self.remote, dist.node, dist.nodes) if node_local else None  # checks the store
+        self._remote_run: RemoteRun | None = None
+        if not node_local or dist.is_main:
+            self._remote_run = RemoteRun(self.remote, takeover=takeover, retention=retention, incremental=incremental)
+        if self._part is not None:
+            self._part.run = self._remote_run
+        self.lease = self._remote_run.lease if self._remote_run is not None else None
         self._nice = background_nice
         self._on_mirrored = on_mirrored  # (manifest, what this session mirrored that is still there)
         self._thread = threading.Thread(target=self._run, name="syncckpt-uploader", daemon=True)
@@ -129,7 +143,7 @@ class Uploader:
         with self._cond:
             kept = []
             for q in self._queue:
-                if _supersedes(job, q):
+                if self._part is None and _supersedes(job, q):  # node parts: every node sends every save
                     self._skipped.append(q.name)
                     log.info("Upload of %s skipped: superseded by %s", q.name, job.name)
                     shutil.rmtree(q.staging, ignore_errors=True)
@@ -141,7 +155,7 @@ class Uploader:
     def ensure_mirrored(self, directory: Path, manifest: Manifest) -> None:
         """After resuming from a local checkpoint the remote may not have it (the last session died before the
         upload finished): queue it unless the remote already holds an identical manifest."""
-        if self._remote_run.holds(manifest):
+        if (self._part or self._remote_run).holds(manifest):  # type: ignore[union-attr]
             return
         log.info("Checkpoint %s is not on %s yet; mirroring it", manifest.name, self.url)
         self.submit(directory, manifest)
@@ -154,7 +168,8 @@ class Uploader:
 
     def forget_remote_state(self) -> None:
         """Re-read LATEST before the next commit (resume may have quarantined what it named)."""
-        self._remote_run.forget_state()
+        if self._remote_run is not None:
+            self._remote_run.forget_state()
 
     def wait(self, timeout: float | None = None, *, stop_on_failure: bool = False) -> bool:
         """Block until the queue is empty and nothing is in flight. False on timeout, and with
@@ -201,6 +216,8 @@ class Uploader:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        if self._part is not None:
+            self._part.stop()
         self._thread.join(timeout=5)
         pending = self.status()["pending"]
         if pending:
@@ -210,7 +227,10 @@ class Uploader:
                 self.url,
                 pending,
             )
-        self._remote_run.close()
+        if self._remote_run is not None:
+            self._remote_run.close()
+        else:
+            self.remote.close()
 
     # ---- the background thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -256,7 +276,7 @@ class Uploader:
         with self._cond:
             self._failures += 1
             self._inflight = None
-            newer = next((q for q in self._queue if _supersedes(q, job)), None)
+            newer = next((q for q in self._queue if self._part is None and _supersedes(q, job)), None)
             if newer is not None:  # not retried: the newer checkpoint waiting behind it is the one worth sending
                 shutil.rmtree(job.staging, ignore_errors=True)
                 self._skipped.append(job.name)
@@ -307,7 +327,10 @@ class Uploader:
 
     def _upload(self, job: _Upload) -> list[str]:
         t0 = time.monotonic()
-        done = self._remote_run.publish(job.staging)
+        if self._part is not None:
+            done = self._part.publish(job.staging)
+        else:
+            done = self._remote_run.publish(job.staging)  # type: ignore[union-attr]
         self.bytes_uploaded += done.sent
         shutil.rmtree(job.staging, ignore_errors=True)
         release_free_memory()  # part and multipart buffers freed in the upload threads' arenas

@@ -4,7 +4,8 @@
 only waits for :meth:`Writer.start`'s memory copy into reused staging buffers (a reservation on the arena, held
 until the writer has the files on disk); serialising, hashing, fsync and the commit run on the writer thread at
 low CPU priority. Under torch.distributed every rank writes its own part into rank 0's temporary folder and rank 0
-commits only when every rank reported success.
+commits only when every rank reported success; on nodes without a shared folder each node's first rank commits its
+node's part (:mod:`syncckpt.nodes`).
 
 >>> import tempfile, torch
 >>> from pathlib import Path
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import local, rng, sharded
+from . import local, nodes, rng, sharded
 from ._failpoints import failpoint
 from ._memory import release_free_memory
 from ._threads import lower_priority
@@ -64,16 +65,22 @@ def check_settings(
 
 
 def open_directory(directory: Path, dist: Dist) -> str:
-    """Create the checkpoint folder and (rank 0) clean up what a killed save left there. Returns the job's token
-    for its temporary folders: the same on every rank, and every rank waits until rank 0 cleaned up."""
+    """Create the checkpoint folder and (the process that commits into it) clean up what a killed save left
+    there. Under torch.distributed it also finds out whether every node sees rank 0's folder or each node keeps
+    its own (``dist.node_local``, see :mod:`syncckpt.nodes`). Returns the job's token for its temporary folders:
+    the same on every rank, and every rank waits until its folder is cleaned up."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, a read-only mount: the user's setting, not a bug
         raise ConfigError(f"checkpoint directory {directory}: {e.strerror or e}") from None
-    if dist.is_main:
+    token = dist.broadcast_json(uuid.uuid4().hex[:8]) if dist.active else ""
+    if dist.active:
+        dist.node_local, dist.token = nodes.private_directories(directory, dist, token), token
+    if dist.commits:
         for what in local.cleanup_leftovers(directory):
             log.info("Checkpoint folder %s: %s", directory, what)
-    return dist.broadcast_json(uuid.uuid4().hex[:8]) if dist.active else ""
+    dist.barrier()
+    return token
 
 
 @dataclass
@@ -200,6 +207,8 @@ class Writer:
             # Sharded (FSDP2/DTensor) leaves go through DCP, every rank writing its own shards.
             states, dtensors = sharded.split_dtensors(states)
             self._sharded = bool(dtensors)
+            if dtensors and self.dist.node_local:
+                raise ConfigError("sharded (DTensor/FSDP2) state needs a checkpoint directory every node shares")
             if dtensors:
                 shards = sharded.snapshot_shards(dtensors)
         if not self.dist.is_main:  # replicated state is written once, by rank 0; each rank keeps its own RNG
@@ -277,7 +286,7 @@ class Writer:
                     job.commits[0].name,
                 )
             tmp_name = f".tmp-{job.commits[0].name}-{self._token}-{job.seq}" if self.dist.active else None
-            if not self.dist.is_main:  # other ranks write their part into rank 0's temporary folder, then report
+            if not self.dist.commits:  # other ranks write their part into their committer's temporary folder
                 tmp = self.directory / tmp_name  # type: ignore[operator]
                 tmp.mkdir(parents=True, exist_ok=True)
                 self._write_with_ranks(tmp, job, bad)
@@ -379,6 +388,8 @@ class Writer:
                 local.FileEntry(f["path"], f["size"], f["sha256"], crc32c=f.get("crc32c")) for f in rep["files"]
             )
             bad.extend(x for x in rep["bad"] if x not in bad)
+        if self.dist.node_local:  # this node's part, and which rank wrote which file (for resume)
+            entries = nodes.node_part(self.dist, job, reports, f"{self._token}-{job.seq}")
         return entries
 
     def _apply_local_retention(self) -> None:

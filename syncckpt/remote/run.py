@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import quarantine
+from .._failpoints import failpoint
 from ..errors import CheckpointCorrupt, RemoteError
 from ..lease import Lease
-from ..manifest import MANIFEST_NAME, Latest, Manifest, same_content
+from ..manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content
 from ..retention import Ref, next_latest
-from .base import Remote
+from .base import Committed, Remote
 from .incremental import BlobPut
 
 log = logging.getLogger("syncckpt")
@@ -104,10 +105,33 @@ class RemoteRun:
             deletions,
             put=self._put,
         )
-        if manifest.name in index:  # a verified copy replaced the quarantined one
-            quarantine.unmark_remote(self.remote, manifest.name)
-            log.info("The quarantined copy of %s on %s is replaced by a verified one", manifest.name, self.remote.url)
-        self._manifests[manifest.name] = done.manifest
+        return self._published(done, index, deletions)
+
+    def publish_assembled(self, manifest: Manifest) -> Published:
+        """Commit a checkpoint whose data files are already in the store, checked there by the nodes that sent
+        them (:mod:`syncckpt.nodes`): the lease first, then manifest, LATEST (when it is the newest) and
+        retention's deletions, the same sequence as :meth:`publish` after the data."""
+        manifest_bytes = manifest.to_bytes()
+        self.lease.check()
+        index = self.quarantine_index()
+        deletions = self.plan_retention(manifest, index)
+        latest = self.next_latest(manifest, manifest_bytes, index)
+        failpoint("remote-manifest")
+        self.remote.write_bytes(f"{manifest.name}/{MANIFEST_NAME}", manifest_bytes)
+        if latest is not None:
+            failpoint("remote-latest")
+            self.remote.write_bytes(LATEST_NAME, latest.to_bytes())
+        for old in deletions:
+            failpoint("remote-delete")
+            self.remote.delete_checkpoint(old)
+        return self._published(Committed(manifest, manifest_bytes, latest, len(manifest_bytes)), index, deletions)
+
+    def _published(self, done: Committed, index: dict[str, Any], deletions: list[str]) -> Published:
+        name = done.manifest.name
+        if name in index:  # a verified copy replaced the quarantined one
+            quarantine.unmark_remote(self.remote, name)
+            log.info("The quarantined copy of %s on %s is replaced by a verified one", name, self.remote.url)
+        self._manifests[name] = done.manifest
         for d in deletions:
             self._manifests.pop(d, None)
         if done.latest is not None:
