@@ -3,7 +3,8 @@
 One job (``tests/distributed/data_job.py``) trains three tiny models side by side, one per pipeline: torchdata's
 StatefulDataLoader with 2 workers registered as it is; a Hugging Face IterableDataset streamed from local JSONL
 shards through ShuffleBuffer in a 2-worker StatefulDataLoader; random crops and noise drawn inside DataLoader
-workers from per-sample generators (PerSampleRandom). One killed-and-resumed run checks all three at once.
+workers from per-sample generators (PerSampleRandom). One killed-and-resumed run checks all three at once, against
+the same training run uninterrupted in the test's process while the job runs.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+import torch  # noqa: E402
 from procs import assert_same_tensors, committed, env  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).parent / "distributed" / "data_job.py"
 ROWS_PER_SHARD = 12  # data_job: 48 rows in 4 shards
+HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
 
 
 def _cmd(d: Path, aug_workers: int, data: Path, reads: str = "reads.log") -> list[str]:
@@ -61,8 +66,8 @@ def _start(cmd: list[str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=e, start_new_session=True)
 
 
-def _run_and_kill(cmd: list[str], kill_when) -> list[str]:
-    p = _start(cmd)
+def _kill_when(p: subprocess.Popen, kill_when) -> list[str]:
+    """Read the started job's lines; SIGKILL it (and its workers) as soon as ``kill_when(lines)`` holds."""
     lines: list[str] = []
     try:
         assert p.stdout is not None
@@ -80,6 +85,29 @@ def _run_and_kill(cmd: list[str], kill_when) -> list[str]:
     return lines
 
 
+def _reference(d: Path, data: Path) -> list[str]:
+    """The uninterrupted run, in this process (augmentations drawn in the main process: 0 workers), one torch
+    thread as the jobs (OMP_NUM_THREADS=1): its lines; its tensors go to ``d/out.safetensors``."""
+    import warnings
+
+    from data_job import train
+
+    d.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            tensors, _ = train(
+                str(d / "ck"), str(data), str(d / "reads.log"), aug_workers=0, handle_sigterm=False, say=lines.append
+            )
+    finally:
+        torch.set_num_threads(n)
+    save_file(tensors, str(d / "out.safetensors"))
+    return lines
+
+
 def _ids_by_step(lines: list[str]) -> dict[int, list[int]]:
     return {int(ln.split()[1]): json.loads(ln.split(" ", 2)[2]) for ln in lines if ln.startswith("ids ")}
 
@@ -87,18 +115,24 @@ def _ids_by_step(lines: list[str]) -> dict[int, list[int]]:
 def test_stateful_loader_stream_and_augmentations_resume_bit_identical_after_sigkill(tmp_path):
     data = tmp_path / "data"
     ref, three, run = tmp_path / "ref", tmp_path / "three", tmp_path / "run"
-    # the uninterrupted runs: augmentations drawn in the main process (0 workers) and in 3 workers, side by side
-    procs = [_start(_cmd(ref, 0, data)), _start(_cmd(three, 3, data))]
-    ref_lines, _ = (_finish(p) for p in procs)
-    assert_same_tensors(ref / "out.safetensors", three / "out.safetensors")  # num_workers 0 == 3
-
-    # kill (2 workers everywhere) at step 10 of epoch 0's 12 (the job holds there); --sync-saves: checkpoint-step-9
-    # is committed by then
-    killed = _run_and_kill(_cmd(run, 2, data) + ["--sync-saves", "--hold-at", "10"], lambda ls: ls[-1] == "step 10")
+    # The job is started (2 workers everywhere) and SIGKILLed at step 10 of epoch 0's 12 (it holds there;
+    # --sync-saves: checkpoint-step-9 is committed by then); meanwhile the uninterrupted run trains here, with
+    # the augmentations drawn in the main process (0 workers) and its own copy of the shards. Resumed in a new
+    # process with 2 workers, the job must end bit-identical to it.
+    killed_job = _start(_cmd(run, 2, data) + ["--sync-saves", "--hold-at", "10"])
+    if HEAVY:  # 0 == 3 workers without a resume: test_data_augment checks it in-process by default
+        uninterrupted_three = _start(_cmd(three, 3, tmp_path / "data-three"))
+    try:
+        ref_lines = _reference(ref, tmp_path / "data-ref")
+    finally:
+        killed = _kill_when(killed_job, lambda ls: ls[-1] == "step 10")
     assert "checkpoint-step-9" in committed(killed)
     resumed = _finish(_start(_cmd(run, 2, data, reads="reads-resumed.log")))
     assert "INFO Resuming from global step 9" in resumed and "INFO Resuming mid-epoch from epoch 1" in resumed
     assert_same_tensors(ref / "out.safetensors", run / "out.safetensors")
+    if HEAVY:
+        _finish(uninterrupted_three)
+        assert_same_tensors(ref / "out.safetensors", three / "out.safetensors")  # num_workers 0 == 3
 
     # the stream trained the same examples at every step, and its resume opened no shard it had consumed
     assert {**_ids_by_step(killed), **_ids_by_step(resumed)} == _ids_by_step(ref_lines)

@@ -1,8 +1,9 @@
 """The Lightning integration (SyncCkptIO + its callback) with the real lightning package, tiny models, CPU.
 
 The main test SIGKILLs a Lightning job mid-epoch after a checkpoint reached moto S3, deletes its folder, and resumes
-in a new process with ``trainer.fit(ckpt_path="last")`` under poisoned pickle/torch.load: bit-identical to an
-uninterrupted run, no skipped sample loaded, no file written is a pickle. Nothing is mocked.
+in a new session (the test's own process, the job's same fit) with ``trainer.fit(ckpt_path="last")`` under poisoned
+pickle/torch.load: bit-identical to an uninterrupted run, no skipped sample loaded, no file written is a pickle.
+Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ JOB = Path(__file__).parent / "e2e" / "lightning_job.py"
 README = Path(__file__).resolve().parents[1] / "README.md"
 HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
 sys.path.insert(0, str(JOB.parent))
+import lightning_job  # noqa: E402
 from lightning_job import ACCUM, BATCH, EPOCHS, SAMPLES  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The in-process fits are tiny: two intra-op threads on two shared cores run them slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _env() -> dict[str, str]:
@@ -71,6 +82,18 @@ def _job(args: list[str], stop_line: str | None = None, timeout: float = 240) ->
     return lines, p.returncode
 
 
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict[str, torch.Tensor], int]:
+    """The uninterrupted run (tensors, ``__getitem__`` calls) the exact-resume tests compare with, trained once in
+    this process with one torch thread, as the job's (another thread count may sum in another order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return lightning_job.reference()
+    finally:
+        torch.set_num_threads(n)
+
+
 def _is_pickle_or_torch_zip(data: bytes) -> bool:
     pickled = len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5 and data.rstrip().endswith(b".")
     return pickled or data.startswith(b"PK\x03\x04")
@@ -96,7 +119,7 @@ def _first_step(lines: list[str]) -> re.Match[str]:
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_fresh_session_resumes_from_s3_bit_identical_without_pickle(
-    tmp_path, s3_remote_url, s3_storage_options
+    tmp_path, s3_remote_url, s3_storage_options, reference, caplog
 ):
     import fsspec
 
@@ -108,23 +131,22 @@ def test_sigkill_mid_epoch_then_fresh_session_resumes_from_s3_bit_identical_with
     assert any("Mirrored checkpoint-step-4 " in ln for ln in lines), "\n".join(lines[-30:])
     shutil.rmtree(ck)  # the session's disk is gone
 
-    out, ref = tmp_path / "resumed.safetensors", tmp_path / "reference.safetensors"
-    args = [*common, "--out", str(out), "--ckpt-path", "last", "--poison-pickle", "--reference-out", str(ref)]
-    lines, rc = _job(args)
-    text = "\n".join(lines)
-    assert rc == 0, text[-4000:]
-    assert "Pulled checkpoint-step-4 from" in text
+    # The new session (this process: the job's fit, with pickle and torch.load poisoned throughout).
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    steps: list[str] = []
+    sync = SyncCkptIO(remote=s3_remote_url, storage_options=s3_storage_options, handle_sigterm=False)
+    progress = lightning_job.Progress(sync, say=steps.append)
+    a, getitem = lightning_job.fit(str(ck), sync, ckpt_path="last", poison=True, progress=progress)
+    assert any(r.getMessage().startswith("Pulled checkpoint-step-4 from") for r in caplog.records)
     # It continues at the saved batch: the first step it trains is step 5, ending at micro-batch 9 of epoch 0.
-    first = _first_step(lines)
+    first = _first_step(steps)
     assert (int(first[1]), int(first[2]), int(first[3])) == (5, 0, 4 * ACCUM + 1)
-    a, b = load_file(str(out)), load_file(str(ref))
+    b, reference_getitem = reference
     assert a.keys() == b.keys() and any(k.startswith("opt.") for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == [], "model/optimizer differ from the uninterrupted run"
     # No skipped sample was loaded: the 4 * ACCUM batches before the checkpoint are not read again.
-    trained_before = 4 * ACCUM * BATCH
-    getitem = int(next(ln for ln in lines if ln.startswith("getitem ")).split()[1])
-    assert getitem == EPOCHS * SAMPLES - trained_before
-    assert f"reference getitem {EPOCHS * SAMPLES}" in text
+    assert getitem == EPOCHS * SAMPLES - 4 * ACCUM * BATCH
+    assert reference_getitem == EPOCHS * SAMPLES
 
     # save_top_k=1 rotation, mirrored: the bucket keeps exactly the one checkpoint the folder keeps, the last step.
     fs = fsspec.filesystem("s3", **s3_storage_options)
@@ -139,7 +161,21 @@ def test_sigkill_mid_epoch_then_fresh_session_resumes_from_s3_bit_identical_with
         _assert_json_or_safetensors(str(name), data)
 
 
-def _tiny_fit(directory: Path, sync: SyncCkptIO, max_steps: int, ckpt_path: str | None = None, **mc) -> L.Trainer:
+class _MirroredBeforeNextStep(L.Callback):
+    """Each optimizer step starts once every checkpoint so far is mirrored: the uploader skips a step checkpoint
+    a newer one supersedes before its upload began (by design), and a test listing the remote wants them all.
+    (Lightning runs ModelCheckpoint after the other callbacks: this waits for the saves of the steps before.)"""
+
+    def __init__(self, sync: SyncCkptIO) -> None:
+        self.sync = sync
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        assert self.sync.wait(60), "checkpoints were not mirrored within 60 s"
+
+
+def _tiny_fit(
+    directory: Path, sync: SyncCkptIO, max_steps: int, ckpt_path: str | None = None, callbacks=(), **mc
+) -> L.Trainer:
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -161,7 +197,7 @@ def _tiny_fit(directory: Path, sync: SyncCkptIO, max_steps: int, ckpt_path: str 
         enable_model_summary=False,
         default_root_dir=directory,
         plugins=[sync],
-        callbacks=[ModelCheckpoint(dirpath=directory, every_n_train_steps=2, **mc), sync.callback],
+        callbacks=[ModelCheckpoint(dirpath=directory, every_n_train_steps=2, **mc), sync.callback, *callbacks],
     )
     trainer.fit(Tiny(), loader, ckpt_path=ckpt_path)
     return trainer
@@ -174,7 +210,7 @@ def test_corrupted_newest_remote_checkpoint_falls_back_to_previous_with_warning_
     import fsspec
 
     sync = SyncCkptIO(remote=s3_remote_url, storage_options=s3_storage_options, handle_sigterm=False)
-    _tiny_fit(tmp_path / "a", sync, max_steps=4, save_top_k=-1)
+    _tiny_fit(tmp_path / "a", sync, max_steps=4, callbacks=[_MirroredBeforeNextStep(sync)], save_top_k=-1)
     fs = fsspec.filesystem("s3", **s3_storage_options)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(s3_remote_url) if "checkpoint-step-" in p)
     assert names == ["checkpoint-step-2", "checkpoint-step-4"]
@@ -272,7 +308,7 @@ def test_readme_lightning_cell_runs_as_written_and_resumes_from_the_bucket(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HEAVY, reason="two more Lightning processes; SYNCCKPT_HEAVY=1 runs it")
-def test_sigterm_mid_accumulation_saves_and_mirrors_at_the_next_step_then_resumes_bit_identical(tmp_path):
+def test_sigterm_mid_accumulation_saves_and_mirrors_at_the_next_step_then_resumes_bit_identical(tmp_path, reference):
     remote = (tmp_path / "bucket" / "run").as_uri()
     ck = tmp_path / "ck"
     # SIGTERM as step 7's accumulation window starts (step 6 is a ModelCheckpoint save; 7 is not).
@@ -281,11 +317,9 @@ def test_sigterm_mid_accumulation_saves_and_mirrors_at_the_next_step_then_resume
     assert rc == 143, text[-3000:]
     assert "Mirrored checkpoint-step-7 " in text and "SIGTERM: checkpoint saved and mirrored; exiting" in text
     shutil.rmtree(ck)
-    out, ref = tmp_path / "resumed.safetensors", tmp_path / "reference.safetensors"
-    lines, rc = _job(
-        ["--dir", str(ck), "--remote", remote, "--out", str(out), "--ckpt-path", remote, "--reference-out", str(ref)]
-    )
+    out = tmp_path / "resumed.safetensors"
+    lines, rc = _job(["--dir", str(ck), "--remote", remote, "--out", str(out), "--ckpt-path", remote])
     assert rc == 0, "\n".join(lines[-30:])
     assert _first_step(lines)[1] == "8"
-    a, b = load_file(str(out)), load_file(str(ref))
+    a, b = load_file(str(out)), reference[0]
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

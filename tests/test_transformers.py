@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from hf_trainer_job import StepLog, build_trainer  # noqa: E402
-from transformers import TrainerState, TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainerState, TrainingArguments  # noqa: E402
 
 from syncckpt import local  # noqa: E402
 from syncckpt.integrations.transformers import STAGE_DIR, SyncCheckpointCallback, resume_checkpoint  # noqa: E402
@@ -79,6 +79,14 @@ def _remote_checkpoints(url: str, storage_options: dict | None = None) -> list[s
         r.close()
 
 
+class _MirroredBeforeNextStep(TrainerCallback):
+    def __init__(self, sync: SyncCheckpointCallback) -> None:
+        self.sync = sync
+
+    def on_save(self, args, state, control, **kwargs):
+        assert self.sync.wait(60), "the checkpoint was not mirrored within 60 s"
+
+
 def test_sigkill_after_checkpoint_4_then_resume_from_remote_in_empty_dir(tmp_path, caplog):
     remote = (tmp_path / "remote").as_uri()
     lines, rc = _run_until(
@@ -99,8 +107,10 @@ def test_sigkill_after_checkpoint_4_then_resume_from_remote_in_empty_dir(tmp_pat
     assert local.verify(Path(path))[0].global_step == 4
 
     # The killed session left its lease behind; its process is gone, so the new session takes the run over.
-    steps = StepLog()
-    trainer = build_trainer(str(out), [SyncCheckpointCallback(remote), steps], max_steps=10)
+    # Each save waits until it is mirrored: hashing that falls behind would skip a superseded checkpoint (by design),
+    # and the remote's rotation below is checked over every one of them.
+    steps, sync = StepLog(), SyncCheckpointCallback(remote)
+    trainer = build_trainer(str(out), [sync, steps, _MirroredBeforeNextStep(sync)], max_steps=10)
     trainer.train(resume_from_checkpoint=path)
     assert steps.steps[0] == 5, steps.steps
     assert steps.steps == list(range(5, 11))

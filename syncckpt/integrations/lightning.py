@@ -54,57 +54,30 @@ Example (runs as a doctest; a notebook cell would use ``remote="s3://bucket/run"
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
-import fsspec
-import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
 from .. import local
 from ..distributed import Solo
-from ..errors import CheckpointNotFound, ConfigError, NoValidCheckpoint, StateMismatch, UnsafeCheckpoint
-from ..format import DecodedCheckpoint, decode_checkpoint
+from ..errors import ConfigError, StateMismatch
+from ..format import DecodedCheckpoint
 from ..lifecycle import Lifecycle
-from ..manifest import Manifest, checkpoint_name, parse_checkpoint_name
-from ..pull import remote_listing
-from ..remote import open_remote
+from ..manifest import Manifest, checkpoint_name
 from ..restore import restore
-from ..resume import find_resumable, pull_checkpoint_url
 from ..schedule import BestMetric, SaveSchedule
-from ..writer import Writer, open_directory
+from ..writer import Writer, check_settings, open_directory
+from . import _lightning_state as state
+from ._lightning_resume import NEWEST, Loaded, has_checkpoints, locate, newest_marker, newest_valid
+from ._lightning_state import LAST_MARKER, SIGTERM_PREFIX, Part, local_path, write_pointer
 
 log = logging.getLogger("syncckpt")
 
 __all__ = ["SyncCkptCallback", "SyncCkptIO"]
-
-POINTER_FORMAT = "syncckpt-lightning-pointer/1"
-LAST_MARKER = "last.syncckpt.ckpt"  # Lightning's "last" search matches last*.ckpt: this one means "newest valid"
-NEWEST = "memory://syncckpt/newest-valid-checkpoint.ckpt"  # what the callback answers for ckpt_path="last"
-_MAX_POINTER_BYTES = 64 * 1024
-_SPLIT = {"state_dict": "model", "optimizer_states": "optimizer"}  # big tensor trees get their own files
-_SCALAR = "__lightning_scalar__"
-_SIGTERM_PREFIX = "syncckpt-sigterm-"  # our own last save on SIGTERM: superseded by the next save Lightning asks for
-_ALL = 10**6  # "keep everything" for the writer's newest-K safety net (save_top_k=-1)
-
-
-class _Part:
-    """One part of Lightning's checkpoint dict, registered with the writer (state_dict/load_state_dict)."""
-
-    def __init__(self, state: Any = None) -> None:
-        self.state = state
-
-    def state_dict(self) -> Any:
-        return self.state
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
 
 
 class SyncCkptIO(CheckpointIO):
@@ -138,10 +111,7 @@ class SyncCkptIO(CheckpointIO):
         remote_options: dict[str, Any] | None = None,
         background_nice: int = 19,
     ) -> None:
-        if on_upload_error not in ("warn", "raise"):
-            raise ConfigError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
-        if not 0 <= background_nice <= 19:
-            raise ConfigError(f"background_nice must be between 0 and 19, got {background_nice}")
+        check_settings(1, 0, on_upload_error, background_nice, "all", remote is not None)
         self.remote = remote
         self.storage_options = storage_options
         self.directory = Path(directory) if directory is not None else None
@@ -156,9 +126,7 @@ class SyncCkptIO(CheckpointIO):
         self._writer: Writer | None = None
         self._uploader: Any = None
         self._life: Lifecycle | None = None
-        self._lock = threading.Lock()
-        self._aliases: dict[str, str] = {}  # Lightning file name -> checkpoint name, saved with every checkpoint
-        self._removed: set[str] = set()  # checkpoints Lightning's rotation removed: deleted remotely after a commit
+        self._pointers = state.Pointers()
         self._pending: tuple[Manifest, DecodedCheckpoint, Path] | None = None  # restored when training starts
         self._warned_no_callback = False
 
@@ -167,62 +135,47 @@ class SyncCkptIO(CheckpointIO):
         """Snapshot ``checkpoint`` (Lightning's dict), write it as ``checkpoint-step-N`` in the background, and
         write the pointer ``path``. Raises StateNotSerializable naming the key path of a value that is neither a
         tensor nor JSON-able (syncckpt never pickles)."""
-        target = _local_path(path)
+        target = local_path(path)
         writer = self._open(self.directory or target.parent)
         if target.parent.resolve() != writer.directory.resolve():
             raise ConfigError(f"{path}: SyncCkptIO keeps its checkpoints in {writer.directory}; save there")
         step = int(checkpoint.get("global_step", 0))
         name = checkpoint_name("step", step)
-        epoch, batch_idx = _position(checkpoint)
-        if writer.last_saved_step == step and self._mid_accumulation(checkpoint, batch_idx):
+        epoch, batch_idx = state.position(checkpoint)
+        if writer.last_saved_step == step and state.mid_accumulation(self.trainer, checkpoint, batch_idx):
             # After a resume ModelCheckpoint saves the resumed step again at the next micro-batch (it does not
             # restore which step it saved last): that state holds half an accumulation window, which a
             # checkpoint cannot hold. The checkpoint of this step, taken at its optimizer step, stands for it.
-            with self._lock:
-                orphans = [self._point(target.name, name)]
-            _write_json(target, {"format": POINTER_FORMAT, "checkpoint": name, "global_step": step})
+            orphans = [self._pointers.repoint(target.name, name)]
+            write_pointer(target, name, step)
             self._delete_local(orphans)
             return
-        with self._lock:
-            before = dict(self._aliases), set(self._removed)
-            orphans = [self._point(target.name, name)]
-            stale = (
-                []
-                if target.name.startswith(_SIGTERM_PREFIX)
-                else [a for a in self._aliases if a.startswith(_SIGTERM_PREFIX)]
-            )
-            orphans += [self._point(a, None) for a in stale]  # a save Lightning asked for supersedes our own
-            aliases = dict(self._aliases)
-        objects: dict[str, Any] = {"pointers": _Part({"aliases": aliases})}
-        objects["lightning"] = _Part(_pack_scalars({k: v for k, v in checkpoint.items() if k not in _SPLIT}))
-        objects.update({part: _Part(checkpoint[key]) for key, part in _SPLIT.items() if key in checkpoint})
-        objects.update(self._data_objects())
+        change = self._pointers.saving(target.name, name)
+        objects: dict[str, Any] = {**state.split(checkpoint, change.aliases), **self._data_objects()}
         try:
-            writer.start(objects, ["step"], step, epoch=epoch, batch_idx=batch_idx, metrics=self._metrics())
+            writer.start(objects, ["step"], step, epoch=epoch, batch_idx=batch_idx, metrics=state.metrics(self.trainer))
         except BaseException:
-            with self._lock:
-                self._aliases, self._removed = before
+            self._pointers.undo(change)
             raise
-        _write_json(target, {"format": POINTER_FORMAT, "checkpoint": name, "global_step": step})
-        for alias in stale:
+        write_pointer(target, name, step)
+        for alias in change.stale:
             (writer.directory / alias).unlink(missing_ok=True)
-        self._delete_local(orphans)
+        self._delete_local(change.orphans)
         if not (writer.directory / LAST_MARKER).exists():
-            _write_json(writer.directory / LAST_MARKER, {"format": POINTER_FORMAT, "checkpoint": "newest"})
+            write_pointer(writer.directory / LAST_MARKER, "newest")
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         """Verify (and pull, when remote) the checkpoint ``path`` names and return Lightning's dict, unpickled
         from nothing: tensors from safetensors, the rest from JSON."""
         manifest, decoded, ckpt, source = self._find(str(path))
         states = decoded.states
-        if "lightning" not in states or "model" not in states:
+        if not state.is_lightning(states):
             raise StateMismatch(
                 f"{ckpt}: not a Lightning checkpoint (no 'lightning'/'model' state); resume it with "
                 "CheckpointManager.resume()"
             )
         if self.trainer is None or self.trainer.state.fn == "fit":  # not for validate/test(ckpt_path="best")
-            with self._lock:
-                self._aliases = dict((states.get("pointers") or {}).get("aliases", {}))
+            self._pointers.load(state.saved_aliases(states))
         if self._uploader is not None and ckpt.parent.resolve() == self._writer.directory.resolve():
             self._uploader.resumed(self._writer.directory, manifest, source)
         if self._writer is not None:
@@ -231,16 +184,13 @@ class SyncCkptIO(CheckpointIO):
             self._pending = (manifest, decoded, ckpt)  # samplers exist once training starts: restored then
         else:
             self._restore(manifest, decoded, ckpt)
-        out = _unpack_scalars(states["lightning"])
-        out.update({key: states[part] for key, part in _SPLIT.items() if part in states})
-        return out
+        return state.join(states)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Lightning's rotation: drop the pointer; a checkpoint no pointer names any more is deleted locally now
         and remotely once a newer checkpoint is committed there."""
-        target = _local_path(path)
-        with self._lock:
-            gone = self._point(target.name, None)
+        target = local_path(path)
+        gone = self._pointers.repoint(target.name, None)
         target.unlink(missing_ok=True)
         self._delete_local([gone])
 
@@ -297,7 +247,7 @@ class SyncCkptIO(CheckpointIO):
                 storage_options=self.storage_options,
                 on_error=self.on_upload_error,
                 takeover=self.takeover,
-                retention=self._remote_retention,
+                retention=self._pointers.remote_retention,
                 remote_options=self.remote_options,
                 background_nice=self.background_nice,
             )
@@ -305,33 +255,13 @@ class SyncCkptIO(CheckpointIO):
             directory,
             dist,
             self._uploader,
-            keep_last=self._keep_bound(),
+            keep_last=state.keep_bound(self.trainer),
             keep_epochs=0,
             best=BestMetric(SaveSchedule(None)),
             token=token,
             background_nice=self.background_nice,
         )
         return self._writer
-
-    def _keep_bound(self) -> int:
-        """The writer's own retention keeps the newest K step checkpoints. Lightning keeps at most save_top_k (+1
-        while it rotates, +1 for save_last) per ModelCheckpoint, plus our SIGTERM save: never fewer."""
-        callbacks = [c for c in getattr(self.trainer, "callbacks", []) if isinstance(c, ModelCheckpoint)]
-        if not callbacks or any(c.save_top_k < 0 for c in callbacks):
-            return _ALL
-        return sum(c.save_top_k + 1 + bool(c.save_last) for c in callbacks) + 1
-
-    def _point(self, alias: str, name: str | None) -> str | None:
-        """Point the pointer ``alias`` at checkpoint ``name`` (None: drop it), lock held. Returns the checkpoint
-        it named before when no pointer names that one any more (Lightning rotated it out)."""
-        old = self._aliases.pop(alias, None)
-        if name is not None:
-            self._aliases[alias] = name
-            self._removed.discard(name)
-        if old is None or old in self._aliases.values():
-            return None
-        self._removed.add(old)
-        return old
 
     def _delete_local(self, names: list[str | None]) -> None:
         """Delete rotated-out checkpoints locally (the remote copies go after the next remote commit)."""
@@ -345,11 +275,6 @@ class SyncCkptIO(CheckpointIO):
                 local.delete(writer.directory, name)
             log.info("Removed checkpoint %s (rotated out by Lightning)", name)
 
-    def _remote_retention(self, refs: list[Any]) -> list[str]:
-        with self._lock:
-            kept = set(self._aliases.values())
-            return sorted(r.name for r in refs if r.name in self._removed and r.name not in kept)
-
     def _directory(self) -> Path:
         if self._writer is not None:
             return self._writer.directory
@@ -361,57 +286,28 @@ class SyncCkptIO(CheckpointIO):
                 "SyncCkptIO does not know where to keep checkpoints: add io.callback to Trainer(callbacks=...) "
                 "or pass SyncCkptIO(directory=...)"
             )
-        return _local_path(dirpath)
+        return local_path(dirpath)
 
     # ---- internals: resume ----------------------------------------------------------------------------------
-    def _find(self, path: str) -> tuple[Manifest, DecodedCheckpoint, Path, str]:
+    def _find(self, path: str) -> Loaded:
         """The checkpoint ``path`` names: verified, decoded, pulled into the local folder when remote."""
         own = self.remote is not None and path.rstrip("/") == self.remote.rstrip("/")
         if path == NEWEST or own:
             return self._newest(self._directory())
-        if "://" in path and not path.startswith("file://"):
-            manifest, files, ckpt = pull_checkpoint_url(path, self._directory(), self.storage_options)
-            return manifest, decode_checkpoint(files, str(ckpt)), ckpt, path
-        p = Path(path.removeprefix("file://"))
-        if p.is_file():
-            name = _read_pointer(p)
-            if name == "newest" or p.name.startswith("last"):  # "last": the newest valid, wherever it is
-                return self._newest(p.parent)
-            return self._newest(p.parent, only=name)
-        if (p / "manifest.json").is_file():
-            manifest, files = local.verify(p)
-            return manifest, decode_checkpoint(files, str(p)), p, "local"
-        if p.is_dir():
-            return self._newest(p)
-        raise CheckpointNotFound(f"{path}: no such checkpoint, pointer file or folder")
+        return locate(path, self._directory, self._newest, self.storage_options)
 
-    def _newest(self, directory: Path, only: str | None = None) -> tuple[Manifest, DecodedCheckpoint, Path, str]:
+    def _newest(self, directory: Path, only: str | None = None) -> Loaded:
         remote = None
         if self.directory is None or directory.resolve() == self.directory.resolve():  # our folder (and run)
             self._open(directory)
             remote = None if self._uploader is None else self._uploader.remote
-        search = find_resumable(
-            directory,
-            remote,
-            accept=None if only is None else (lambda n: n == only),
-            decode=lambda m, files, p: decode_checkpoint(files, str(p)),
-        )
-        where = str(directory) + (f" or {remote.url}" if remote is not None else "")
-        if search.found is not None:
-            f = search.found
-            log.info("Resuming from checkpoint: %s (global step %d, %s)", f.path, f.manifest.global_step, f.source)
-            return f.manifest, f.decoded, f.path, f.source
-        if search.nothing_valid:
-            report = search.damage_report()
-            log.warning("No valid checkpoint in %s: %s", where, report)
-            raise NoValidCheckpoint(f"no valid checkpoint in {where} ({report})", where=where, report=report)
-        raise CheckpointNotFound(f"{only or 'no checkpoint'} in {where}: nothing to resume from")
+        return newest_valid(directory, remote, only)
 
     def _restore(self, manifest: Manifest, decoded: DecodedCheckpoint, path: Path) -> None:
         """The core's restore: samplers (arming their O(1) skip) and the RNG streams, re-applied when the resumed
         pass begins. Lightning restores the rest from the dict load_checkpoint returned."""
         names = [n for n in decoded.states if n != "rng" and not n.startswith("rng-rank")]
-        objects: dict[str, Any] = {n: _Part() for n in names}
+        objects: dict[str, Any] = {n: Part() for n in names}
         objects.update({n: o for n, o in self._data_objects().items() if n in decoded.states})
         restore(objects, manifest, decoded, path, Solo())
 
@@ -419,28 +315,8 @@ class SyncCkptIO(CheckpointIO):
         """For the callback's ckpt_path: NEWEST when a checkpoint to resume from may exist, else None (Lightning
         then looks for last*.ckpt in its folder itself, which finds LAST_MARKER where this folder was used)."""
         known = self._writer.directory if self._writer is not None else self.directory
-        if known is not None:
-            found, damaged = local.scan(known)
-            if found or damaged:
-                return self._newest_path()
-        if self.remote is None:
-            return None
-        if self._uploader is not None:
-            listing = remote_listing(self._uploader.remote)
-        else:
-            store = open_remote(self.remote, self.storage_options)
-            try:
-                listing = remote_listing(store)
-            finally:
-                store.close()
-        if not (listing.candidates or listing.unreadable or listing.quarantined):
-            return None
-        return self._newest_path()
-
-    @staticmethod
-    def _newest_path() -> str:
-        fsspec.filesystem("memory").pipe_file(NEWEST, b"{}")  # Lightning checks that it exists and how new it is
-        return NEWEST
+        remote = None if self._uploader is None else self._uploader.remote
+        return newest_marker() if has_checkpoints(known, remote, self.remote, self.storage_options) else None
 
     # ---- internals: the trainer (through the callback) --------------------------------------------------------
     def _data_objects(self) -> dict[str, Any]:
@@ -453,24 +329,7 @@ class SyncCkptIO(CheckpointIO):
                     "mid-epoch resume, SIGTERM handling and ckpt_path='last' in a fresh session"
                 )
             return {}
-        found: list[Any] = []
-        for loader in _loaders(self.trainer.train_dataloader):
-            for obj in (
-                getattr(loader, "sampler", None),
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-            ):
-                if callable(getattr(obj, "checkpoint_position", None)) and all(o is not obj for o in found):
-                    found.append(obj)
-        return {("sampler" if i == 0 else f"sampler_{i}"): s for i, s in enumerate(found)}
-
-    def _mid_accumulation(self, checkpoint: dict[str, Any], batch_idx: int) -> bool:
-        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-        return (batch_idx + 1) % accumulate != 0 and not progress.get("is_last_batch", False)
-
-    def _metrics(self) -> dict[str, float]:
-        metrics = getattr(self.trainer, "callback_metrics", None) or {}
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and _scalar(v)}
+        return state.samplers(self.trainer)
 
     def _training_started(self, trainer: Any) -> None:
         if self._pending is not None:
@@ -493,7 +352,7 @@ class SyncCkptIO(CheckpointIO):
 
         def save() -> None:
             if self._writer is None or self._writer.last_saved_step != trainer.global_step:
-                trainer.save_checkpoint(self._directory() / f"{_SIGTERM_PREFIX}step={trainer.global_step}.ckpt")
+                trainer.save_checkpoint(self._directory() / f"{SIGTERM_PREFIX}step={trainer.global_step}.ckpt")
 
         self._life.at_boundary(save, lambda: self._writer.last_committed if self._writer else None)
 
@@ -542,90 +401,3 @@ class SyncCkptCallback(OnExceptionCheckpoint):
 
     def teardown(self, trainer: Any, *_: Any, **__: Any) -> None:
         pass  # OnExceptionCheckpoint would delete its ckpt_path here
-
-
-# ---- helpers ------------------------------------------------------------------------------------------------------
-def _local_path(path: Any) -> Path:
-    s = str(path)
-    if "://" in s and not s.startswith("file://"):
-        raise ConfigError(
-            f"{s}: SyncCkptIO writes checkpoints locally and mirrors them; give ModelCheckpoint a local dirpath and "
-            "pass the bucket as SyncCkptIO(remote=...)"
-        )
-    return Path(s.removeprefix("file://"))
-
-
-def _position(checkpoint: dict[str, Any]) -> tuple[int, int]:
-    """(epoch, index of the last trained batch of it) from Lightning's loop state (-1: none yet)."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    processed = progress.get("current", {}).get("processed", 0)
-    return int(checkpoint.get("epoch", 0)), int(processed) - 1
-
-
-def _loaders(iterables: Any) -> list[Any]:
-    if isinstance(iterables, dict):
-        return [x for v in iterables.values() for x in _loaders(v)]
-    if isinstance(iterables, (list, tuple)):
-        return [x for v in iterables for x in _loaders(v)]
-    return [] if iterables is None else [iterables]
-
-
-def _pack_scalars(v: Any) -> Any:
-    """0-d tensors of Lightning's bookkeeping (``ModelCheckpoint.kth_value`` starts as ``tensor(inf)``) as JSON
-    values: in a tensor file the core's health check would mark every checkpoint as holding non-finite weights."""
-    if isinstance(v, torch.Tensor) and v.dim() == 0:
-        return {_SCALAR: {"dtype": str(v.dtype).removeprefix("torch."), "value": v.item()}}
-    if isinstance(v, dict):
-        return {k: _pack_scalars(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_pack_scalars(x) for x in v)
-    return v
-
-
-def _unpack_scalars(v: Any) -> Any:
-    if isinstance(v, dict):
-        if len(v) == 1 and isinstance(v.get(_SCALAR), dict):
-            spec = v[_SCALAR]
-            dtype = getattr(torch, str(spec.get("dtype")), None)
-            if not isinstance(dtype, torch.dtype):
-                raise StateMismatch(f"Lightning state: unknown scalar dtype {spec.get('dtype')!r}")
-            return torch.tensor(spec.get("value"), dtype=dtype)
-        return {k: _unpack_scalars(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_unpack_scalars(x) for x in v)
-    return v
-
-
-def _scalar(v: Any) -> bool:
-    return not isinstance(v, torch.Tensor) or v.numel() == 1
-
-
-def _write_json(target: Path, data: dict[str, Any]) -> None:
-    """Atomically (write, fsync, rename) write a small JSON file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    local.fsync_dir(target.parent)
-
-
-def _read_pointer(path: Path) -> str:
-    """The checkpoint name a pointer file names ("newest" for LAST_MARKER). Anything else is refused unread."""
-    size = path.stat().st_size
-    head = path.read_bytes()[:_MAX_POINTER_BYTES] if size <= _MAX_POINTER_BYTES else b""
-    try:
-        data = json.loads(head)
-        if data.get("format") != POINTER_FORMAT:
-            raise ValueError
-        name = data["checkpoint"]
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise UnsafeCheckpoint(
-            f"{path}: not a syncckpt pointer (a .ckpt written by Lightning's TorchCheckpointIO is a pickle, which "
-            "syncckpt never loads); pass a checkpoint written through SyncCkptIO, its folder or its remote URL"
-        ) from None
-    if name != "newest" and (not isinstance(name, str) or parse_checkpoint_name(name) is None):
-        raise UnsafeCheckpoint(f"{path}: names {name!r}, which is not a checkpoint folder name")
-    return name

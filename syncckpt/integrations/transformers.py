@@ -43,29 +43,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .. import local, rng
+from .. import local
 from ..distributed import Dist
-from ..errors import NoValidCheckpoint, SyncCkptError
+from ..errors import SyncCkptError
 from ..lifecycle import Lifecycle
 from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
-from ..pull import split_checkpoint_url
-from ..remote import open_remote
-from ..resume import find_resumable, pull_checkpoint_url
-from ..retention import Ref, plan_deletions, recency
+from ..retention import Ref
 from ..sampler import ResumableSampler
+from ..writer import check_settings
+from ._trainer_checkpoints import place_manifest, plan_rotation, resume_checkpoint
+from ._trainer_skip import ResumedPass, TrainerSampler, arm_sampler, sampler_for
 
 log = logging.getLogger("syncckpt")
 
@@ -73,36 +70,6 @@ __all__ = ["SyncCheckpointCallback", "plan_rotation", "resume_checkpoint"]
 
 #: Hidden folder in ``output_dir`` holding hard-linked copies of checkpoints while they are hashed and uploaded.
 STAGE_DIR = ".syncckpt-upload"
-
-_TRAINER_NAME = re.compile(r"^checkpoint-\d+$")
-
-
-def _is_trainer_checkpoint(name: str) -> bool:
-    return bool(_TRAINER_NAME.match(name))
-
-
-def plan_rotation(refs: Iterable[Ref], save_total_limit: int | None, best_name: str | None = None) -> list[str]:
-    """Remote checkpoints to delete so the remote keeps what the Trainer's ``rotate_checkpoints`` keeps locally.
-
-    The Trainer keeps at most ``save_total_limit`` ``checkpoint-N`` folders, always including the newest one and
-    the best model's (``state.best_model_checkpoint``), which counts towards the limit. Other names (syncckpt's own
-    ``checkpoint-step-N``, ...) are never touched. Pure: plain data in, names out.
-
-    >>> refs = [Ref(f"checkpoint-{n}", "step", n, 0) for n in (2, 4, 6, 8)]
-    >>> plan_rotation(refs, 2), plan_rotation(refs, 2, best_name="checkpoint-2")
-    (['checkpoint-2', 'checkpoint-4'], ['checkpoint-4', 'checkpoint-6'])
-    >>> plan_rotation(refs, 1, best_name="checkpoint-4"), plan_rotation(refs, None)
-    (['checkpoint-2', 'checkpoint-6'], [])
-    """
-    if not save_total_limit or save_total_limit <= 0:
-        return []
-    steps = [r for r in refs if r.kind == "step" and _is_trainer_checkpoint(r.name)]
-    newest = {r.name for r in sorted(steps, key=recency, reverse=True)[:save_total_limit]}
-    keep = save_total_limit
-    best_is_old = best_name is not None and best_name not in newest and any(r.name == best_name for r in steps)
-    if best_is_old:
-        keep = max(save_total_limit - 1, 1)  # best counts towards the limit; the newest is always kept
-    return plan_deletions(steps, keep, 0, protected={best_name} if best_is_old else ())
 
 
 class SyncCheckpointCallback(TrainerCallback):
@@ -155,8 +122,7 @@ class SyncCheckpointCallback(TrainerCallback):
         handle_interrupt: bool = True,
         grace_period: float = 60.0,
     ) -> None:
-        if on_upload_error not in ("warn", "raise"):
-            raise ValueError(f"on_upload_error must be 'warn' or 'raise', got {on_upload_error!r}")
+        check_settings(1, 0, on_upload_error, 0, "all", True)
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         self.remote = remote
@@ -182,15 +148,15 @@ class SyncCheckpointCallback(TrainerCallback):
         self._life: Lifecycle | None = None  # signals and the interpreter-exit flush, as the manager's
         self._dist: Dist | None = None
         self._stop: list[bool] | None = None  # (SIGTERM, Ctrl-C) every rank agreed on: the save now ends the run
-        self._sampler: _TrainerSampler | None = None
-        self._resumed: _ResumedPass | None = None
+        self._sampler: TrainerSampler | None = None
+        self._resumed: ResumedPass | None = None
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self._sampler is not None and args.ignore_data_skip:
-            self._resumed = _arm_sampler(self._sampler, args, state, len(kwargs["train_dataloader"]))
+            self._resumed = arm_sampler(self._sampler, args, state, len(kwargs["train_dataloader"]))
         elif args.ignore_data_skip and state.global_step > 0:
             log.warning(
                 "ignore_data_skip=True without SyncCheckpointCallback.train_sampler(): the resumed epoch starts again "
@@ -310,10 +276,7 @@ class SyncCheckpointCallback(TrainerCallback):
         >>> s.batch_size, len(s)
         (2, 10)
         """
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        self._sampler = _TrainerSampler(
-            dataset, batch_size=args.per_device_train_batch_size, seed=seed, num_replicas=1, rank=0
-        )
+        self._sampler = sampler_for(dataset, args)
         return self._sampler
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -414,7 +377,7 @@ class SyncCheckpointCallback(TrainerCallback):
                 stage, kind="step", global_step=global_step, epoch=epoch, metrics=metrics, extra=extra
             )
             self._uploader.submit(self._stage_root, manifest)
-            _place_manifest(folder, (stage / MANIFEST_NAME).read_bytes())
+            place_manifest(folder, (stage / MANIFEST_NAME).read_bytes())
         except Exception as e:  # noqa: BLE001 - a failed hash or hand-off must never take training down
             self._error = f"{stage.name}: {e}"
             log.warning("Checkpoint %s was NOT mirrored: %s (training continues)", stage.name, e)
@@ -440,122 +403,3 @@ class SyncCheckpointCallback(TrainerCallback):
         if not self.wait(self.flush_timeout):
             log.warning("Exiting with uploads still pending after %.0fs: %s", self.flush_timeout, self.status())
         self.close()
-
-
-def _place_manifest(folder: Path, data: bytes) -> None:
-    """Write manifest.json next to the Trainer's files, keeping the folder's mtime: the Trainer's rotation orders
-    checkpoints by mtime, and a late manifest must not make an old folder look newest."""
-    try:
-        st = os.stat(folder)
-        local.write_file(folder, MANIFEST_NAME, [data])
-        os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
-    except OSError as e:  # the Trainer rotated the folder away meanwhile: the remote copy is what matters
-        log.debug("Could not place %s in %s: %s", MANIFEST_NAME, folder, e)
-
-
-class _TrainerSampler(ResumableSampler):
-    """ResumableSampler that puts back, when the resumed pass begins, the RNG state the Trainer loaded from the
-    checkpoint: ``iter(DataLoader)`` draws a seed from the global generator between the two, which the
-    uninterrupted run did at the epoch's start (the Trainer's own skip re-loads ``rng_state.pth`` for the same
-    reason). The Trainer calls ``set_epoch`` right after loading it."""
-
-    rng_at_epoch: dict[str, Any] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.rng_at_epoch = rng.capture()
-
-    def restore_rng(self) -> None:
-        if self.rng_at_epoch is not None:
-            rng.restore(self.rng_at_epoch)
-
-
-@dataclass
-class _ResumedPass:
-    """The epoch a resumed run re-enters mid-way, and what the Trainer needs corrected while it lasts."""
-
-    epoch: int
-    steps_per_epoch: int  # optimizer steps
-    accumulation: int
-    batches: int  # micro-batches per epoch
-
-    def fix_epoch(self, state: TrainerState) -> _ResumedPass | None:
-        """The Trainer counts the resumed pass's micro-batches from 0 (it skipped nothing itself): set
-        ``state.epoch`` to the uninterrupted run's value (same expression, same float). None once past it."""
-        done = state.global_step - self.epoch * self.steps_per_epoch
-        if not 0 < done <= self.steps_per_epoch:
-            return None
-        state.epoch = self.epoch + (done * self.accumulation) / self.batches
-        return self
-
-
-def _arm_sampler(
-    sampler: _TrainerSampler, args: TrainingArguments, state: TrainerState, batches: int
-) -> _ResumedPass | None:
-    """At ``on_train_begin`` with ``ignore_data_skip``: check the Trainer's loop allows the O(1) skip, and on a
-    resumed run position the sampler after the last trained batch."""
-    ga = args.gradient_accumulation_steps
-    if args.world_size > 1:
-        raise ValueError(
-            "train_sampler() with ignore_data_skip=True is single-process only (accelerate shards its batches "
-            "across processes); leave ignore_data_skip=False to use the Trainer's own skip"
-        )
-    if batches % ga:
-        raise ValueError(
-            f"train_sampler() with ignore_data_skip=True needs the batches per epoch ({batches}) to be a multiple "
-            f"of gradient_accumulation_steps ({ga}): the Trainer would miss the optimizer step at the end of the "
-            "resumed epoch; change the batch size, dataloader_drop_last or leave ignore_data_skip=False"
-        )
-    steps_per_epoch = max(batches // ga, 1)
-    epoch, done = divmod(state.global_step, steps_per_epoch)
-    if done == 0:  # a fresh run, or a checkpoint at an epoch's end: the Trainer starts the epoch from its start
-        return None
-    trained = done * ga
-    sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch, **sampler.checkpoint_position(epoch, trained - 1)})
-    sampler.on_resumed_pass(sampler.restore_rng)
-    log.info("Resuming epoch %d after its batch %d by index: the batches before are not read", epoch, trained)
-    return _ResumedPass(epoch, steps_per_epoch, ga, batches)
-
-
-def resume_checkpoint(
-    remote: str, output_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
-) -> str | None:
-    """The ``checkpoint-N`` folder to pass to ``trainer.train(resume_from_checkpoint=...)``, or None.
-
-    Candidates are the local ``output_dir/checkpoint-N`` folders that carry a syncckpt manifest and the remote's
-    ``checkpoint-N`` checkpoints. The newest wins, a local copy on ties (nothing is downloaded then); each is
-    verified (every file against its SHA-256) before it is returned, and a damaged one is skipped for the next.
-    A remote one is pulled into ``output_dir`` first. ``remote`` may also name one checkpoint
-    (``s3://b/run/checkpoint-500``): that one is pulled. An unreachable remote falls back to local checkpoints.
-
-    >>> import tempfile
-    >>> print(resume_checkpoint("memory://doc-resume/run", tempfile.mkdtemp()))
-    None
-    """
-    out = Path(output_dir)
-    run_url, name = split_checkpoint_url(remote)
-    if name is not None:
-        _, _, path = pull_checkpoint_url(remote, out, storage_options)
-        log.info("Resuming from checkpoint: %s", path)
-        return str(path)
-    store = open_remote(run_url, storage_options)
-    try:
-        search = find_resumable(out, store, accept=_is_trainer_checkpoint)
-    finally:
-        store.close()
-    if search.found is not None:
-        f = search.found
-        log.info(
-            "Resuming from checkpoint: %s (global step %d, %s)",
-            f.path,
-            f.manifest.global_step,
-            "local" if f.source == "local" else f"pulled from {store.url}",
-        )
-        return str(f.path)
-    if search.nothing_valid:
-        log.warning("No valid checkpoint-N in %s or %s: %s", out, store.url, search.damage_report())
-        raise NoValidCheckpoint(
-            f"no checkpoint-N in {out} or {store.url} verified (they are quarantined); see the warnings above"
-        )
-    log.info("No checkpoint found in %s or %s; training starts from scratch", out, store.url)
-    return None

@@ -9,7 +9,8 @@
   three loaders drew their worker seeds).
 
 Prints ``ids N [...]`` (the stream's sample ids of optimizer step N) and ``step N`` after every step, and writes
-every model's and optimizer's tensors and the torch RNG state to ``--out``.
+every model's and optimizer's tensors and the torch RNG state to ``--out``. The test imports :func:`train` to run
+the uninterrupted reference in its own process.
 """
 
 from __future__ import annotations
@@ -83,6 +84,74 @@ def net(inputs: int) -> torch.nn.Module:
     )
 
 
+def train(
+    ckpt_dir: str,
+    data_dir: str,
+    reads: str,
+    aug_workers: int = 2,
+    epochs: int = 2,
+    hold_at: int | None = None,
+    sync_saves: bool = False,
+    handle_sigterm: bool = True,
+    say=say,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The job's training (resumed from ``ckpt_dir`` when it holds a checkpoint): every model's and optimizer's
+    tensors and the torch RNG state at the end, and the last global step. ``say`` gets the ``ids`` and ``step``
+    lines."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, imgs = torch.randn(N, 6, generator=g), torch.randn(N, 1, 10, 10, generator=g)
+    labels = (x[:, 0] > 0).long()
+    map_loader = StatefulDataLoader(TensorDataset(x, labels), batch_size=BATCH, shuffle=True, num_workers=2)
+
+    shards = write_shards(data_dir)
+    source = datasets.IterableDataset.from_generator(read_shards, gen_kwargs={"paths": shards, "reads": reads})
+    stream = ShuffleBuffer(source, buffer_size=8, seed=3)
+    stream_loader = StatefulDataLoader(stream, batch_size=BATCH, num_workers=2, collate_fn=collate_stream)
+
+    aug_ds = PerSampleRandom(TensorDataset(imgs, labels), crop_and_noise, seed=9)
+    sampler = ResumableSampler(aug_ds, batch_size=BATCH, shuffle=True, seed=4)
+    aug_loader = DataLoader(aug_ds, batch_size=BATCH, sampler=sampler, num_workers=aug_workers)
+
+    models = {"loader": net(6), "stream": net(8), "aug": net(64)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-2) for k, m in models.items()}
+    mgr = CheckpointManager(
+        ckpt_dir, save_every_n_steps=3, keep_last=2, keep_epochs=1, grace_period=30, handle_sigterm=handle_sigterm
+    )
+    mgr.register(sampler=sampler, loader=map_loader, stream=stream_loader)
+    mgr.register(**{f"model_{k}": m for k, m in models.items()}, **{f"opt_{k}": o for k, o in opts.items()})
+    info = mgr.resume()
+    start_epoch, global_step = (info.epoch, info.global_step) if info else (0, 0)
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        aug_ds.set_epoch(epoch)
+        stream.set_epoch(epoch)
+        first = info.batch_idx + 1 if info and epoch == info.epoch else 0
+        for batch_idx, batches in enumerate(zip(map_loader, stream_loader, aug_loader, strict=True), start=first):
+            for (xb, yb), key in zip(batches, models, strict=True):
+                target = yb % 2 if key == "stream" else yb
+                loss = torch.nn.functional.cross_entropy(models[key](xb), target)
+                loss.backward()
+                opts[key].step()
+                opts[key].zero_grad(set_to_none=True)
+            global_step += 1
+            say(f"ids {global_step} {json.dumps(batches[1][1].tolist())}")
+            if mgr.step(global_step, epoch=epoch, batch_idx=batch_idx) and sync_saves:
+                mgr.wait()
+            say(f"step {global_step}")
+            if global_step == hold_at:
+                threading.Event().wait()  # the killing test reads ahead of nothing: the job stops right here
+        mgr.save_epoch(epoch, global_step=global_step)
+    mgr.close()
+    tensors = {f"{k}.{n}": v.contiguous() for k, m in models.items() for n, v in m.state_dict().items()}
+    for k, o in opts.items():
+        for pid, st in o.state_dict()["state"].items():
+            for n, v in st.items():
+                tensors[f"opt_{k}.{pid}.{n}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    return tensors, global_step
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt-dir", required=True)
@@ -98,56 +167,15 @@ def main() -> int:
     warnings.filterwarnings("ignore", message=".*set_vital.*")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    x, imgs = torch.randn(N, 6, generator=g), torch.randn(N, 1, 10, 10, generator=g)
-    labels = (x[:, 0] > 0).long()
-    map_loader = StatefulDataLoader(TensorDataset(x, labels), batch_size=BATCH, shuffle=True, num_workers=2)
-
-    shards = write_shards(args.data_dir)
-    source = datasets.IterableDataset.from_generator(read_shards, gen_kwargs={"paths": shards, "reads": args.reads})
-    stream = ShuffleBuffer(source, buffer_size=8, seed=3)
-    stream_loader = StatefulDataLoader(stream, batch_size=BATCH, num_workers=2, collate_fn=collate_stream)
-
-    aug_ds = PerSampleRandom(TensorDataset(imgs, labels), crop_and_noise, seed=9)
-    sampler = ResumableSampler(aug_ds, batch_size=BATCH, shuffle=True, seed=4)
-    aug_loader = DataLoader(aug_ds, batch_size=BATCH, sampler=sampler, num_workers=args.aug_workers)
-
-    models = {"loader": net(6), "stream": net(8), "aug": net(64)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-2) for k, m in models.items()}
-    mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=3, keep_last=2, keep_epochs=1, grace_period=30)
-    mgr.register(sampler=sampler, loader=map_loader, stream=stream_loader)
-    mgr.register(**{f"model_{k}": m for k, m in models.items()}, **{f"opt_{k}": o for k, o in opts.items()})
-    info = mgr.resume()
-    start_epoch, global_step = (info.epoch, info.global_step) if info else (0, 0)
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        aug_ds.set_epoch(epoch)
-        stream.set_epoch(epoch)
-        first = info.batch_idx + 1 if info and epoch == info.epoch else 0
-        for batch_idx, batches in enumerate(zip(map_loader, stream_loader, aug_loader, strict=True), start=first):
-            for (xb, yb), key in zip(batches, models, strict=True):
-                target = yb % 2 if key == "stream" else yb
-                loss = torch.nn.functional.cross_entropy(models[key](xb), target)
-                loss.backward()
-                opts[key].step()
-                opts[key].zero_grad(set_to_none=True)
-            global_step += 1
-            say(f"ids {global_step} {json.dumps(batches[1][1].tolist())}")
-            if mgr.step(global_step, epoch=epoch, batch_idx=batch_idx) and args.sync_saves:
-                mgr.wait()
-            say(f"step {global_step}")
-            if global_step == args.hold_at:
-                threading.Event().wait()  # the killing test reads ahead of nothing: the job stops right here
-        mgr.save_epoch(epoch, global_step=global_step)
-    mgr.close()
-    tensors = {f"{k}.{n}": v.contiguous() for k, m in models.items() for n, v in m.state_dict().items()}
-    for k, o in opts.items():
-        for pid, st in o.state_dict()["state"].items():
-            for n, v in st.items():
-                tensors[f"opt_{k}.{pid}.{n}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
-    tensors["rng"] = torch.get_rng_state()
+    tensors, global_step = train(
+        args.ckpt_dir,
+        args.data_dir,
+        args.reads,
+        aug_workers=args.aug_workers,
+        epochs=args.epochs,
+        hold_at=args.hold_at,
+        sync_saves=args.sync_saves,
+    )
     save_file(tensors, args.out)
     print(f"done {global_step}", flush=True)
     return 0

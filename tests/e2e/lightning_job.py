@@ -8,13 +8,15 @@ optimizer steps per epoch; ``ModelCheckpoint(every_n_train_steps=2)``.
 It prints ``step N`` after every optimizer step, ``HOLD step N`` (and then blocks) at ``--hold-at-step`` once
 every checkpoint so far is mirrored, so a test can SIGKILL it at a known point without sleeping; at the end it
 prints ``getitem N`` (dataset ``__getitem__`` calls of the run) and writes the model and optimizer tensors to
-``--out``. ``--reference-out`` then runs an uninterrupted run from scratch in the same process (no checkpoints)
-and writes its tensors there, for a bit-for-bit comparison.
+``--out``. ``--reference-out`` then runs an uninterrupted run from scratch in the same process (its checkpoints in a
+temporary folder) and writes its tensors there, for a bit-for-bit comparison. The tests import :func:`fit` and
+:func:`reference` to run a resumed session and the reference in their own process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -109,7 +111,6 @@ def tensors_of(model, trainer) -> dict[str, torch.Tensor]:
 
 def poisoned():
     """pickle.load/loads/Unpickler and torch.load raise while the returned context is active."""
-    import contextlib
 
     def refuse(*a, **k):
         raise AssertionError("pickle or torch.load used during a syncckpt resume")
@@ -127,6 +128,67 @@ def poisoned():
     return ctx()
 
 
+class Progress:
+    """Prints ``step N epoch E batch B`` after every optimizer step (through ``say``), SIGTERMs its own process as
+    step ``sigterm_at``'s window starts, holds at step ``hold_at`` once every checkpoint so far is mirrored."""
+
+    def __init__(self, sync=None, sigterm_at: int | None = None, hold_at: int | None = None, say=print) -> None:
+        import lightning as L
+
+        progress = self
+
+        class _Callback(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                progress.batch_start(trainer, batch_idx)
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                progress.batch_end(trainer, batch_idx)
+
+        self.callback = _Callback()
+        self.sync, self.sigterm_at, self.hold_at, self.say = sync, sigterm_at, hold_at, say
+        self.t0 = time.perf_counter()
+        self.step: int | None = None
+
+    def batch_start(self, trainer, batch_idx: int) -> None:
+        if trainer.global_step == self.sigterm_at and self.step != trainer.global_step:
+            self.say(f"SIGTERM at step {trainer.global_step} batch {batch_idx}")
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.step is None:  # the time from fit() to the first batch it trains: restore + skip
+            self.say(f"first-batch {time.perf_counter() - self.t0:.3f}s")
+        self.step = trainer.global_step
+
+    def batch_end(self, trainer, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            return
+        self.say(f"step {trainer.global_step} epoch {trainer.current_epoch} batch {batch_idx}")
+        if trainer.global_step == self.hold_at:
+            if self.sync is not None:
+                self.sync.wait()  # every checkpoint so far is committed and mirrored
+            self.say(f"HOLD step {trainer.global_step}")
+            threading.Event().wait()
+
+
+def fit(directory: str, sync, *, native: bool = False, ckpt_path=None, poison: bool = False, progress=None):
+    """One ``trainer.fit`` of the job in this process: (model, optimizer and RNG tensors, ``__getitem__`` calls)."""
+    model, ds, loader = build(native)
+    plugins = [] if sync is None else [sync]
+    extra = [] if sync is None else [sync.callback]
+    trainer = trainer_for(directory, plugins, [*extra, *([] if progress is None else [progress.callback])])
+    if progress is not None:
+        progress.t0 = time.perf_counter()
+    with poisoned() if poison else contextlib.nullcontext():
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return tensors_of(model, trainer), ds.calls
+
+
+def reference(native: bool = False):
+    """The uninterrupted run from scratch (the same writes as a resumed one, never interrupted): as :func:`fit`."""
+    from syncckpt.integrations.lightning import SyncCkptIO
+
+    with tempfile.TemporaryDirectory() as d:
+        return fit(d, None if native else SyncCkptIO(handle_sigterm=False), native=native)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
@@ -142,52 +204,22 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s", force=True)
     torch.set_num_threads(1)
-    import lightning as L
 
     from syncckpt.integrations.lightning import SyncCkptIO
 
-    class Progress(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == args.sigterm_at_step and getattr(self, "step", None) != trainer.global_step:
-                print(f"SIGTERM at step {trainer.global_step} batch {batch_idx}", flush=True)
-                os.kill(os.getpid(), signal.SIGTERM)
-            if not hasattr(self, "step"):  # the time from fit() to the first batch it trains: restore + skip
-                print(f"first-batch {time.perf_counter() - t0:.3f}s", flush=True)
-            self.step = trainer.global_step
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == self.step:
-                return
-            print(f"step {trainer.global_step} epoch {trainer.current_epoch} batch {batch_idx}", flush=True)
-            if trainer.global_step == args.hold_at_step:
-                if sync is not None:
-                    sync.wait()  # every checkpoint so far is committed and mirrored
-                print(f"HOLD step {trainer.global_step}", flush=True)
-                threading.Event().wait()
-
     options = json.loads(args.storage_options) if args.storage_options else None
     sync = None if args.native else SyncCkptIO(remote=args.remote, storage_options=options, grace_period=30)
-    model, ds, loader = build(args.native)
-    plugins = [] if sync is None else [sync]
-    extra = [] if sync is None else [sync.callback]
-    trainer = trainer_for(args.dir, plugins, [*extra, Progress()])
-    t0 = time.perf_counter()
-    if args.poison_pickle:
-        with poisoned():
-            trainer.fit(model, loader, ckpt_path=args.ckpt_path)
-    else:
-        trainer.fit(model, loader, ckpt_path=args.ckpt_path)
-    print(f"fit {time.perf_counter() - t0:.2f}s", flush=True)
-    print(f"getitem {ds.calls}", flush=True)
-    save_file(tensors_of(model, trainer), args.out)
+    progress = Progress(sync, args.sigterm_at_step, args.hold_at_step, say=lambda line: print(line, flush=True))
+    tensors, calls = fit(
+        args.dir, sync, native=args.native, ckpt_path=args.ckpt_path, poison=args.poison_pickle, progress=progress
+    )
+    print(f"fit {time.perf_counter() - progress.t0:.2f}s", flush=True)
+    print(f"getitem {calls}", flush=True)
+    save_file(tensors, args.out)
     if args.reference_out:
-        model, ds, loader = build(args.native)
-        with tempfile.TemporaryDirectory() as d:
-            ref = None if args.native else SyncCkptIO(handle_sigterm=False)  # the same writes, never interrupted
-            trainer = trainer_for(d, [] if ref is None else [ref], [] if ref is None else [ref.callback])
-            trainer.fit(model, loader)
-        save_file(tensors_of(model, trainer), args.reference_out)
-        print(f"reference getitem {ds.calls}", flush=True)
+        tensors, calls = reference(args.native)
+        save_file(tensors, args.reference_out)
+        print(f"reference getitem {calls}", flush=True)
     print(f"done pid={os.getpid()}", flush=True)
     return 0
 

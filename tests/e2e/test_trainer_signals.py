@@ -67,6 +67,18 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every bit-identical comparison of this module is made against (trained once, here,
+    with one torch thread as the job: another thread count may sum in another order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(tmp_path_factory.mktemp("trainer-reference") / "out")[0]
+    finally:
+        torch.set_num_threads(n)
+
+
 def _train(
     out: Path,
     resume: str | None = None,
@@ -147,10 +159,10 @@ def _run_job_and_sigterm(args: list[str], whole_group: bool) -> tuple[list[str],
     return lines, p.returncode, time.monotonic() - sent
 
 
-def _sigterm_then_resume(tmp_path, url, options, monkeypatch, extra: dict, whole_group: bool = False):
+def _sigterm_then_resume(tmp_path, url, options, monkeypatch, extra: dict, reference, whole_group: bool = False):
     """The job is SIGTERMed mid-epoch: checkpoint-11 mirrored, exit 143 in time; the disk is wiped; the bucket
-    resumes bit-identical to an uninterrupted run. Returns (resumed trainer, its dataset, seconds to exit, seconds
-    to the resumed run's first batch)."""
+    resumes bit-identical to the uninterrupted ``reference`` (trained without ``extra``). Returns (resumed trainer,
+    its dataset, seconds to exit, seconds to the resumed run's first batch)."""
     session = tmp_path / "session1"
     args = ["--output-dir", str(session), "--remote", url, "--storage-options", json.dumps(options)]
     args += ["--max-steps", str(MAX_STEPS), "--hold-at-step", str(HOLD_AT), "--hold-until-sigterm", "--o1-skip"]
@@ -171,8 +183,6 @@ def _sigterm_then_resume(tmp_path, url, options, monkeypatch, extra: dict, whole
     finally:
         remote.close()
     shutil.rmtree(session)  # the machine is gone
-
-    reference, _, _ = _train(tmp_path / "reference", extra=extra)
 
     out = tmp_path / "session2"
     with monkeypatch.context() as poisoned:
@@ -196,10 +206,10 @@ def _sigterm_then_resume(tmp_path, url, options, monkeypatch, extra: dict, whole
 
 
 def test_sigterm_mid_epoch_mirrors_a_last_checkpoint_exits_143_and_the_bucket_resumes_bit_identical(
-    tmp_path, s3_remote_url, s3_storage_options, monkeypatch
+    tmp_path, s3_remote_url, s3_storage_options, monkeypatch, reference
 ):
     resumed, data, took, first_batch_s = _sigterm_then_resume(
-        tmp_path, s3_remote_url, s3_storage_options, monkeypatch, {}
+        tmp_path, s3_remote_url, s3_storage_options, monkeypatch, {}, reference
     )
     # Reads: the rest of epoch 1 in the saved order (no skipped sample), then epoch 2; nothing else.
     trained = (11 - 8) * ACCUM * BATCH
@@ -215,11 +225,11 @@ def test_sigterm_mid_epoch_mirrors_a_last_checkpoint_exits_143_and_the_bucket_re
 
 @pytest.mark.skipif(not HEAVY, reason="a second job and two more Trainer runs; SYNCCKPT_HEAVY=1 runs it")
 def test_a_job_wide_sigterm_with_dataloader_workers_still_saves_mirrors_and_resumes_bit_identical(
-    tmp_path, s3_remote_url, s3_storage_options, monkeypatch
+    tmp_path, s3_remote_url, s3_storage_options, monkeypatch, reference
 ):
-    _sigterm_then_resume(
-        tmp_path, s3_remote_url, s3_storage_options, monkeypatch, {"dataloader_num_workers": 2}, whole_group=True
-    )
+    # DataLoader workers change nothing the model sees: the run without them is the reference
+    workers = {"dataloader_num_workers": 2}
+    _sigterm_then_resume(tmp_path, s3_remote_url, s3_storage_options, monkeypatch, workers, reference, whole_group=True)
 
 
 @pytest.mark.skipif(not HEAVY, reason="two ranks under torchrun; SYNCCKPT_HEAVY=1 runs it")
