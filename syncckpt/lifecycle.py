@@ -97,10 +97,13 @@ class Lifecycle:
         self._prev_handlers: dict[int, Any] = {}
         if handle_sigterm and main:
             for sig in default_signals(os.environ) if signals is None else signals:
-                self._prev_handlers[sig] = signal.signal(sig, self._on_sigterm)
+                self._prev_handlers[sig] = _original_handler(signal.signal(sig, self._on_sigterm), sig)
                 shielded.append(sig)
             self._installed = bool(shielded)
-        if handle_interrupt and main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        # Python's default, or the handler of an earlier owner never closed (a notebook cell run again builds a
+        # new manager): the newest owner handles Ctrl-C, else it would be swallowed by one that never steps.
+        current = signal.getsignal(signal.SIGINT)
+        if handle_interrupt and main and (current is signal.default_int_handler or _is_lifecycle(current)):
             signal.signal(signal.SIGINT, self._on_sigint)
             self._int_installed = True
             shielded.append(signal.SIGINT)  # Ctrl-C in a terminal reaches the DataLoader workers too
@@ -208,11 +211,12 @@ class Lifecycle:
             requeue_slurm_job(os.environ)
 
     def close(self) -> None:
-        """Stop handling: the previous SIGTERM handler is back and nothing runs at exit."""
+        """Stop handling: the handlers from before any owner are back and nothing runs at exit."""
         atexit.unregister(self._atexit)
         if self._installed and threading.current_thread() is threading.main_thread():
             for sig, prev in self._prev_handlers.items():
-                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+                if signal.getsignal(sig) == self._on_sigterm:  # a newer owner's stays
+                    signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
             self._installed = False
         if self._int_installed and threading.current_thread() is threading.main_thread():
             if signal.getsignal(signal.SIGINT) == self._on_sigint:
@@ -265,6 +269,17 @@ class Lifecycle:
             requeue_slurm_job(os.environ)
         logging.shutdown()
         os._exit(143)
+
+
+def _is_lifecycle(handler: Any) -> bool:
+    return isinstance(getattr(handler, "__self__", None), Lifecycle)
+
+
+def _original_handler(handler: Any, sig: int) -> Any:
+    """What to restore at close: the handler from before any owner (an earlier owner's, never closed, is not)."""
+    if _is_lifecycle(handler):
+        return handler.__self__._prev_handlers.get(sig, signal.SIG_DFL)
+    return handler
 
 
 def default_signals(environ: Mapping[str, str]) -> list[int]:

@@ -33,7 +33,7 @@ def objects():
 
 @pytest.fixture
 def default_sigint():
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # what a notebook kernel and python have
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what a notebook kernel and python have
     yield
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # close() put it back
 
@@ -84,3 +84,21 @@ def test_handle_interrupt_off_leaves_ctrl_c_alone(tmp_path, default_sigint):
         with pytest.raises(KeyboardInterrupt):
             train(mgr, model, opt, 20, interrupt_after=3)
         assert mgr.list_local() == []
+
+
+def test_a_manager_built_again_without_closing_the_first_handles_ctrl_c(tmp_path, default_sigint):
+    """A notebook cell run twice: the first manager is never closed and its handler still holds SIGINT. The new
+    manager must handle Ctrl-C (it was swallowed by the stale one, which never steps), and closing it hands back
+    Python's default, not the stale handler."""
+    model, opt = objects()
+    stale = CheckpointManager(tmp_path / "first", save_every_n_steps=1000, handle_sigterm=False)
+    stale.register(model=model, optimizer=opt)
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    with CheckpointManager(tmp_path / "second", save_every_n_steps=1000) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        with pytest.raises(KeyboardInterrupt):
+            train(mgr, model, opt, 10, interrupt_after=4)
+        assert mgr.list_local() == ["checkpoint-step-4"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before
+    stale.close()
