@@ -34,18 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from . import local
-from .deadline import resolve_deadline, session_start
-from .distributed import Dist
-from .env import default_checkpoint_dir, default_inputs, detect_platform
+from .assembly import SETTINGS, assemble
+from .env import default_checkpoint_dir, default_inputs
 from .errors import SyncCkptError
-from .lifecycle import Lifecycle
 from .manifest import Kind
 from .nodes import resume_nodes
 from .restore import ResumeInfo, resume_run
 from .schedule import BestMetric, SaveSchedule
 from .snapshot import check_object_name
 from .status import status_line
-from .writer import Writer, check_settings, open_directory
 
 log = logging.getLogger("syncckpt")
 
@@ -122,7 +119,6 @@ class CheckpointManager:
         requeue: bool = True,
     ) -> None:
         schedule = SaveSchedule(save_every_n_steps, save_every_n_minutes, save_every_n_epochs, metric_for_best, mode)
-        check_settings(keep_last, keep_epochs, on_upload_error, background_nice, keep_local, remote is not None)
         self.directory = Path(directory) if directory is not None else default_checkpoint_dir()
         self.schedule = schedule
         self._objects: dict[str, Any] = {}
@@ -130,53 +126,16 @@ class CheckpointManager:
         self._closed = False
         self._best = BestMetric(schedule)
         self._last_save_time = time.monotonic()  # the clock is read here; the schedule only compares
-        self._dist = Dist.detect()
-        self._platform = detect_platform()
-        self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
-        token = open_directory(self.directory, self._dist)
-        self._uploader = None
-        if remote is not None and self._dist.uploads:  # rank 0; each node's first rank when node-local
-            from .uploader import Uploader
-
-            self._uploader = Uploader(
-                remote,
-                storage_options=storage_options,
-                on_error=on_upload_error,
-                takeover=takeover,
-                retention=lambda refs: self._writer.remote_retention(refs),
-                remote_options=remote_options or {},
-                incremental=incremental,
-                background_nice=background_nice,
-                on_mirrored=lambda manifest, on_remote: self._writer.mirrored(manifest, on_remote),
-                dist=self._dist,
-            )
-        self._writer = Writer(
-            self.directory,
-            self._dist,
-            self._uploader,
-            keep_last=keep_last,
-            keep_epochs=keep_epochs,
-            best=self._best,
-            token=token,
-            background_nice=background_nice,
-            keep_local=keep_local,
-        )
-        self._arena = self._writer.arena
-        self._life = Lifecycle(
-            deadline=resolve_deadline(deadline, self._platform, session_start(self._platform)),
-            flush=self.wait,
-            grace_period=grace_period,
-            mirrored=self._uploader is not None,
-            handle_sigterm=handle_sigterm,
-            on_exit=self._flush_at_exit,
-            save_on_sigterm=save_on_sigterm,
-            handle_interrupt=handle_interrupt,
-            signals=signals,
-            requeue=requeue and self._dist.is_main,
-            on_stalled=None if self._dist.active else self._save_stalled,
-            before_exit=self._dist.barrier,
-        )
         self._at: tuple[int, int, int | None] | None = None  # (global_step, epoch, batch_idx) of the last step()
+        self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
+        settings = {k: v for k, v in locals().items() if k in SETTINGS}  # the arguments the parts take, by name
+        parts = assemble(
+            self.directory, self._best, flush=self.wait, on_exit=self._flush_at_exit, on_stalled=self._save_stalled,
+            **settings,
+        )  # fmt: skip
+        self._dist, self._platform, self._uploader = parts.dist, parts.platform, parts.uploader
+        self._writer, self._life = parts.writer, parts.life
+        self._arena = self._writer.arena
 
     # ---- registration -----------------------------------------------------------------------------------------
     def register(self, **objects: Any) -> None:
