@@ -171,6 +171,7 @@ class NodeMirror:
         }
         data = json.dumps(part, sort_keys=True).encode()
         remote.write_bytes(_part_rel(name, self.node), data)
+        log.info("Node %d's part of %s is in %s (%d files, verified)", self.node, name, remote.url, len(manifest.files))
         return manifest.total_size + len(data)
 
     def _assemble(self, manifest: Manifest) -> Manifest:

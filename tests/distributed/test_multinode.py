@@ -179,7 +179,14 @@ def _node1_dies_sending_step_4(tmp_path: Path, store, args: list[str]) -> Job:
     """Node 1 SIGKILLs itself while sending its part of checkpoint-step-4 (data sent, part not yet recorded); the
     test then SIGKILLs every other process of the job (mid-epoch: checkpoint-step-2 is committed)."""
     job = Job(tmp_path, args, node_env={1: {"SYNCCKPT_FAILPOINT": "remote-data:2"}})
-    job.run(until=lambda node, line: line == "exited rank 2")  # node 1's uploader is gone
+    seen: set[str] = set()
+
+    def both(node: int, line: str | None) -> bool:  # node 1's uploader is gone, and node 0 sent its own part
+        if line == "exited rank 2" or (node == 0 and "Node 0's part of checkpoint-step-4 is in" in (line or "")):
+            seen.add(line or "")
+        return len(seen) == 2
+
+    job.run(until=both)
     assert any(ln == "step 2" for ln in job.lines[0]), job.log()  # printed once step 2's save was committed
     assert store.list_checkpoints() == ["checkpoint-step-2"], job.log()
     assert store.read_latest().name == "checkpoint-step-2"
