@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import select
 import shutil
 import signal
@@ -34,9 +35,18 @@ OWN_FILES = {r: (f"rng-rank{r}.safetensors", f"state-rank{r}.json") for r in (1,
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, for the two nodes' static rendezvous. A port from bind(0)
+    is free only until it is closed: before torchrun binds it, the kernel may hand it to a socket of another job
+    on this machine (another pytest worker's torchrun or gloo), whose peer then speaks the wrong protocol to it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
