@@ -725,9 +725,9 @@ def test_a_remote_without_a_scheme_is_refused_before_training(tmp_path):
 def test_an_unreachable_store_fails_in_seconds_with_one_line(tmp_path, store):
     # issue 18: a refused localhost S3 endpoint took ~57 s to report, gs:// without network 3 min 43 s with six
     # gcsfs tracebacks. A closed local port and a name under .invalid (RFC 6761: never resolves) stand in.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
+    held = socket.socket()  # bound, never listening: connections to it are refused, and no other process can
+    held.bind(("127.0.0.1", 0))  # take the port meanwhile (a closed port could be given to another test's socket)
+    port = held.getsockname()[1]
     if store == "s3-refused":
         remote, option = "s3://bucket/run", f'client_kwargs={{"endpoint_url": "http://127.0.0.1:{port}"}}'
         needles = ("cannot reach the store at 127.0.0.1", "Connection refused")
@@ -740,6 +740,7 @@ def test_an_unreachable_store_fails_in_seconds_with_one_line(tmp_path, store):
     assert_error_exit(proc, remote, *needles)
     assert "retry" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout
     assert took < 45, f"{took:.0f} s: the probe bounds the failure at 5 s per address beside the trainer's start"
+    held.close()
 
 
 @pytest.mark.slow
