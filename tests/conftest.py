@@ -125,3 +125,14 @@ def hub(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubS
     hub_server.clear_injections()
     yield hub_server
     hub_server.clear_injections()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test (tiny in-process models run slower on two shared cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

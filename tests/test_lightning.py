@@ -41,12 +41,8 @@ from lightning_job import ACCUM, BATCH, EPOCHS, SAMPLES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The in-process fits are tiny: two intra-op threads on two shared cores run them slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_torch_thread(one_torch_thread):
+    """The in-process runs are tiny: two intra-op threads on two shared cores run them slower than one."""
 
 
 def _env() -> dict[str, str]:

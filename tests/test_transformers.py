@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -30,12 +29,8 @@ JOB = Path(__file__).parent / "e2e" / "hf_trainer_job.py"
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The model is tiny: two intra-op threads on two shared cores run it several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_torch_thread(one_torch_thread):
+    """The in-process runs are tiny: two intra-op threads on two shared cores run them slower than one."""
 
 
 def _env() -> dict[str, str]:
