@@ -237,7 +237,21 @@ def test_max_total_bounds_the_time_spent_retrying():
     elapsed = time.monotonic() - t0
     assert 2 < len(fn.starts) < 10_000  # it kept retrying, then the time bound stopped it
     assert elapsed < 0.3 + 1.0  # it stops when the next wait would end past max_total
-    assert fn.starts[-1] - fn.starts[0] <= 0.3  # no attempt starts after max_total
+    assert excinfo.value is fn.raised[-1]
+
+
+def test_a_sleep_that_overshoots_its_plan_does_not_start_an_attempt_past_max_total(monkeypatch: pytest.MonkeyPatch):
+    # A virtual clock: every sleep lasts 0.08 s longer than asked, as on a loaded machine or a suspended VM. The
+    # planned waits (0.1 s, from retry_after) fit in max_total, the overshot ones do not.
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds + 0.08))
+    fn = AlwaysFails(TimeoutError)
+    with pytest.raises(TimeoutError) as excinfo:
+        RetryPolicy(attempts=100, max_total=0.3).call(fn, retry_after=lambda e: 0.1)
+    assert fn.starts == pytest.approx(
+        [1000.0, 1000.18]
+    )  # planned 1000.1 + 0.1 + 0.08 = 1000.36 would be past 1000.3: refused
     assert excinfo.value is fn.raised[-1]
 
 
@@ -264,7 +278,10 @@ def test_describe_gives_type_and_message_on_one_bounded_line():
     assert len(long) <= len("ValueError: ") + 300 and long.endswith("...")
 
 
-def test_no_attempt_starts_after_max_total():
+def test_no_attempt_starts_after_max_total(monkeypatch: pytest.MonkeyPatch):
+    now = [0.0]  # a virtual clock whose sleeps last exactly as long as asked: the random waits decide alone
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
     starts: list[float] = []
     t0 = time.monotonic()
 

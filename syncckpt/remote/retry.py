@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -245,7 +246,7 @@ class RetryPolicy:
             before_sleep=functools.partial(self._log_retry, what or getattr(fn, "__qualname__", "call"), scrub),
             reraise=True,
         )
-        return retrying(fn, *args, **kwargs)
+        return retrying(_Attempts(fn, self.max_total), *args, **kwargs)
 
     def _log_retry(self, what: str, scrub: Callable[[str], str], state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -261,6 +262,32 @@ class RetryPolicy:
 
 
 DEFAULT_POLICY = RetryPolicy()
+
+
+class _Attempts:
+    """``fn`` that refuses to start an attempt once ``max_total`` has passed since the first one started.
+
+    ``stop_before_delay`` decides on the *planned* wait, but a sleep may overshoot its plan (a loaded machine, a
+    suspended VM); the clock read here makes "no attempt starts after ``max_total``" hold anyway, by re-raising the
+    failure that the late attempt would have retried.
+    """
+
+    def __init__(self, fn: Callable[..., Any], max_total: float) -> None:
+        self.fn, self.max_total = fn, max_total
+        self.first: float | None = None
+        self.last: BaseException | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif self.last is not None and now - self.first > self.max_total:
+            raise self.last
+        try:
+            return self.fn(*args, **kwargs)
+        except BaseException as exc:
+            self.last = exc
+            raise
 
 
 def describe(exc: BaseException) -> str:
