@@ -253,6 +253,15 @@ def load_safetensors_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    _safetensors_header(data, where=where)
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise UnsafeCheckpoint(f"{where}: safetensors header does not match its data ({e})") from None
+
+
+def _safetensors_header(data: bytes, *, where: str) -> dict[str, Any]:
+    """The JSON header of safetensors bytes, checked: bounded, an object, only dtypes this format writes."""
     if len(data) < 8:
         raise UnsafeCheckpoint(f"{where}: too short to be a safetensors file")
     (hlen,) = _struct.unpack("<Q", data[:8])
@@ -273,10 +282,39 @@ def load_safetensors_bytes(data: bytes, *, where: str) -> dict[str, torch.Tensor
         code = info.get("dtype") if isinstance(info, dict) else None
         if code not in DTYPE_CODES.values():
             raise UnsafeCheckpoint(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
+    return header
+
+
+# ---- one object in one file: for folders whose layout belongs to someone else (the transformers Trainer's) ---------
+_STRUCTURE_KEY = "syncckpt.structure"
+
+
+def encode_object_file(state: Any, name: str) -> bytes:
+    """One object's state as the bytes of a single safetensors file: its tensors, and its JSON structure (tensors
+    as references, see :func:`flatten_state`) in the header's metadata. No pickle.
+
+    >>> data = encode_object_file({"state": {0: {"step": torch.tensor(3.0)}}, "lr": [0.1]}, "optimizer")
+    >>> decode_object_file(data, where="optimizer.safetensors")
+    {'state': {0: {'step': tensor(3.)}}, 'lr': [0.1]}
+    """
+    from safetensors.torch import save
+
+    structure, tensors = flatten_state(state, name)
+    metadata = {_STRUCTURE_KEY: json.dumps(structure, allow_nan=False)}
+    return save({n: t.detach().cpu().contiguous() for n, t in tensors}, metadata=metadata)
+
+
+def decode_object_file(data: bytes, *, where: str) -> Any:
+    """Inverse of :func:`encode_object_file`; raises UnsafeCheckpoint for anything else (a pickle, a lying header)."""
+    metadata = _safetensors_header(data, where=where).get("__metadata__")
+    text = metadata.get(_STRUCTURE_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(text, str):
+        raise UnsafeCheckpoint(f"{where}: not a syncckpt object file (no {_STRUCTURE_KEY!r} in its metadata)")
     try:
-        return load(data)
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
-        raise UnsafeCheckpoint(f"{where}: safetensors header does not match its data ({e})") from None
+        structure = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UnsafeCheckpoint(f"{where}: its structure is not JSON") from None
+    return unflatten_state(structure, load_safetensors_bytes(data, where=where), where=where)
 
 
 # ---- state.json: the objects' structures and the trainer position ------------------------------------------------

@@ -1,14 +1,14 @@
 """SyncCheckpointCallback and resume_checkpoint with a real transformers.Trainer (tiny BERT from a config).
 
-The main test SIGKILLs a Trainer job right after it mirrored checkpoint-4, then resumes in a fresh, empty
-output directory from the remote alone.
+The README's Trainer cell runs as written in a job that is SIGKILLed once checkpoint-20 is mirrored to S3 (moto);
+the same cell then resumes in a fresh, empty output directory from the bucket alone.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,52 +18,21 @@ import pytest
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
-from hf_trainer_job import StepLog, build_trainer  # noqa: E402
+from hf_trainer_job import build_trainer  # noqa: E402
+from procs import env  # noqa: E402
 from transformers import TrainerCallback, TrainerState, TrainingArguments  # noqa: E402
 
-from syncckpt import local  # noqa: E402
 from syncckpt.integrations.transformers import STAGE_DIR, SyncCheckpointCallback, resume_checkpoint  # noqa: E402
+from syncckpt.lease import LEASE_NAME  # noqa: E402
 from syncckpt.remote import open_remote  # noqa: E402
 
 JOB = Path(__file__).parent / "e2e" / "hf_trainer_job.py"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread(one_torch_thread):
     """The in-process runs are tiny: two intra-op threads on two shared cores run them slower than one."""
-
-
-def _env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONUNBUFFERED"] = "1"
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def _run_until(args: list[str], stop_line: str, timeout: float = 120) -> tuple[list[str], int]:
-    """Start the job, read its output line by line and SIGKILL it as soon as it prints ``stop_line``."""
-    p = subprocess.Popen(
-        [sys.executable, str(JOB), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=_env(),
-    )
-    lines: list[str] = []
-    try:
-        assert p.stdout is not None
-        for line in p.stdout:
-            lines.append(line.rstrip("\n"))
-            if lines[-1] == stop_line:
-                os.kill(p.pid, signal.SIGKILL)
-                break
-        lines.extend((p.communicate(timeout=timeout)[0] or "").splitlines())
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return lines, p.returncode
 
 
 def _remote_checkpoints(url: str, storage_options: dict | None = None) -> list[str]:
@@ -80,41 +49,6 @@ class _MirroredBeforeNextStep(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         assert self.sync.wait(60), "the checkpoint was not mirrored within 60 s"
-
-
-def test_sigkill_after_checkpoint_4_then_resume_from_remote_in_empty_dir(tmp_path, caplog):
-    remote = (tmp_path / "remote").as_uri()
-    lines, rc = _run_until(
-        ["--output-dir", str(tmp_path / "session1"), "--remote", remote, "--max-steps", "10", "--hold-at-step", "5"],
-        stop_line="HOLD step 5",
-    )
-    assert rc == -signal.SIGKILL, "\n".join(lines[-30:])
-    mirrored = [ln for ln in lines if "Mirrored checkpoint-4" in ln]
-    assert mirrored, "\n".join(lines[-30:])
-    assert lines.index(mirrored[0]) < lines.index("HOLD step 5")
-    assert _remote_checkpoints(remote) == ["checkpoint-2", "checkpoint-4"]
-
-    out = tmp_path / "session2"  # a new machine: nothing local
-    caplog.set_level(logging.INFO, logger="syncckpt")
-    path = resume_checkpoint(remote, out)
-    assert path == str(out / "checkpoint-4")
-    assert "pulled from" in caplog.text
-    assert local.verify(Path(path))[0].global_step == 4
-
-    # The killed session left its lease behind; its process is gone, so the new session takes the run over.
-    # Each save waits until it is mirrored: hashing that falls behind would skip a superseded checkpoint (by design),
-    # and the remote's rotation below is checked over every one of them.
-    steps, sync = StepLog(), SyncCheckpointCallback(remote)
-    trainer = build_trainer(str(out), [sync, steps, _MirroredBeforeNextStep(sync)], max_steps=10)
-    trainer.train(resume_from_checkpoint=path)
-    assert steps.steps[0] == 5, steps.steps
-    assert steps.steps == list(range(5, 11))
-    assert trainer.state.global_step == 10
-    names = _remote_checkpoints(remote)
-    assert len(names) <= 2 and names == ["checkpoint-8", "checkpoint-10"]
-    assert open_remote(remote).read_latest().name == "checkpoint-10"
-    assert not (tmp_path / "remote" / "LEASE").exists()
-    assert not (out / STAGE_DIR).exists()
 
 
 @pytest.mark.parametrize("store", ["file", "s3"])
@@ -202,3 +136,79 @@ def test_o1_skip_refuses_an_epoch_the_accumulation_does_not_divide_before_touchi
         trainer.train()
     assert trainer.state.global_step == 0
     assert not remote.exists()
+
+
+def _readme_cell() -> str:
+    section = README.read_text().split("\n## transformers Trainer\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)[0]
+
+
+# Runs the README cell in a job held once checkpoint-20 is mirrored, until the test kills it. The cell's text is
+# unchanged: the harness only swaps in a callback subclass that holds, and turns on syncckpt's INFO log lines.
+_HELD_CELL = """
+import logging, sys, threading
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s", force=True)
+import syncckpt.integrations.transformers as integration
+
+class Held(integration.SyncCheckpointCallback):
+    def on_save(self, args, state, control, **kwargs):
+        result = super().on_save(args, state, control, **kwargs)
+        if state.global_step == 20:
+            assert self.wait(60), "checkpoint-20 was not mirrored within 60 s"
+            print("HOLD", flush=True)
+            threading.Event().wait()
+        return result
+
+integration.SyncCheckpointCallback = Held
+exec(compile(open(sys.argv[1]).read(), "README.md Trainer cell", "exec"), {"__name__": "readme"})
+"""
+
+
+@pytest.mark.slow
+def test_readme_trainer_cell_runs_as_written_and_a_new_session_resumes_from_the_bucket(
+    tmp_path, monkeypatch, s3_server, s3_remote_url, s3_storage_options, caplog
+):
+    cell = _readme_cell()
+    assert 'REMOTE = "s3://my-bucket/runs/bert-1"' in cell
+    cell = cell.replace("s3://my-bucket/runs/bert-1", s3_remote_url)  # the only change: the test bucket
+    (tmp_path / "cell.py").write_text(cell)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_storage_options["client_kwargs"]["endpoint_url"])
+    monkeypatch.chdir(tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HELD_CELL, str(tmp_path / "cell.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+            if lines[-1] == "HOLD":
+                p.kill()  # the session dies with checkpoint-20 in the bucket
+                break
+    finally:
+        p.kill()
+        p.wait()
+    assert "HOLD" in lines, "\n".join(lines[-30:])
+    shutil.rmtree(tmp_path / "out")  # a new session on an empty disk: the same cell, in this process
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    session: dict = {"__name__": "readme"}
+    exec(compile(cell, "README.md Trainer cell", "exec"), session)
+    assert "Pulled checkpoint-20 from " in caplog.text, caplog.text
+    assert "Resuming from checkpoint: out/checkpoint-20 (global step 20, pulled from " in caplog.text
+    assert "is no longer running" in caplog.text  # the killed session's lease is taken over
+    assert session["trainer"].state.global_step == 40
+    names = _remote_checkpoints(s3_remote_url, s3_storage_options)
+    assert len(names) <= 2 and names[-1] == "checkpoint-40", names  # save_total_limit=2, mirrored remotely
+    store = open_remote(s3_remote_url, s3_storage_options)
+    try:
+        assert store.read_latest().name == "checkpoint-40"
+        with pytest.raises(FileNotFoundError):
+            store.stat(LEASE_NAME)  # released at the end
+    finally:
+        store.close()
+    assert not (tmp_path / "out" / STAGE_DIR).exists()
+    assert not [p.name for p in (tmp_path / "out").rglob("*") if p.suffix in (".pt", ".pth", ".bin")]

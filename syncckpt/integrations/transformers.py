@@ -34,9 +34,10 @@ Mid-epoch resume without the Trainer's own skip: with ``ignore_data_skip=True`` 
 (see :class:`syncckpt.ResumableSampler`), bit-identical to an uninterrupted run.
 
 What this does not guarantee: a checkpoint saved right before the machine vanishes is remote only once the
-upload finished (``on_train_end`` waits for it, ``callback.wait()`` does so on demand). The Trainer's own files
-are its usual ``torch.save`` pickles (optimizer, scheduler, RNG); syncckpt verifies their digests (no pickle is
-opened to find, verify or pull a checkpoint) but the Trainer loads them with ``torch.load(weights_only=True)``.
+upload finished (``on_train_end`` waits for it, ``callback.wait()`` does so on demand). The plain Trainer's own
+files are ``torch.save`` pickles (optimizer, scheduler, RNG) that it loads with ``torch.load(weights_only=True)``;
+syncckpt opens none of them to find, verify or pull a checkpoint. Train with :class:`PicklefreeTrainer` (or mix
+:class:`PicklefreeCheckpoints` into your own subclass) and no checkpoint file is a pickle, nor is one ever loaded.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ from ..retention import Ref
 from ..sampler import ResumableSampler
 from ..writer import check_settings
 from ._trainer_checkpoints import place_manifest, plan_rotation, resume_checkpoint
+from ._trainer_files import PicklefreeCheckpoints, PicklefreeTrainer
 from ._trainer_skip import ResumedPass, TrainerSampler, arm_sampler, sampler_for
 
 log = logging.getLogger("syncckpt")
 
-__all__ = ["SyncCheckpointCallback", "plan_rotation", "resume_checkpoint"]
+__all__ = ["PicklefreeCheckpoints", "PicklefreeTrainer", "SyncCheckpointCallback", "plan_rotation", "resume_checkpoint"]
 
 #: Hidden folder in ``output_dir`` holding hard-linked copies of checkpoints while they are hashed and uploaded.
 STAGE_DIR = ".syncckpt-upload"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-from syncckpt.integrations.transformers import SyncCheckpointCallback
+from syncckpt.integrations.transformers import PicklefreeCheckpoints, PicklefreeTrainer, SyncCheckpointCallback
 
 VOCAB, SEQ_LEN = 48, 8
 
@@ -69,6 +69,10 @@ class SamplerTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         return self.sync.train_sampler(self.train_dataset if train_dataset is None else train_dataset, self.args)
+
+
+class PicklefreeSamplerTrainer(PicklefreeCheckpoints, SamplerTrainer):
+    """Both: the O(1)-resumable sampler and checkpoints without pickle."""
 
 
 class StepLog(TrainerCallback):
@@ -126,10 +130,12 @@ def build_trainer(
     train_dataset: torch.utils.data.Dataset | None = None,
     sampler_of: SyncCheckpointCallback | None = None,
     batch_size: int = 8,
+    picklefree: bool = False,
     **extra_args: Any,
 ) -> Trainer:
     """The same Trainer in every session: only ``output_dir`` and the callbacks differ. ``sampler_of``: train
-    with that callback's ``train_sampler`` and ``ignore_data_skip=True`` (the O(1) mid-epoch skip)."""
+    with that callback's ``train_sampler`` and ``ignore_data_skip=True`` (the O(1) mid-epoch skip);
+    ``picklefree``: with syncckpt's ``PicklefreeCheckpoints`` mixed in."""
     if sampler_of is not None:
         extra_args["ignore_data_skip"] = True
     args = TrainingArguments(
@@ -153,7 +159,11 @@ def build_trainer(
         per_device_eval_batch_size=16,
         **extra_args,
     )
-    trainer_cls: Any = Trainer if sampler_of is None else functools.partial(SamplerTrainer, sync=sampler_of)
+    if sampler_of is None:
+        trainer_cls: Any = PicklefreeTrainer if picklefree else Trainer
+    else:
+        sampling = PicklefreeSamplerTrainer if picklefree else SamplerTrainer
+        trainer_cls = functools.partial(sampling, sync=sampler_of)
     return trainer_cls(
         model=tiny_model(),
         args=args,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from hf_trainer_job import CountingDataset, build_trainer  # noqa: E402
 from procs import env  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from syncckpt.integrations.transformers import SyncCheckpointCallback, resume_checkpoint  # noqa: E402
@@ -54,6 +55,7 @@ TRAINER = {
     "warmup_steps": 3,
     "save_steps": 4,
     "bf16": True,
+    "picklefree": True,  # PicklefreeTrainer: no file the job writes is a pickle, the resume loads none
 }
 
 
@@ -185,24 +187,32 @@ def _sigterm_then_resume(tmp_path, url, options, monkeypatch, extra: dict, refer
     shutil.rmtree(session)  # the machine is gone
 
     out = tmp_path / "session2"
-    with monkeypatch.context() as poisoned:
+    with monkeypatch.context() as poisoned:  # finding, pulling, verifying and the whole resumed training
         for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
             poisoned.setattr(module, name, _refuse)
         path = resume_checkpoint(url, out, options)
-    assert path == str(out / "checkpoint-11")
-    loads: list[str] = []
-    real_load = torch.load
-
-    def record(f, *a, **k):  # a spy, not a poison: what the Trainer itself unpickles (weights_only) on resume
-        loads.append(Path(f).name)
-        return real_load(f, *a, **k)
-
-    with monkeypatch.context() as spied:
-        spied.setattr(torch, "load", record)
+        assert path == str(out / "checkpoint-11")
+        pulled = {p.name for p in Path(path).iterdir()}
+        assert {"optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors"} <= pulled, pulled
         resumed, data, first_batch_s = _train(out, resume=path, remote=url, options=options, extra=extra)
     _assert_bit_identical(reference, resumed)
-    assert sorted(set(loads)) == ["optimizer.pt", "rng_state.pth", "scheduler.pt"]
+    written = [p for p in out.rglob("*") if p.is_file()]  # what was pulled and what the resumed run wrote
+    assert written and [p.name for p in written if not _json_or_safetensors(p)] == []
     return resumed, data, took, first_batch_s
+
+
+def _json_or_safetensors(path: Path) -> bool:
+    """The file parses as JSON or loads as safetensors (which holds no pickle): so it is not a pickle."""
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except ValueError:
+        pass
+    try:
+        load_file(str(path))
+        return True
+    except Exception:
+        return False
 
 
 def test_sigterm_mid_epoch_mirrors_a_last_checkpoint_exits_143_and_the_bucket_resumes_bit_identical(
