@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "resume": ([], ["--layers", "2", "--repeat", "2"]),
     "memory": ([], ["--layers", "2"]),
     "incremental": ([], ["--layers", "2", "--checkpoints", "3"]),
+    "scale": ([], ["--width", "64", "--layers", "2"]),  # 2 nodes x 4 ranks, node-local, requests counted per node
 }
 
 
