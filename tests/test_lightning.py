@@ -38,18 +38,12 @@ HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
 sys.path.insert(0, str(JOB.parent))
 import lightning_job  # noqa: E402
 from lightning_job import ACCUM, BATCH, EPOCHS, SAMPLES  # noqa: E402
+from procs import env  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread(one_torch_thread):
     """The in-process runs are tiny: two intra-op threads on two shared cores run them slower than one."""
-
-
-def _env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONUNBUFFERED"] = "1"
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
 
 
 def _job(args: list[str], stop_line: str | None = None, timeout: float = 240) -> tuple[list[str], int]:
@@ -60,7 +54,7 @@ def _job(args: list[str], stop_line: str | None = None, timeout: float = 240) ->
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=_env(),
+        env=env(),
     )
     lines: list[str] = []
     try:

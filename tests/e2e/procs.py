@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 TINY = Path(__file__).with_name("tiny_train.py")
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ)
+def env(**extra: str) -> dict[str, str]:
+    """This process's environment for a job: unbuffered output, this checkout first on PYTHONPATH, ``extra`` set."""
+    e = dict(os.environ, **extra)
     e["PYTHONUNBUFFERED"] = "1"
     root = str(Path(__file__).resolve().parents[2])
     e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from procs import env  # noqa: E402
+
 pytestmark = pytest.mark.slow  # spawns training processes
 
 JOB = Path(__file__).with_name("signal_group_job.py")
@@ -30,12 +33,6 @@ HEAVY = os.environ.get("SYNCCKPT_HEAVY") == "1"
 DEADLINE = 120.0  # to reach the moment to signal; a healthy job needs a few seconds
 STEP = re.compile(r"^step (\d+)$")
 WORKER = re.compile(r"^worker \d+ pid (\d+)$")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
 
 
 def _start(args: list[str], log: Path, env: dict[str, str], launcher: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -206,11 +203,11 @@ def _signal_group(tmp_path: Path, args: list[str], env: dict[str, str]) -> Signa
 def test_sigterm_to_the_process_group_saves_a_last_checkpoint_and_a_fresh_session_resumes_from_it(tmp_path):
     remote = (tmp_path / "bucket" / "run").as_uri()
     common = ["--remote", remote, "--grace-period", str(GRACE), "--workers", "2"]
-    result = _signal_group(tmp_path, common, _env())
+    result = _signal_group(tmp_path, common, env())
     result.check()
 
     log = tmp_path / "second.log"
-    proc = _start(["--ckpt-dir", str(tmp_path / "fresh"), "--max-steps", str(result.final + 2), *common], log, _env())
+    proc = _start(["--ckpt-dir", str(tmp_path / "fresh"), "--max-steps", str(result.final + 2), *common], log, env())
     try:
         rc = proc.wait(timeout=DEADLINE)
     finally:
@@ -228,7 +225,7 @@ def test_sigterm_to_the_process_group_saves_a_last_checkpoint_and_a_fresh_sessio
 @pytest.mark.parametrize("start_method", ["forkserver", *(["spawn"] if HEAVY else [])])
 def test_sigterm_to_the_process_group_with_other_start_methods(tmp_path, start_method):
     args = ["--remote", (tmp_path / "bucket").as_uri(), "--grace-period", str(GRACE), "--workers", "2"]
-    _signal_group(tmp_path, [*args, "--start-method", start_method], _env(OMP_NUM_THREADS="1")).check()
+    _signal_group(tmp_path, [*args, "--start-method", start_method], env(OMP_NUM_THREADS="1")).check()
 
 
 def test_workers_outlive_a_group_sigterm_but_not_their_main_process_killed_after_it(tmp_path):
@@ -238,7 +235,7 @@ def test_workers_outlive_a_group_sigterm_but_not_their_main_process_killed_after
     log = tmp_path / "job.log"
     # slow steps: the main process is killed long before its next step() could save and exit
     args = ["--ckpt-dir", str(tmp_path / "ck"), "--remote", (tmp_path / "bucket").as_uri(), "--workers", "2"]
-    proc = _start([*args, "--save-every", "1", "--step-sleep", "0.5"], log, _env())
+    proc = _start([*args, "--save-every", "1", "--step-sleep", "0.5"], log, env())
     try:
         seen = _wait_for(log, proc, lambda lines: _ready_to_signal(lines, past_step=1))
         workers = _workers(seen)
@@ -267,9 +264,9 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_its_workers_and_the_ranks_sa
     a DDP job from the remote is tests/distributed/test_ddp.py's business.)"""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     args = ["--remote", (tmp_path / "bucket" / "run").as_uri(), "--grace-period", str(GRACE), "--workers", "2"]
-    env = _env(OMP_NUM_THREADS="1")
+    job_env = env(OMP_NUM_THREADS="1")
     log = tmp_path / "first.log"
-    proc = _start(["--ckpt-dir", str(tmp_path / "ck"), *args], log, env, launcher)
+    proc = _start(["--ckpt-dir", str(tmp_path / "ck"), *args], log, job_env, launcher)
     try:
         seen = _wait_for(log, proc, lambda lines: _ready_to_signal(lines) and len(_workers(lines)) == 4)
         tree = _tree(proc.pid)
