@@ -300,9 +300,10 @@ def test_ctrl_c_saves_and_mirrors_at_the_next_step_then_the_same_callback_resume
 
 
 @pytest.mark.skipif(not HEAVY, reason="three more Trainer runs, a comparison only; SYNCCKPT_HEAVY=1 runs it")
-def test_native_trainer_skip_reads_no_skipped_sample_either_for_a_map_style_dataset(tmp_path):
+def test_native_trainer_skip_reads_no_skipped_sample_either_for_a_map_style_dataset(tmp_path, reference):
     """The comparison the README quotes: accelerate's skip_first_batches (the Trainer's own skip) draws the
-    skipped batches' indices without loading them, so a map-style dataset reads the same samples either way."""
+    skipped batches' indices without loading them, so a map-style dataset reads the same samples either way.
+    Printed for the comparison, not asserted: whether the Trainer's own resume ends bit-identical too."""
     stop = tmp_path / "first"
 
     class StopAt(TrainerCallback):
@@ -316,4 +317,11 @@ def test_native_trainer_skip_reads_no_skipped_sample_either_for_a_map_style_data
     native, native_data, native_s = _train(tmp_path / "native", resume=str(stop / "checkpoint-11"), o1=False)
     o1, o1_data, o1_s = _train(tmp_path / "o1", resume=str(stop / "checkpoint-11"))
     assert len(native_data.reads) == len(o1_data.reads) == (MAX_STEPS - 11) * ACCUM * BATCH
+    _assert_bit_identical(reference, o1)
+    try:
+        _assert_bit_identical(reference, native)
+        native_exact = "bit-identical"
+    except AssertionError as e:
+        native_exact = f"not bit-identical ({str(e).splitlines()[0]})"
     print(f"\nfirst batch after: native skip {native_s * 1000:.0f} ms, O(1) skip {o1_s * 1000:.0f} ms")
+    print(f"the Trainer's own resume: {native_exact}; with the callback's sampler: bit-identical")
