@@ -15,14 +15,17 @@ prefix) in the same run, so the priorities are compared under the same machine l
 Target: steps/s with checkpointing >= 0.95 x steps/s without. CPU seconds per step (this process + the moto server)
 are shown too: on a 2-core machine the S3 server's own work competes with training, which a real remote does not.
 
+``--peers`` adds two arms saving to the same S3 server at the same interval, in the same rounds: DCP
+``async_save`` + ``FsspecWriter`` (4 threads) and ``torch.save`` + an s3fs ``put`` thread (``bench_peers.py``'s).
+
 ``--isolate-server`` gives the S3 server a CPU of its own (the last one) and the training loop the others, with
 as many torch threads: the store's work then runs off the training cores, as a real remote's does, while
 syncckpt's own background threads may still run anywhere. All arms use the same pinning.
 
 Usage:  python benchmarks/bench_overhead.py [--layers 12] [--duration 120] [--every-seconds 30] [--batch 2]
                                            [--threads N] [--background-nice N[,N]] [--isolate-server]
-                                           [--remote s3|none] [--pin-background]
-Writes benchmarks/results/overhead[_isolated][_pinned][_local][_niceN_N].json and prints a table.
+                                           [--remote s3|none] [--pin-background] [--peers]
+Writes benchmarks/results/overhead[_isolated][_pinned][_local][_niceN_N][_peers].json and prints a table.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_peers import Dcp, TorchSavePut  # noqa: E402
 from common import (  # noqa: E402
     build_model,
     cpu_seconds,
@@ -86,6 +91,38 @@ def training_cpu_seconds() -> float:
             with contextlib.suppress(FileNotFoundError):  # a thread that ended since the listing
                 total += cpu_seconds(tid=tid)
     return total
+
+
+class PeerArm:
+    """A peer of ``bench_peers.py`` (DCP async_save, torch.save + put) driven as the loop drives a manager:
+    ``step()`` saves once ``every`` seconds have passed since its last save; a save still running then is waited
+    for first (DCP allows one at a time, and a put thread is joined), on the training thread."""
+
+    def __init__(self, peer: Any, every: float) -> None:
+        self.peer, self.every = peer, every
+        self.pending: Any = None
+        self.last = time.monotonic()
+
+    def save(self, step: int, epoch: int = 0, batch_idx: int = 0) -> bool:
+        self.wait()
+        self.pending = self.peer.start(step)
+        self.last = time.monotonic()
+        return True
+
+    def step(self, step: int, epoch: int = 0, batch_idx: int = 0) -> bool:
+        return time.monotonic() - self.last >= self.every and self.save(step)
+
+    def wait(self) -> bool:
+        if self.pending is not None:
+            self.peer.finish(self.pending)
+            self.pending = None
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"mirrored": list(getattr(self.peer, "saved", []))}
+
+    def close(self, timeout: float | None = None) -> None:
+        self.wait()
 
 
 def pin_server(pid: int, cpus: set[int]) -> None:
@@ -210,6 +247,12 @@ def main() -> None:
         help="with --isolate-server: syncckpt's background threads on the last CPU too (with --remote "
         "none: the write path on a spare core, as beside a GPU training loop)",
     )
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="two more arms, to the same S3 server: DCP async_save + FsspecWriter x4, and torch.save + an s3fs "
+        "put thread (bench_peers.py's), every --every-seconds",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -249,6 +292,10 @@ def main() -> None:
                 stack.callback(mgr.close, timeout=600)
                 mgr.register(model=model, optimizer=opt)
                 managers[arm] = mgr
+            if args.peers and s3 is not None:
+                dcp = Dcp(model, opt, unique_prefix("s3", "overhead-dcp"), s3.options())
+                put = TorchSavePut(model, opt, unique_prefix("s3", "overhead-put"), s3.options(), root / "put")
+                managers["dcp"], managers["put"] = PeerArm(dcp, every), PeerArm(put, every)
             first = run_blocks(
                 managers,
                 model,
@@ -268,6 +315,9 @@ def main() -> None:
     labels = {"none": "no checkpointing"}
     for arm, nice in arms.items():
         labels[arm] = f"checkpoint every {every:.0f}s{where}" + ("" if nice is None else f", background_nice={nice}")
+    if args.peers and args.remote == "s3":
+        labels["dcp"] = f"DCP async_save + FsspecWriter x4 every {every:.0f}s{where}"
+        labels["put"] = f"torch.save + s3fs put thread every {every:.0f}s{where}"
     rows = []
     for arm, label in labels.items():
         bs = [b for b in blocks if b["arm"] == arm]
@@ -292,7 +342,7 @@ def main() -> None:
     # Blocks of one round saw the same machine load: their ratios are less sensitive to drift than the pooled one.
     none_speed = {b["round"]: b["steps"] / b["seconds"] for b in blocks if b["arm"] == "none"}
     results = {}
-    for arm, row in zip(arms, rows[1:], strict=True):
+    for arm, row in zip(list(labels)[1:], rows[1:], strict=True):
         bs = [b for b in blocks if b["arm"] == arm]
         paired = [ratio(b["steps"] / b["seconds"], none_speed[b["round"]]) for b in bs]
         # If a save's background work outlasts the interval, what is left runs while training waits between
@@ -350,6 +400,7 @@ def main() -> None:
     name += "_pinned" if args.pin_background else ""
     name += "_local" if args.remote == "none" else ""
     name += "_nice" + "_".join(str(n) for n in nices) if args.background_nice is not None else ""
+    name += "_peers" if args.peers else ""
     path = write_json(
         name,
         {
