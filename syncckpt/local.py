@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -237,7 +238,31 @@ def scan(directory: Path) -> tuple[list[LocalCheckpoint], dict[str, str]]:
     return out, bad
 
 
-def read_verified(path: Path, manifest: Manifest) -> dict[str, bytes]:
+#: Tensor files at least this big are mapped instead of read (:func:`read_file`).
+MAP_AT_BYTES = 1 << 20
+
+
+def read_file(path: Path) -> bytearray | mmap.mmap:
+    """A file's bytes in a writable buffer, so that tensors loaded from it are views of it, not copies
+    (:func:`syncckpt.format.load_safetensors_bytes`).
+
+    A tensor file of ``MAP_AT_BYTES`` or more is a private, copy-on-write mapping of the file: its pages are the
+    page cache's (a fresh buffer's page faults were most of a resume's time), and writes to it (an optimizer
+    updating state loaded as views) go to private pages, never to the file. Anything else is read into a
+    ``bytearray``. Committed files are never rewritten in place (new files are renamed in, old ones unlinked),
+    so a mapping sees the bytes that were verified.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size >= MAP_AT_BYTES and str(path).endswith(".safetensors"):
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        buf = bytearray(size)
+        n = f.readinto(buf)
+    del buf[n:]  # the file shrank since fstat: the caller's size or digest check fails on what was read
+    return buf
+
+
+def read_verified(path: Path, manifest: Manifest) -> dict[str, bytearray | mmap.mmap]:
     """Read every file of a checkpoint once, checking size and digest; returns the bytes by relative path."""
     path = Path(path)
     root = path.resolve()
@@ -252,7 +277,7 @@ def read_verified(path: Path, manifest: Manifest) -> dict[str, bytes]:
                 raise CheckpointCorrupt(
                     f"{path / e.path}: size {size} bytes, manifest says {e.size} (truncated or altered)"
                 )
-            data = f.read_bytes()
+            data = read_file(f)
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{path / e.path}: missing (listed in the manifest)") from None
         except OSError as err:
@@ -265,7 +290,7 @@ def read_verified(path: Path, manifest: Manifest) -> dict[str, bytes]:
     return out
 
 
-def verify(path: Path) -> tuple[Manifest, dict[str, bytes]]:
+def verify(path: Path) -> tuple[Manifest, dict[str, bytearray | mmap.mmap]]:
     """Read and fully verify a checkpoint folder; raise CheckpointCorrupt naming the first bad file."""
     manifest, _ = read_manifest(path)
     return manifest, read_verified(path, manifest)

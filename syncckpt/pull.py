@@ -154,7 +154,7 @@ def pull(
             manifest, files=[dataclasses.replace(e, parts=None) for e in manifest.files]
         )
         local.write_file(tmp, "manifest.json", [local_manifest.to_bytes()])
-        files = {e.path: (tmp / e.path).read_bytes() for e in manifest.files}  # verified while downloading
+        files = {e.path: local.read_file(tmp / e.path) for e in manifest.files}  # verified while downloading
         local.fsync_dir(tmp)
         final = directory / name
         old = None

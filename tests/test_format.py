@@ -356,6 +356,21 @@ def _good_header() -> dict[str, Any]:
             st_file({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\x00" * 16),
             id="overflowing-shape",
         ),
+        pytest.param(
+            st_file(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]},
+                },
+                b"\x00" * 16,
+            ),
+            id="gap-between-tensors",
+        ),
+        pytest.param(st_file(_good_header(), b"\x00" * 24), id="bytes-after-the-last-tensor"),
+        pytest.param(
+            st_file({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, b"\x00" * 16), id="float-shape"
+        ),
+        pytest.param(st_file({"a": {"dtype": "F32", "shape": [4]}}, b"\x00" * 16), id="no-offsets"),
     ],
 )
 def test_lying_headers_are_unsafe(data):
@@ -387,3 +402,35 @@ def test_unknown_dtype_is_unsafe(code):
     data = st_file({"a": {"dtype": code, "shape": [1], "data_offsets": [0, 8]}}, b"\x00" * 8)
     with pytest.raises(UnsafeCheckpoint, match=rf"tensor 'a' has unsupported dtype {code!r}"):
         load_safetensors_bytes(data, where="x")
+
+
+def test_tensors_are_views_of_a_writable_buffer_and_a_mapped_file_is_never_written(tmp_path):
+    """The reader's zero-copy path: no tensor is copied out of the verified buffer, and a tensor file read by
+    local.read_file (mapped copy-on-write when large) stays as it was when a loaded tensor is written to."""
+    from syncckpt import local
+
+    w = torch.arange(1 << 19, dtype=torch.float32)  # 2 MiB: over local.MAP_AT_BYTES, so the file is mapped
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors.torch.save({"w": w, "b": torch.ones(3, dtype=torch.bfloat16)}))
+    data = local.read_file(path)
+    assert not isinstance(data, (bytes, bytearray))  # a mapping
+    loaded = load_safetensors_bytes(data, where="model.safetensors")
+    assert torch.equal(loaded["w"], w) and loaded["b"].dtype == torch.bfloat16
+    offset = loaded["w"].data_ptr() - torch.frombuffer(memoryview(data), dtype=torch.uint8).data_ptr()
+    assert 0 < offset < len(data)  # the tensor's memory is the mapping's: a view, not a copy
+    loaded["w"].add_(1.0)  # an optimizer updating state loaded as views
+    assert torch.equal(safetensors.torch.load_file(str(path))["w"], w)  # the file is untouched
+    small = bytearray(safetensors.torch.save({"s": torch.tensor([1.0, 2.0])}))
+    out = load_safetensors_bytes(small, where="small")["s"]
+    out.mul_(10)
+    assert bytes(small[-8:]) == struct.pack("<2f", 10.0, 20.0)  # a view of the bytearray, not a copy
+
+
+def test_a_tensor_another_writer_left_unaligned_is_copied_and_loads_right():
+    header = {
+        "flag": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    data = st_file(header, b"\x07" + struct.pack("<2f", 1.5, -2.0))
+    loaded = load_safetensors_bytes(data, where="foreign.safetensors")
+    assert loaded["flag"].tolist() == [7] and loaded["w"].tolist() == [1.5, -2.0]
