@@ -212,3 +212,28 @@ def test_readme_trainer_cell_runs_as_written_and_a_new_session_resumes_from_the_
         store.close()
     assert not (tmp_path / "out" / STAGE_DIR).exists()
     assert not [p.name for p in (tmp_path / "out").rglob("*") if p.suffix in (".pt", ".pth", ".bin")]
+
+
+def test_a_corrupted_newest_remote_checkpoint_falls_back_to_the_previous_with_a_warning_naming_the_file(
+    tmp_path, s3_remote_url, s3_storage_options, caplog
+):
+    sync = SyncCheckpointCallback(
+        s3_remote_url, storage_options=s3_storage_options, handle_sigterm=False, handle_interrupt=False
+    )
+    out = str(tmp_path / "a")
+    trainer = build_trainer(out, [sync], max_steps=4, save_steps=2, save_total_limit=None, picklefree=True)
+    trainer.train()
+    assert _remote_checkpoints(s3_remote_url, s3_storage_options) == ["checkpoint-2", "checkpoint-4"]
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    target = s3_remote_url.removeprefix("s3://") + "/checkpoint-4/model.safetensors"
+    data = bytearray(fs.cat_file(target))
+    data[-1] ^= 0xFF  # same size, one flipped bit in the tensor bytes
+    fs.pipe_file(target, bytes(data))
+
+    caplog.set_level(logging.WARNING, logger="syncckpt")
+    path = resume_checkpoint(s3_remote_url, tmp_path / "fresh", s3_storage_options)
+    assert path == str(tmp_path / "fresh" / "checkpoint-2")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint-4" in m and "model.safetensors" in m for m in warned), warned
