@@ -51,10 +51,11 @@ def commit_local(directory: Path, name: str, files: dict[str, bytes] | None = No
 
 
 def remote_files(url: str, options: dict[str, Any] | None, name: str, tmp_path: Path) -> dict[str, bytes]:
-    """The files of ``name`` as the store holds them, pulled and verified."""
+    """The files of ``name`` as the store holds them, pulled and verified (a large tensor file comes back mapped)."""
     r = open_remote(url, options)
     try:
-        return pull(r, name, tmp_path / f"pulled-{uuid.uuid4().hex[:6]}", progress=False)[1]
+        files = pull(r, name, tmp_path / f"pulled-{uuid.uuid4().hex[:6]}", progress=False)[1]
+        return {rel: bytes(data) for rel, data in files.items()}
     finally:
         r.close()
 

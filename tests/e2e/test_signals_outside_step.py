@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_process_group_signal import _env, _lines, _start, _steps, _wait_for  # noqa: E402
+from procs import env  # noqa: E402
+from test_process_group_signal import _lines, _start, _steps, _wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def _fresh_session_step(tmp_path: Path, remote: str) -> int:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=env(),
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("resumed step "))
@@ -58,15 +59,15 @@ def _fresh_session_step(tmp_path: Path, remote: str) -> int:
 )
 def test_a_signal_outside_step_still_saves_mirrors_and_exits_in_the_grace_period(tmp_path, stall, sig, slurm):
     remote = (tmp_path / "bucket" / "run").as_uri()
-    env = _env()
+    job_env = env()
     record = tmp_path / "scontrol-calls"
     if slurm:
         _fake_scontrol(tmp_path / "bin", record)
-        env = {**env, "SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"}
+        job_env = {**job_env, "SLURM_JOB_ID": "4242", "PATH": f"{tmp_path / 'bin'}{os.pathsep}{job_env['PATH']}"}
     args = ["--ckpt-dir", str(tmp_path / "ck"), "--remote", remote, "--save-every", "4", "--stall-at", "7"]
     args += ["--stall", stall, "--grace-period", str(GRACE), "--workers", "2" if stall == "loader" else "0"]
     log = tmp_path / "job.log"
-    proc = _start(args, log, env)
+    proc = _start(args, log, job_env)
     try:
         lines = _wait_for(log, proc, lambda ls: "stalling" in ls and any("Mirrored checkpoint-step-4" in x for x in ls))
         if stall == "loader":  # both workers blocked: the loop waits in next(loader), short of a whole step
@@ -101,14 +102,14 @@ def test_sigusr1_to_a_torchrun_job_in_validation_mirrors_and_every_rank_exits_in
 
     record = tmp_path / "scontrol-calls"
     _fake_scontrol(tmp_path / "bin", record)
-    env = _env(OMP_NUM_THREADS="1", SLURM_JOB_ID="77")
-    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    job_env = env(OMP_NUM_THREADS="1", SLURM_JOB_ID="77")
+    job_env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{job_env['PATH']}"
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     remote = (tmp_path / "bucket" / "run").as_uri()
     args = ["--ckpt-dir", str(tmp_path / "ck"), "--remote", remote, "--save-every", "4", "--stall-at", "7"]
     args += ["--stall", "validation", "--grace-period", str(GRACE), "--workers", "0"]
     log = tmp_path / "job.log"
-    proc = _start(args, log, env, launcher)
+    proc = _start(args, log, job_env, launcher)
     try:
         _wait_for(log, proc, lambda ls: "stalling" in ls and any("Mirrored checkpoint-step-4" in x for x in ls))
         ranks = _tree(proc.pid) - {proc.pid}
