@@ -27,7 +27,7 @@ Per method:
 The first save of each method (buffer allocation, connections, imports) is a warm-up, reported apart. Ratios
 measured side by side are what count: moto runs on the same CPUs as the client (see benchmarks/README.md).
 
-Usage:  python benchmarks/bench_peers.py [--size 16] [--repeat 3] [--methods dcp,torch,syncckpt]
+Usage:  python benchmarks/bench_peers.py [--size 16] [--repeat 3] [--methods dcp,torch,syncckpt] [--background-nice 19]
 Writes benchmarks/results/peers.json and prints a table.
 """
 
@@ -177,10 +177,16 @@ class TorchSavePut:
 
 
 class Syncckpt:
-    def __init__(self, model, opt, url: str, options: dict[str, Any], local: Path) -> None:
+    def __init__(self, model, opt, url: str, options: dict[str, Any], local: Path, nice: int = 19) -> None:
         self.model, self.opt, self.url, self.options = model, opt, url, options
         self.mgr = CheckpointManager(
-            local, save_every_n_steps=1, keep_last=2, remote=url, storage_options=options, handle_sigterm=False
+            local,
+            save_every_n_steps=1,
+            keep_last=2,
+            remote=url,
+            storage_options=options,
+            handle_sigterm=False,
+            background_nice=nice,
         )
         self.mgr.register(model=model, optimizer=opt)
         self.last = 0
@@ -291,7 +297,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if "torch" in methods:
                 peers["torch"] = TorchSavePut(model, opt, f"{base}/torch", options, root / "torch")
             if "syncckpt" in methods:
-                peers["syncckpt"] = Syncckpt(model, opt, f"{base}/syncckpt", options, root / "syncckpt")
+                peers["syncckpt"] = Syncckpt(
+                    model, opt, f"{base}/syncckpt", options, root / "syncckpt", args.background_nice
+                )
             names = list(peers)
             step = 1
             for name in names:  # warm-up: first call of each (allocations, connections, code paths)
@@ -386,6 +394,7 @@ def summarise(args, model, nbytes, gb, saves, first, resumes, verified) -> dict[
         "params": n_params(model),
         "state_bytes": nbytes,
         "size_m": args.size,
+        "background_nice": args.background_nice,
         "repeat": args.repeat,
         "load_average_end": load_average(),
         "rows": rows,
@@ -402,6 +411,13 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=16.0, help="millions of parameters (fp32 + AdamW: 12 B each)")
     ap.add_argument("--repeat", type=int, default=3, help="measured rounds (after one warm-up round)")
     ap.add_argument("--methods", default="dcp,torch,syncckpt", help="comma-separated: dcp, torch, syncckpt")
+    ap.add_argument(
+        "--background-nice",
+        type=int,
+        default=19,
+        help="syncckpt's background_nice (19, its default: its threads yield to every other process, as they do "
+        "to training; on a machine busy with other jobs that stretches its time to durable)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     load0 = load_average()

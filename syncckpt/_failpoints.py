@@ -28,6 +28,9 @@ NAMES = (
     "remote-latest",
     "remote-delete",
 )
+# Reached only when a save starts with the mirror idle (its data then goes while it is written, remote.early),
+# which a chain of fast saves rarely gives; hit for sure by the early-data crash test.
+EARLY_NAMES = ("remote-early-data",)
 # Points inside quarantine (a damaged checkpoint moved aside at resume); hit only by the quarantine crash test.
 QUARANTINE_NAMES = ("quarantine-rename", "quarantine-index", "quarantine-latest")
 

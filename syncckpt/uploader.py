@@ -44,6 +44,7 @@ from .errors import ConfigError, RemoteConflict, RemoteError
 from .manifest import MANIFEST_NAME, Manifest
 from .nodes import NodeMirror
 from .remote import check_url, open_remote
+from .remote.early import EarlyPut, supports_early
 from .remote.run import RemoteRun, Retention
 
 log = logging.getLogger("syncckpt")
@@ -55,6 +56,7 @@ __all__ = ["Uploader"]
 class _Upload:
     manifest: Manifest
     staging: Path
+    early: EarlyPut | None = None  # its data went to the store while it was written (first attempt only)
 
     @property
     def name(self) -> str:
@@ -107,6 +109,7 @@ class Uploader:
         self._raise: BaseException | None = None
         self._closing = False
         self._stopped: str | None = None  # why mirroring stopped for good (another session took the run over)
+        self._early: dict[str, EarlyPut] = {}  # checkpoints being written whose data already goes (begin_early)
         self.incremental = incremental
         self.bytes_uploaded = 0
         # Node-local jobs (syncckpt.nodes): each node sends its own part; only rank 0 holds the lease and commits.
@@ -126,31 +129,76 @@ class Uploader:
         self._thread.start()
 
     # ---- called from the writer / training thread -------------------------------------------------------------
+    def begin_early(self, directory: Path, name: str) -> EarlyPut | None:
+        """Called by the writer before it writes checkpoint ``name``: an :class:`~syncckpt.remote.early.EarlyPut`
+        to hand each written file to, so its data goes while the rest is written, or None for the usual way (the
+        mirror is busy, node parts, incremental, a store that commits all at once). Only when nothing is queued or
+        in flight: no other upload (of that name or any) runs beside it. :meth:`submit` of the same name (after
+        the local commit) makes it the job's put; :meth:`abandon_early` drops it when the local commit fails."""
+        if self._part is not None or self.incremental or not supports_early(self.remote):
+            return None
+        with self._cond:
+            if self._stopped or self._closing or self._queue or self._inflight is not None:
+                return None
+            stale = self._early.pop(name, None)
+            staging = Path(directory) / f".upload-{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                staging.mkdir()
+                put = self._early[name] = EarlyPut(self.remote, name, staging, before=self.lease.check)
+            except (OSError, RuntimeError) as e:  # a full disk, an exiting interpreter: the usual way, later
+                log.debug("%s: no early upload (%s)", name, e)
+                shutil.rmtree(staging, ignore_errors=True)
+                return None
+        if stale is not None:
+            stale.abandon()
+        return put
+
+    def abandon_early(self, name: str) -> None:
+        """The local commit of ``name`` failed: no upload follows its early data."""
+        with self._cond:
+            put = self._early.pop(name, None)
+        if put is not None:
+            put.abandon()
+
     def submit(self, directory: Path, manifest: Manifest) -> None:
-        """Queue a committed local checkpoint for mirroring (hard-links its files into a staging folder first)."""
+        """Queue a committed local checkpoint for mirroring (hard-links its files into a staging folder first,
+        or into the one :meth:`begin_early` made, beside the files already linked there)."""
+        with self._cond:
+            early = self._early.pop(manifest.name, None)
         if self._stopped:
             log.warning("%s not mirrored: mirroring to %s stopped (%s)", manifest.name, self.url, self._stopped)
+            if early is not None:
+                early.close()
             return
         src = Path(directory) / manifest.name
-        staging = Path(directory) / f".upload-{manifest.name}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        staging = early.staging if early else Path(directory) / f".upload-{manifest.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(exist_ok=early is not None)
         try:
-            local.link_files(src, staging, [*manifest.files, local.FileEntry(MANIFEST_NAME, 0, "")])
+            files = [e for e in manifest.files if not (staging / e.path).exists()]
+            local.link_files(src, staging, [*files, local.FileEntry(MANIFEST_NAME, 0, "")])
         except OSError:
+            if early is not None:
+                early.abandon()
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        job = _Upload(manifest, staging)
+        job = _Upload(manifest, staging, early)
         with self._cond:
-            kept = []
+            kept, dropped = [], []
             for q in self._queue:
                 if self._part is None and _supersedes(job, q):  # node parts: every node sends every save
                     self._skipped.append(q.name)
                     log.info("Upload of %s skipped: superseded by %s", q.name, job.name)
-                    shutil.rmtree(q.staging, ignore_errors=True)
+                    dropped.append(q)
                 else:
                     kept.append(q)
             self._queue = kept + [job]
             self._cond.notify_all()
+        for q in dropped:
+            if q.early is not None and q.name != job.name:
+                q.early.abandon()  # its early objects go with it
+            elif q.early is not None:
+                q.early.close()  # the new job, of the same name, may be sending those objects already
+            shutil.rmtree(q.staging, ignore_errors=True)
 
     def ensure_mirrored(self, directory: Path, manifest: Manifest) -> None:
         """After resuming from a local checkpoint the remote may not have it (the last session died before the
@@ -227,6 +275,10 @@ class Uploader:
                 self.url,
                 pending,
             )
+        with self._cond:
+            early, self._early = list(self._early.values()), {}
+        for put in early:
+            put.abandon()
         if self._remote_run is not None:
             self._remote_run.close()
         else:
@@ -313,6 +365,8 @@ class Uploader:
             dropped = [job, *self._queue]
             self._queue, self._inflight = [], None
             for q in dropped:
+                if q.early is not None:  # never touch the store again: another session owns the run
+                    q.early.close()
                 shutil.rmtree(q.staging, ignore_errors=True)
             if self.on_error == "raise":
                 self._raise = e
@@ -327,19 +381,25 @@ class Uploader:
 
     def _upload(self, job: _Upload) -> list[str]:
         t0 = time.monotonic()
-        if self._part is not None:
-            done = self._part.publish(job.staging)
-        else:
-            done = self._remote_run.publish(job.staging)  # type: ignore[union-attr]
+        early, job.early = job.early, None  # a retry sends the files the usual way
+        try:
+            if self._part is not None:
+                done = self._part.publish(job.staging)
+            else:
+                done = self._remote_run.publish(job.staging, put=early)  # type: ignore[union-attr]
+        finally:
+            if early is not None:
+                early.close()
         self.bytes_uploaded += done.sent
         shutil.rmtree(job.staging, ignore_errors=True)
         release_free_memory()  # part and multipart buffers freed in the upload threads' arenas
         log.info(
-            "Mirrored %s to %s (%d bytes sent for %d bytes of data, in %.1fs)",
+            "Mirrored %s to %s (%d bytes sent for %d bytes of data, %d of them while it was written, in %.1fs)",
             done.manifest.name,
             self.url,
             done.sent,
             done.manifest.total_size,
+            0 if early is None else early.early_bytes,
             time.monotonic() - t0,
         )
         for d in done.deleted:  # deleted after the new checkpoint and LATEST were written; logged after it, too

@@ -91,6 +91,7 @@ class _Job:
     commits: list[Manifest]  # the first one gets the data written, the others (best_model) hard-link to it
     seq: int  # the same on every rank: names the shared temporary folder
     shards: Any = None  # sharded.ShardSnapshot of DTensor leaves, written through DCP by every rank
+    early: Any = None  # remote.early.EarlyPut: each file goes to the store once written (one process only)
 
 
 class Writer:
@@ -297,6 +298,8 @@ class Writer:
             self._apply_local_retention()
             release_free_memory()  # the writer thread's arena: hashing and health-check buffers
         except Exception as e:  # noqa: BLE001 - the training loop must survive a failed save (full disk, ...)
+            if job.early is not None:  # no commit follows the data that went early (a no-op once submitted)
+                self.uploader.abandon_early(job.commits[0].name)
             if any(m.kind == "best" for m in job.commits) and self.best.best != job.trainer["best_metric"]:
                 self.best.lost()
             self.save_error = f"{job.commits[0].name}: {e}"
@@ -314,6 +317,8 @@ class Writer:
         for m in job.commits:
             m.healthy, m.unhealthy_tensors, m.world_size = not bad, bad, self.dist.world_size
             if first is None:
+                if self.uploader is not None and not self.dist.active:  # files go as written (remote.early)
+                    job.early = self.uploader.begin_early(self.directory, m.name)
                 first = committed = local.commit(
                     self.directory, m, lambda tmp: self._write_with_ranks(tmp, job, bad), tmp_name=tmp_name
                 )
@@ -351,13 +356,18 @@ class Writer:
         if job.shards is not None:  # first, so that no rank skips DCP's collectives
             rels = sharded.save_shards(job.shards, tmp, process_group=self.dist.save_group)
             entries.extend(local.hash_file(tmp, rel) for rel in rels)
-        for lay, buf in zip(job.snapshot.layouts, job.snapshot.buffers, strict=True):
+        staged = zip(job.snapshot.layouts, job.snapshot.buffers, strict=True)
+        for lay, buf in sorted(staged, key=lambda s: -s[0].data_size):  # largest first: it goes early longest
             entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c))
+            if job.early is not None:
+                job.early.send(tmp, entries[-1])
             failpoint("serialize")
         job.reservation.release()  # buffers are on disk: the next snapshot may reuse them
         state_file = STATE_FILE if self.dist.rank == 0 else f"state-rank{self.dist.rank}.json"
         state_bytes = encode_state(job.snapshot.structure, job.trainer)
         entries.append(local.write_file(tmp, state_file, [state_bytes], crc32c=self._crc32c))
+        if job.early is not None:
+            job.early.send(tmp, entries[-1])
         return entries
 
     def _write_with_ranks(self, tmp: Path, job: _Job, bad: list[str]) -> list[local.FileEntry]:

@@ -12,7 +12,8 @@ one of ``kinds``:
 
 ``inject(*kinds)`` forces the faults of the next requests, in order (for deterministic tests). ``down()`` resets
 every connection until ``up()`` (or until ``count`` connections were refused), which looks like an outage to the
-client. ``counts`` says how many of each fault were injected.
+client. ``counts`` says how many of each fault were injected; ``answered`` lists the requests upstream answered
+(method, target, status), in the order their answers reached the client.
 
 >>> FaultProxy("127.0.0.1", 9, kinds=("teleport",))
 Traceback (most recent call last):
@@ -63,6 +64,7 @@ class FaultProxy:
         self.kinds = tuple(kinds)
         self.stall_s = stall_s
         self.counts: Counter[str] = Counter()
+        self.answered: list[tuple[str, str, int]] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -196,6 +198,8 @@ class FaultProxy:
                     conn.sendall(_truncated(response))
                     _reset(conn)
                     return
+                with self._lock:  # before the client can read the answer, so the order is the client's
+                    self.answered.append((method, _target(head), _status(response)))
                 conn.sendall(response)
         except OSError:
             pass  # the client gave up (timeout) or the proxy is stopping
@@ -215,6 +219,16 @@ class FaultProxy:
                     break
                 chunks.append(data)
         return b"".join(chunks)
+
+
+def _target(head: bytes) -> str:
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].decode("latin-1") if len(parts) > 1 else ""
+
+
+def _status(response: bytes) -> int:
+    parts = response.split(b"\r\n", 1)[0].split(b" ")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 def _read_request(reader, conn: socket.socket) -> tuple[str, bytes, bytes] | None:

@@ -245,8 +245,8 @@ class Remote(abc.ABC):
     def check_uploaded(self, name: str, manifest: Manifest) -> None:
         """Check a just-uploaded checkpoint without downloading it: every file exists with the manifest's size.
         Backends that know a store checksum they can compare cheaply may extend this."""
-        for entry in manifest.files:
-            st = self.stat(f"{name}/{entry.path}")
+        stats = self._parallel(lambda e: self.stat(f"{name}/{e.path}"), manifest.files)
+        for entry, st in zip(manifest.files, stats, strict=True):
             if st.size != entry.size:
                 raise RemoteError(
                     f"{self.url}/{name}/{entry.path}: store holds {st.size} bytes, manifest says {entry.size}"
@@ -350,9 +350,17 @@ def put_whole_files(
     manifest never describes a mix of old and new files.
     """
     remote.delete_checkpoint(name)
-    remote._parallel(lambda e: remote._upload(local_dir / e.path, f"{name}/{e.path}", e.size, progress), manifest.files)
+    send_files(remote, name, local_dir, manifest.files, progress)
     remote.check_uploaded(name, manifest)
     return manifest, manifest.total_size
+
+
+def send_files(
+    remote: Remote, name: str, local_dir: Path, files: Iterable[FileEntry], progress: ProgressFn | None
+) -> None:
+    """Upload each of ``files`` from ``local_dir`` to ``NAME/PATH``, ``max_workers`` at once (the one loop every
+    whole-file put uses)."""
+    remote._parallel(lambda e: remote._upload(local_dir / e.path, f"{name}/{e.path}", e.size, progress), files)
 
 
 def _one_at_a_time(progress: ProgressFn | None) -> ProgressFn | None:

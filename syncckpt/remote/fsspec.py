@@ -42,6 +42,7 @@ from ..errors import RemoteError, SyncCkptError, UnsafeCheckpoint
 from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, check_relative_path, parse_checkpoint_name
 from . import localfs, streams
 from .base import ProgressFn, Remote, RemoteStat, _check_name
+from .client_options import put_options, with_client_defaults
 from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ class FsspecRemote(Remote):
                 try:
                     # skip_instance_cache: this remote's sessions and listing cache are its own, and a child
                     # process never reuses an instance (with its event loop) inherited from its parent.
-                    fs, root = url_to_fs(self._raw_url, skip_instance_cache=True, **self._options)
+                    options = with_client_defaults(self._raw_url, self._options)
+                    fs, root = url_to_fs(self._raw_url, skip_instance_cache=True, **options)
                 except Exception as e:
                     raise RemoteError(f"{self.url}: cannot open the store: {self._scrub(describe(e))}") from None
                 root = root.rstrip("/")
@@ -304,13 +306,7 @@ class FsspecRemote(Remote):
         counter.finish()
 
     def _put_options(self) -> dict[str, Any]:
-        """s3fs reads ``max_concurrency`` x ``chunksize`` of a file ahead (10 x 50 MiB by default), and botocore
-        holds a second copy while it checksums a part: 1 GB of transient memory per large file, and files go up
-        in parallel. 4 x 16 MiB parts keep that near 0.1 GB without slowing the upload (``max_concurrency`` in
-        ``storage_options`` still wins)."""
-        if self._kind != "s3":
-            return {}
-        return {"chunksize": 16 << 20, "max_concurrency": self._options.get("max_concurrency", 4)}
+        return put_options(self._kind, self._options)
 
     def _info(self, path: str) -> dict[str, Any]:
         fs = self._filesystem()

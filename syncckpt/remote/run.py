@@ -35,7 +35,7 @@ from ..errors import CheckpointCorrupt, RemoteError
 from ..lease import Lease
 from ..manifest import LATEST_NAME, MANIFEST_NAME, Latest, Manifest, same_content
 from ..retention import Ref, next_latest
-from .base import Committed, Remote
+from .base import Committed, Put, Remote
 from .incremental import BlobPut
 
 log = logging.getLogger("syncckpt")
@@ -87,10 +87,12 @@ class RemoteRun:
             return False
         return same_content(remote_manifest, manifest) and manifest.name not in self.quarantine_index()
 
-    def publish(self, folder: Path) -> Published:
+    def publish(self, folder: Path, *, put: Put | None = None) -> Published:
         """Commit the checkpoint in ``folder`` (its files and manifest.json): checks the lease first, then data,
         manifest, LATEST (when it is the newest) and retention's deletions, in that order; then a quarantined copy
-        it replaced is unmarked, and on incremental runs the blobs nothing refers to any more are deleted."""
+        it replaced is unmarked, and on incremental runs the blobs nothing refers to any more are deleted.
+        ``put``: how the data travels this time (an :class:`~syncckpt.remote.early.EarlyPut` whose files went
+        while they were written), instead of the run's own."""
         manifest_bytes = (folder / MANIFEST_NAME).read_bytes()
         manifest = Manifest.from_bytes(manifest_bytes)
         self.lease.check()
@@ -103,7 +105,7 @@ class RemoteRun:
             manifest_bytes,
             lambda stored, stored_bytes: self.next_latest(stored, stored_bytes, index),
             deletions,
-            put=self._put,
+            put=put or self._put,
         )
         return self._published(done, index, deletions)
 
