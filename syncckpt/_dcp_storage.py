@@ -181,8 +181,9 @@ def _int_list(v: Any, where: str, ndim: int | None = None) -> tuple[int, ...]:
 
 
 def read_index(root: Path) -> dict[str, Entry]:
-    """Parse and verify ``root/index.json`` (``root`` is ``folder/dcp``): every file it names exists, every tensor's
-    chunks lie inside it, do not overlap and cover it exactly."""
+    """Parse and verify ``root/index.json`` (``root`` is ``folder/dcp``): every file it names has a shard's name,
+    every tensor's chunks lie inside it, do not overlap and cover it exactly. Whether a shard is there is checked
+    when it is read (:class:`ShardReader`): a node-local folder holds only its own ranks' shards."""
     path = Path(root) / INDEX_NAME
     try:
         raw = path.read_bytes()
@@ -204,8 +205,6 @@ def read_index(root: Path) -> dict[str, Entry]:
         name = f.get("path") if isinstance(f, dict) else None
         if not isinstance(name, str) or not _FILE_NAME.match(name):
             raise UnsafeCheckpoint(f"{path}: bad shard file name {name!r}")
-        if not (Path(root) / name).is_file():
-            raise CheckpointCorrupt(f"{path}: shard {name} is missing")
         files.add(name)
     out: dict[str, Entry] = {}
     for fqn, e in tensors_doc.items():
@@ -301,6 +300,11 @@ class ShardReader(StorageReader):
             per_file.setdefault(self.files[req.storage_index].file, []).append(req)
         for name, reqs in per_file.items():
             path = self.root / name
+            if not path.is_file():
+                raise CheckpointCorrupt(
+                    f"{self.root / INDEX_NAME}: shard {name} is missing (on a node without a shared disk: another "
+                    "node's shard, which this rank's layout needs; resume with the layout the checkpoint was saved in)"
+                )
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 try:
                     saved = json.loads((f.metadata() or {})[_SHARDING_KEY])

@@ -20,13 +20,20 @@ On spot VMs, GKE or SkyPilot each node has its own local disk. :func:`private_di
   broadcasts it; every other node pulls only the files its ranks need (rank 0's replicated state and its own
   ranks' files), verified while streaming.
 
+Sharded (FSDP2/DTensor) state goes the same way: every rank writes its DCP shard into its node's folder, rank 0
+writes the DCP index (``dcp/index.json``) into node 0's, so the index is in node 0's part and each shard in its
+writer's node's part. On resume a node pulls the index and only its own ranks' shards:
+
 >>> from syncckpt.manifest import Manifest, FileEntry
->>> m = Manifest("checkpoint-step-4", "step", 4, 0, 3, files=[FileEntry(p, 1, "0" * 64) for p in
-...              ("model.safetensors", "rng-rank2.safetensors", "rng-rank3.safetensors")],
-...              extra={"ranks": {"0": ["model.safetensors"], "2": ["rng-rank2.safetensors"],
-...                               "3": ["rng-rank3.safetensors"]}})
+>>> shard = [f"dcp/shard-0000{r}-of-00004.safetensors" for r in range(4)]
+>>> ranks = {"0": ["model.safetensors", shard[0], "dcp/index.json"], "2": [shard[2], "rng-rank2.safetensors"],
+...          "3": [shard[3], "rng-rank3.safetensors"]}
+>>> m = Manifest("checkpoint-step-4", "step", 4, 0, 3, world_size=4, extra={"ranks": ranks},
+...              files=[FileEntry(p, 1, "0" * 64) for p in sorted({p for ps in ranks.values() for p in ps})])
 >>> [f.path for f in needed_files(m, [2])]
-['model.safetensors', 'rng-rank2.safetensors']
+['dcp/index.json', 'dcp/shard-00002-of-00004.safetensors', 'model.safetensors', 'rng-rank2.safetensors']
+>>> len(needed_files(m, [0], world_size=1))  # another world size reshards: every shard, no other rank's RNG
+5
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from .remote import Remote
 from .remote.run import Published, RemoteRun
 from .restore import Resumed, _resume_info, restore
 from .resume import find_resumable
+from .sharded import is_shard_file
 
 log = logging.getLogger("syncckpt")
 
@@ -111,14 +119,23 @@ def node_part(dist: Any, job: Any, reports: list[dict[str, Any]], save_id: str) 
     return entries
 
 
-def needed_files(manifest: Manifest, ranks: list[int]) -> list[FileEntry]:
-    """The files ``ranks`` (one node's) need to resume: rank 0's (the replicated state) and their own. All files
-    when the manifest does not say which rank wrote which (a checkpoint of a shared-directory run)."""
+def needed_files(manifest: Manifest, ranks: list[int], world_size: int | None = None) -> list[FileEntry]:
+    """The files ``ranks`` (one node's) need to resume: rank 0's replicated state (its DCP shard is rank 0's own,
+    the DCP index is every rank's) and their own files (RNG, DCP shards). In a job of another ``world_size`` than
+    the checkpoint's, DCP reshards and may read any rank's shard: every shard is needed. All files when the
+    manifest does not say which rank wrote which (a checkpoint of a shared-directory run)."""
     by_rank = manifest.extra.get("ranks")
     if not isinstance(by_rank, dict):
         return list(manifest.files)
-    keep = {p for r in {0, *ranks} for p in by_rank.get(str(r), ())}
-    return [f for f in manifest.files if f.path in keep]
+
+    def written_by(rank: int) -> list[str]:  # the remote's word: anything but a list of paths names nothing
+        paths = by_rank.get(str(rank))
+        return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+
+    reshard = world_size is not None and world_size != manifest.world_size
+    keep = {p for r in ranks for p in written_by(r)}
+    keep.update(p for p in written_by(0) if not is_shard_file(p))
+    return [f for f in manifest.files if f.path in keep or (reshard and is_shard_file(f.path))]
 
 
 def _part_rel(name: str, node: int) -> str:
@@ -274,7 +291,10 @@ def _choose(
             log.warning("Node-local checkpoints without a remote cannot be resumed across nodes; starting fresh")
         return None
     committed = set(listing.manifests)
-    mine = {n: dataclasses.replace(m, files=needed_files(m, dist.node_ranks)) for n, m in listing.manifests.items()}
+    mine = {
+        n: dataclasses.replace(m, files=needed_files(m, dist.node_ranks, dist.world_size))
+        for n, m in listing.manifests.items()
+    }
     search = find_resumable(
         directory,
         remote,
@@ -303,7 +323,7 @@ def _fetch_part(directory: Path, dist: Any, remote: Remote | None, choice: dict[
         m, _ = remote.read_manifest(name)
         if m.extra.get("save_id") != choice["save_id"]:
             return f"node {dist.node}: {remote.url}/{name} is another save than rank 0's copy"
-        pull(remote, name, directory, dataclasses.replace(m, files=needed_files(m, dist.node_ranks)))
+        pull(remote, name, directory, dataclasses.replace(m, files=needed_files(m, dist.node_ranks, dist.world_size)))
     except (CheckpointCorrupt, FileNotFoundError, OSError, RemoteError) as e:
         return f"node {dist.node}: {e}"
     return None

@@ -68,6 +68,15 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def is_shard_file(rel: str) -> bool:
+    """Whether ``rel`` (a checkpoint file's path) is one rank's DCP shard; the index beside them is not.
+
+    >>> is_shard_file("dcp/shard-00001-of-00002.safetensors"), is_shard_file("dcp/index.json")
+    (True, False)
+    """
+    return rel.startswith(f"{DCP_DIR}/") and rel.endswith(".safetensors")
+
+
 def has_dtensors(tensors: Mapping[str, Any]) -> bool:
     """True if any value is a DTensor (FSDP2 / tensor-parallel state that must be saved sharded)."""
     dtensor = _dtensor_type()
@@ -191,9 +200,10 @@ def save_shards(tensors: Mapping[str, torch.Tensor], folder: Path, *, process_gr
 
 
 def read_index(root: Path) -> dict[str, Any]:
-    """Parse and verify ``root/index.json`` (``root`` is ``folder/dcp``): every file it names exists, every
-    tensor's chunks lie inside it, do not overlap and cover it exactly. Tensor name -> entry (dtype, size,
-    chunks)."""
+    """Parse and verify ``root/index.json`` (``root`` is ``folder/dcp``): every file it names has a shard's name,
+    every tensor's chunks lie inside it, do not overlap and cover it exactly. Tensor name -> entry (dtype, size,
+    chunks). A shard file is looked for when a load reads it: a node without a shared disk holds only its own
+    ranks' shards."""
     from ._dcp_storage import read_index as parse
 
     return parse(root)

@@ -208,8 +208,6 @@ class Writer:
             # Sharded (FSDP2/DTensor) leaves go through DCP, every rank writing its own shards.
             states, dtensors = sharded.split_dtensors(states)
             self._sharded = bool(dtensors)
-            if dtensors and self.dist.node_local:
-                raise ConfigError("sharded (DTensor/FSDP2) state needs a checkpoint directory every node shares")
             if dtensors:
                 shards = sharded.snapshot_shards(dtensors)
         if not self.dist.is_main:  # replicated state is written once, by rank 0; each rank keeps its own RNG

@@ -3,11 +3,14 @@
 Each optimizer step trains on data drawn from a generator seeded by (step, rank), so a resumed run sees the same
 data as an uninterrupted one. ``--dump PATH`` writes the gathered (full) model and optimizer tensors at the end;
 ``--dump-after-resume PATH`` writes them right after resume() and exits (to check resharding, world 2 -> 1).
+``--remote URL`` (with ``--storage-options JSON``) mirrors the checkpoints; ``--sync-saves`` waits after each due
+save until it is committed and mirrored, before rank 0 prints ``step N``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -39,6 +42,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--dump", default=None)
     p.add_argument("--dump-after-resume", default=None)
+    p.add_argument("--remote", default=None)
+    p.add_argument("--storage-options", default=None)
+    p.add_argument("--sync-saves", action="store_true")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -49,7 +55,10 @@ def main() -> int:
         force=True,
     )
     net, opt = build(world)
-    mgr = CheckpointManager(args.ckpt_dir, save_every_n_steps=2, keep_last=2)
+    options = json.loads(args.storage_options) if args.storage_options else None
+    mgr = CheckpointManager(
+        args.ckpt_dir, save_every_n_steps=2, keep_last=2, remote=args.remote, storage_options=options
+    )
     mgr.register(model=net, optimizer=opt)
     info = mgr.resume()
     if args.dump_after_resume:
@@ -68,7 +77,8 @@ def main() -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        mgr.step(step, epoch=0, batch_idx=step - 1)
+        if mgr.step(step, epoch=0, batch_idx=step - 1) and args.sync_saves:
+            mgr.wait()
         if step == args.steps - 2 and args.dump:  # the state a later world-size-1 resume must see
             mgr.wait()
         if rank == 0:

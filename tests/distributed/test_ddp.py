@@ -4,8 +4,10 @@ commits a checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -34,8 +36,44 @@ def _cmd(args: list[str], nproc: int, job: Path) -> list[str]:
     return [*launcher, str(job), *args]
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # that thread or process is gone
+                continue
+            out += children
+            todo += children
+    return out
+
+
+def kill_job(p: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank at once, like a lost node, and wait until all are gone. torchrun starts
+    each rank in a session of its own: killing torchrun's process group alone leaves the ranks running."""
+    fds = []
+    for pid in _descendants(p.pid):
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(pid))
+    os.killpg(p.pid, signal.SIGKILL)
+    for fd in fds:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        select.select([fd], [], [])  # readable once the process has exited
+        os.close(fd)
+    p.wait()
+
+
+def after_a_commit(lines: list[str]) -> bool:
+    """``kill_when`` for a kill mid-run once a checkpoint is committed: the first ``step N`` line after rank 0
+    logged a commit. It comes by the third due save at the latest: a save waits for the previous one's staging
+    buffers, and the one writer thread has committed the save before that by then."""
+    return lines[-1].startswith("step ") and any("Checkpoint committed" in ln for ln in lines)
+
+
 def run_job(args: list[str], kill_when=None, timeout: float = 300, job: Path = JOB, nproc: int = 2):
-    """Run a torchrun job; with ``kill_when(lines)`` SIGKILL the whole process group once it is true.
+    """Run a torchrun job; with ``kill_when(lines)`` SIGKILL torchrun and every rank once it is true.
     Returns (output lines, exit status)."""
     p = subprocess.Popen(
         _cmd(args, nproc, job),
@@ -51,13 +89,12 @@ def run_job(args: list[str], kill_when=None, timeout: float = 300, job: Path = J
         for line in p.stdout:
             lines.append(line.rstrip("\n"))
             if kill_when is not None and kill_when(lines):
-                os.killpg(p.pid, signal.SIGKILL)  # torchrun and every rank at once, like a lost node
+                kill_job(p)
                 break
         lines.extend((p.communicate(timeout=timeout)[0] or "").splitlines())
     finally:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            kill_job(p)
     return lines, p.returncode
 
 
@@ -79,7 +116,7 @@ def reference(tmp_path_factory):
 
 def test_whole_job_sigkilled_then_resumed_is_bit_identical(tmp_path, reference):
     args = ["--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
-    lines, rc = run_job(args, kill_when=lambda ls: ls[-1] == "step 5")
+    lines, rc = run_job(args, kill_when=after_a_commit)
     assert rc == -signal.SIGKILL
     lines, rc = run_job(args)
     assert rc == 0, "\n".join(lines[-30:])

@@ -1,6 +1,7 @@
-"""Two torchrun "nodes" on one machine (static rendezvous, 2 ranks each, DDP on gloo), each with a private
-checkpoint directory in its own temporary tree (no shared file system), mirrored to moto S3. Each node writes and
-uploads its own part; a checkpoint is committed in the bucket only once every node's part landed.
+"""Two torchrun "nodes" on one machine (static rendezvous, 2 ranks each, DDP or FSDP2 on gloo), each with a
+private checkpoint directory in its own temporary tree (no shared file system), mirrored to moto S3. Each node
+writes and uploads its own part (under FSDP2 its ranks' DCP shards too); a checkpoint is committed in the bucket
+only once every node's part landed.
 
 Kills are real SIGKILLs of every process (torchrun starts ranks in sessions of their own, so each rank's pid is
 killed, not just torchrun's group); the tests wait on the jobs' own output lines, never on sleeps.
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 
 from syncckpt.manifest import Manifest
 from syncckpt.remote import open_remote
+from syncckpt.sharded import is_shard_file
 
 JOB = Path(__file__).with_name("multinode_job.py")
 HEAVY = os.environ.get("SYNCCKPT_HEAVY") == "1"
@@ -147,29 +149,41 @@ class Job:
         return [self.procs[n].returncode for n in (0, 1)]
 
 
-def _final(tree: Path) -> dict[int, dict[str, torch.Tensor]]:
-    return {
-        r: load_file(str(tree / f"node{n}" / "out" / f"rank{r}.safetensors")) for n, rs in RANKS.items() for r in rs
-    }
+def _tensors(tree: Path, files: str) -> dict[int, dict[str, torch.Tensor]]:
+    return {r: load_file(str(tree / f"node{n}" / files.format(r=r))) for n, rs in RANKS.items() for r in rs}
 
 
-def assert_same(reference: Path, tree: Path) -> None:
-    want, got = _final(reference), _final(tree)
+def assert_same(
+    reference: Path, tree: Path, files: str = "out/rank{r}.safetensors", reference_files: str | None = None
+) -> None:
+    """Every rank's tensors in ``tree`` (``files``, per node) equal the uninterrupted run's, bit for bit."""
+    want, got = _tensors(reference, reference_files or files), _tensors(tree, files)
     for rank in want:
         assert want[rank].keys() == got[rank].keys()
         diff = [k for k in want[rank] if not torch.equal(want[rank][k], got[rank][k])]
         assert not diff, f"rank {rank} differs from the uninterrupted run: {diff[:8]}"
 
 
-def assert_own_files_only(tree: Path) -> None:
+def _shard(rank: int) -> str:
+    return f"dcp/shard-{rank:05d}-of-00004.safetensors"
+
+
+def _own(rank: int, fsdp: bool) -> list[str]:
+    """A rank's own files in a checkpoint: its RNG and state (rank 0's are the replicated ones), its DCP shard."""
+    return [*OWN_FILES.get(rank, ()), *([_shard(rank)] if fsdp else [])]
+
+
+def assert_own_files_only(tree: Path, fsdp: bool = False) -> None:
     """No node read or wrote the other's directory: node 0's tree holds no file of ranks 2 and 3, node 1's none
-    of rank 1's, and every part node 1 wrote itself lists only its own ranks' files."""
+    of ranks 0 and 1 (rank 0's replicated state aside), and every part node 1 wrote itself lists only its own
+    ranks' files."""
     files = {n: [p.name for p in (tree / f"node{n}").rglob("*") if p.is_file()] for n in (0, 1)}
-    foreign = {0: [*OWN_FILES[2], *OWN_FILES[3]], 1: list(OWN_FILES[1])}
-    for node, names in foreign.items():
-        assert not set(names) & set(files[node]), f"node {node} holds another node's files: {files[node]}"
+    foreign = {0: [*_own(2, fsdp), *_own(3, fsdp)], 1: [*_own(0, fsdp), *_own(1, fsdp)]}
+    for node, paths in foreign.items():
+        names = {Path(p).name for p in paths}
+        assert not names & set(files[node]), f"node {node} holds another node's files: {files[node]}"
     part = Manifest.from_bytes((tree / "node1" / "ck" / "checkpoint-epoch-1" / "manifest.json").read_bytes())
-    assert sorted(f.path for f in part.files) == sorted([*OWN_FILES[2], *OWN_FILES[3]])
+    assert sorted(f.path for f in part.files) == sorted([*_own(2, fsdp), *_own(3, fsdp)])
 
 
 def _args(url: str, options: dict) -> list[str]:
@@ -302,6 +316,60 @@ def test_coordinator_dying_before_the_manifest_commits_nothing_and_previous_resu
     assert job.returncodes() == [0, 0], job.log()
     assert any("Resuming from global step 2" in ln for ln in job.lines[0]), job.log()
     assert_same(reference, tmp_path)
+
+
+def _resumed_files(job: Job, node: int) -> set[str]:
+    line = next(ln for ln in job.lines[node] if ln.startswith("resumed-files "))
+    return set(json.loads(line.split(" ", 1)[1]))
+
+
+@pytest.mark.slow
+def test_fsdp2_job_sigkilled_after_a_commit_resumes_bit_identical_from_bucket_each_node_pulling_its_own_shards(
+    tmp_path, s3_remote_url, s3_storage_options
+):
+    """FSDP2 over both nodes, each rank writing its own DCP shard. The whole job is SIGKILLed mid-epoch once
+    checkpoint-step-6 was committed (every rank wrote its tensors after step 7); both local directories are
+    wiped; the relaunched job resumes step 6 from the bucket and reaches the same tensors after step 7, bit for
+    bit. Each node pulled the DCP index, rank 0's replicated state and its own ranks' shards only."""
+    store = open_remote(s3_remote_url, s3_storage_options)
+    args = [*_args(s3_remote_url, s3_storage_options), "--fsdp", "--dump-at", "7"]
+    job = Job(tmp_path, args).run(until=lambda node, line: node == 0 and line == "step 7")
+    latest = store.read_latest()
+    assert latest is not None and latest.name == "checkpoint-step-6", job.log()
+    committed, _ = store.read_manifest("checkpoint-step-6")
+    assert committed.world_size == 4
+    assert {"dcp/index.json", *map(_shard, range(4))} <= {f.path for f in committed.files}
+    for n in (0, 1):  # new VMs: both local directories are gone; the tensors after step 7 are kept aside
+        shutil.rmtree(tmp_path / f"node{n}" / "ck")
+        (tmp_path / f"node{n}" / "out").rename(tmp_path / f"node{n}" / "first")
+    job = Job(tmp_path, args).run()
+    assert job.returncodes() == [0, 0], job.log()
+    assert any("Resuming from global step 6" in ln for ln in job.lines[0]), job.log()
+    assert any("Pulled checkpoint-step-6" in ln for ln in job.lines[1]), job.log()
+    step7 = "at-step-7-rank{r}.safetensors"
+    assert_same(tmp_path, tmp_path, files=f"out/{step7}", reference_files=f"first/{step7}")
+    for node, ranks in RANKS.items():
+        pulled = _resumed_files(job, node)
+        assert {f for f in pulled if is_shard_file(f)} == {_shard(r) for r in ranks}, pulled
+        assert {"dcp/index.json", "state.json"} <= pulled, pulled
+    assert_own_files_only(tmp_path, fsdp=True)
+
+
+def test_a_node_needs_the_dcp_index_rank_0s_replicated_state_and_only_its_own_ranks_shards():
+    from syncckpt.manifest import FileEntry
+    from syncckpt.nodes import needed_files
+
+    ranks = {str(r): [*_own(r, fsdp=True)] for r in range(4)}
+    ranks["0"] += ["model.safetensors", "state.json", "dcp/index.json"]
+    files = [FileEntry(p, 1, "0" * 64) for p in sorted({p for ps in ranks.values() for p in ps})]
+    m = Manifest("checkpoint-step-6", "step", 6, 1, 3, files=files, world_size=4, extra={"ranks": ranks})
+    replicated = {"model.safetensors", "state.json", "dcp/index.json"}
+    assert {f.path for f in needed_files(m, [2, 3], 4)} == {*replicated, *_own(2, True), *_own(3, True)}
+    assert {f.path for f in needed_files(m, [0, 1], 4)} == {*replicated, *_own(0, True), *_own(1, True)}
+    resharding = {f.path for f in needed_files(m, [0, 1], 2)}  # another world size: any shard may be read
+    assert resharding == {*replicated, *map(_shard, range(4)), *_own(1, False)}
+    m.extra["ranks"]["2"] = _shard(2)  # not a list of paths: names nothing
+    assert {f.path for f in needed_files(m, [2], 4)} == replicated
 
 
 # ---- the commit protocol in one process (memory:// store; the nodes' uploaders called directly, no torchrun) ----
