@@ -98,3 +98,18 @@ def test_bench_peers_at_a_tiny_size_restores_every_method_exactly(tmp_path: Path
         "resume <= 0.6x DCP load",
         "<= 2.0 CPU-s per GB mirrored",
     }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HEAVY, reason="moto and four arms of training; SYNCCKPT_HEAVY=1 runs it")
+def test_bench_overhead_with_peers_runs_every_arm_in_the_same_rounds_and_writes_its_json(tmp_path: Path) -> None:
+    args = ["--isolate-server", "--peers", "--layers", "1", "--duration", "8", "--every-seconds", "4"]
+    proc = run_script("bench_overhead.py", *args, results=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "overhead_isolated_peers.json").read_text())
+    arms = {b["arm"] for b in result["blocks"]}
+    assert arms == {"none", "ckpt", "dcp", "put"}
+    assert set(result["arms"]) == {"ckpt", "dcp", "put"}
+    for arm in ("ckpt", "dcp", "put"):
+        assert all(b["saves"] == 1 for b in result["blocks"] if b["arm"] == arm), arm  # one save per block
+    assert len({b["round"] for b in result["blocks"]}) == 2
