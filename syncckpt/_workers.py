@@ -19,7 +19,9 @@ take them in one thread with ``sigwaitinfo``, which, unlike a Python signal hand
   timeout) still end the workers;
 - from anyone else while that process runs: ignored; the worker serves batches until the main process shuts it
   down as it exits;
-- after such a signal, once the DataLoader's process is gone (``os._exit``, SIGKILL): ``_exit(0)`` within 0.1 s.
+- once the DataLoader's process is gone (``os._exit``, SIGKILL) without stopping it: ``_exit(0)`` within 1 s
+  (0.1 s after such a signal), even when the worker is blocked in its dataset, where torch's own check of its
+  parent never runs and the blocked signals could no longer end it.
 
 Covered: torch's ``DataLoader`` iterators started after the call, persistent workers included, with the fork
 start method (Linux's default before Python 3.14). spawn and forkserver workers import this module when they
@@ -55,7 +57,8 @@ import torch
 
 log = logging.getLogger("syncckpt")
 
-_ORPHAN_POLL_S = 0.1
+_ORPHAN_POLL_S = 0.1  # after a signal from outside: the owner may be going too
+_OWNER_POLL_S = 1.0
 _lock = threading.Lock()
 
 
@@ -199,9 +202,13 @@ def _other_threads() -> bool:
 
 
 def _take_signals(signals: frozenset[signal.Signals], owner: _Owner) -> None:
-    watching = False  # after an ignored signal, leave as soon as the owner is gone
+    # The owner is watched all along, not only after an ignored signal: a worker blocked in its dataset never
+    # reaches torch's own check of its parent, and with these signals blocked only SIGKILL could end it once the
+    # owner left without terminating it (os._exit after a last checkpoint). After an ignored signal, more often.
+    poll = _OWNER_POLL_S
     while True:
-        info = signal.sigtimedwait(signals, _ORPHAN_POLL_S) if watching else signal.sigwaitinfo(signals)
+        info = signal.sigtimedwait(signals, poll)
         if not owner.is_alive() or (info is not None and info.si_pid in (owner.pid, owner.parent)):
             os._exit(0)  # torch's handler_SIGTERM does this for its parent; a non-zero status would be reported
-        watching = True
+        if info is not None:
+            poll = _ORPHAN_POLL_S

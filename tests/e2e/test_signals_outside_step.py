@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import env  # noqa: E402
-from test_process_group_signal import _lines, _start, _steps, _wait_for  # noqa: E402
+from test_process_group_signal import _lines, _start, _steps, _wait_for, _wait_gone, _workers  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +91,11 @@ def test_a_signal_outside_step_still_saves_mirrors_and_exits_in_the_grace_period
     if slurm:
         assert record.read_text().split() == ["requeue", "4242"]
         assert any("Requeued SLURM job 4242" in ln for ln in out)
+    if stall == "loader":  # the blocked workers, shielded from SIGTERM, do not outlive the process that left them
+        workers = _workers(out)
+        assert len(workers) == 2, "\n".join(out[-30:])
+        left, _ = _wait_gone(lambda: {p for p in workers if Path(f"/proc/{p}").exists()})
+        assert not left, f"DataLoader workers {sorted(left)} still run after the job exited"
     assert _fresh_session_step(tmp_path, remote) >= at  # nothing trained before the signal is lost
 
 
