@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BUCKET, MotoProcess, print_table, unique_prefix, write_json  # noqa: E402
+from common import BUCKET, MotoProcess, print_table, servers_module, unique_prefix, write_json  # noqa: E402
 from count_proxy import CountingProxy, Request  # noqa: E402
 from scale_model import OPS, READ_OPS, data_puts  # noqa: E402
 
@@ -212,25 +212,9 @@ def _ranks(node: int, per_node: int) -> range:
 
 
 # ---- running the job ----------------------------------------------------------------------------------------
-def _port_below_ephemeral() -> int:
-    """A free port below the kernel's ephemeral range for the static rendezvous (see tests/distributed)."""
-    import random
-    import socket
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
 def launch(tree: Path, url: str, options: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Both nodes of one launch, to the end; returns rank 0's marks. Raises with the output's tail on failure."""
-    port = _port_below_ephemeral()
+    port = servers_module().rendezvous_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SYNCCKPT_NODE_LOCAL="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     procs, outputs = [], []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import subprocess
 import time
@@ -30,6 +31,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous_port() -> int:
+    """A free port below the kernel's ephemeral range, for a static torchrun rendezvous. A port from bind(0) is free
+    only until it is closed: before torchrun binds it, the kernel may hand it to a socket of another job on this
+    machine (another pytest worker's torchrun or gloo), whose peer then speaks the wrong protocol to it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def s3_options(endpoint_url: str, *, fast: bool = False) -> dict[str, Any]:

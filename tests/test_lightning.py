@@ -15,7 +15,6 @@ import pickle
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
 sys.path.insert(0, str(JOB.parent))
 import lightning_job  # noqa: E402
 from lightning_job import ACCUM, BATCH, EPOCHS, SAMPLES  # noqa: E402
-from procs import env  # noqa: E402
+from procs import run_until  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -48,28 +47,7 @@ def _one_torch_thread(one_torch_thread):
 
 def _job(args: list[str], stop_line: str | None = None, timeout: float = 240) -> tuple[list[str], int]:
     """Run the job; with ``stop_line``, SIGKILL it as soon as it prints that line (it then blocks there)."""
-    p = subprocess.Popen(
-        [sys.executable, str(JOB), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env(),
-    )
-    lines: list[str] = []
-    try:
-        assert p.stdout is not None
-        for line in p.stdout:
-            lines.append(line.rstrip("\n"))
-            if stop_line is not None and lines[-1] == stop_line:
-                os.kill(p.pid, signal.SIGKILL)
-                break
-        lines.extend((p.communicate(timeout=timeout)[0] or "").splitlines())
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return lines, p.returncode
+    return run_until([sys.executable, str(JOB), *args], stop_line, timeout)
 
 
 @pytest.fixture(scope="module")

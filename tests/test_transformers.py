@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from hf_trainer_job import build_trainer  # noqa: E402
-from procs import env  # noqa: E402
+from procs import run_until  # noqa: E402
 from transformers import TrainerCallback, TrainerState, TrainingArguments  # noqa: E402
 
 from syncckpt.integrations.transformers import STAGE_DIR, SyncCheckpointCallback, resume_checkpoint  # noqa: E402
@@ -174,24 +173,8 @@ def test_readme_trainer_cell_runs_as_written_and_a_new_session_resumes_from_the_
     (tmp_path / "cell.py").write_text(cell)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_storage_options["client_kwargs"]["endpoint_url"])
     monkeypatch.chdir(tmp_path)
-    p = subprocess.Popen(
-        [sys.executable, "-c", _HELD_CELL, str(tmp_path / "cell.py")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env(),
-    )
-    lines: list[str] = []
-    try:
-        assert p.stdout is not None
-        for line in p.stdout:
-            lines.append(line.rstrip("\n"))
-            if lines[-1] == "HOLD":
-                p.kill()  # the session dies with checkpoint-20 in the bucket
-                break
-    finally:
-        p.kill()
-        p.wait()
+    # SIGKILLed once it holds: the session dies with checkpoint-20 in the bucket
+    lines, _ = run_until([sys.executable, "-c", _HELD_CELL, str(tmp_path / "cell.py")], stop_line="HOLD")
     assert "HOLD" in lines, "\n".join(lines[-30:])
     shutil.rmtree(tmp_path / "out")  # a new session on an empty disk: the same cell, in this process
     caplog.set_level(logging.INFO, logger="syncckpt")

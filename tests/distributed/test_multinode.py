@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 import queue
-import random
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from servers import rendezvous_port
 
 from syncckpt.manifest import Manifest
 from syncckpt.remote import open_remote
@@ -34,21 +33,6 @@ JOB = Path(__file__).with_name("multinode_job.py")
 HEAVY = os.environ.get("SYNCCKPT_HEAVY") == "1"
 RANKS = {0: (0, 1), 1: (2, 3)}  # node -> its global ranks
 OWN_FILES = {r: (f"rng-rank{r}.safetensors", f"state-rank{r}.json") for r in (1, 2, 3)}
-
-
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range, for the two nodes' static rendezvous. A port from bind(0)
-    is free only until it is closed: before torchrun binds it, the kernel may hand it to a socket of another job
-    on this machine (another pytest worker's torchrun or gloo), whose peer then speaks the wrong protocol to it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(max(1024, low - 12000), low), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -63,7 +47,7 @@ class Job:
     """Both nodes of one launch: node N runs ``torchrun --node_rank N`` with ``tree/nodeN/{ck,out}``."""
 
     def __init__(self, tree: Path, args: list[str], node_env: dict[int, dict[str, str]] | None = None):
-        port = _free_port()
+        port = rendezvous_port()
         self.lines: dict[int, list[str]] = {0: [], 1: []}
         self.pids: list[int] = []
         self._events: queue.Queue[tuple[int, str | None]] = queue.Queue()

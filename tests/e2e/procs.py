@@ -23,6 +23,28 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
+def run_until(cmd: list[str], stop_line: str | None = None, timeout: float = 240) -> tuple[list[str], int]:
+    """Run ``cmd``; with ``stop_line``, SIGKILL it as soon as it prints that line (it then blocks there). Returns
+    its output lines and exit status."""
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env()
+    )
+    lines: list[str] = []
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip("\n"))
+            if stop_line is not None and lines[-1] == stop_line:
+                os.kill(p.pid, signal.SIGKILL)
+                break
+        lines.extend((p.communicate(timeout=timeout)[0] or "").splitlines())
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return lines, p.returncode
+
+
 def run_to_end(args: list[str], timeout: float = 240) -> str:
     """Run the tiny job to completion; return its output (fails the test on a non-zero exit)."""
     p = subprocess.run([sys.executable, str(TINY), *args], capture_output=True, text=True, timeout=timeout, env=env())
