@@ -37,6 +37,7 @@ def assemble(
     *,
     flush: Callable[[float | None], bool],
     on_exit: Callable[[], None],
+    status: Callable[[], Any],
     on_stalled: Callable[[], str | None],
     remote: str | None,
     storage_options: dict[str, Any] | None,
@@ -56,8 +57,8 @@ def assemble(
     signals: list[int] | None,
     requeue: bool,
 ) -> Parts:
-    """Build the parts for a manager writing into ``directory``; ``flush``, ``on_exit`` and ``on_stalled`` are the
-    manager's (the lifecycle calls them). Raises ConfigError for settings no part can work with."""
+    """Build the parts for a manager writing into ``directory``; ``flush``, ``on_exit``, ``status`` and
+    ``on_stalled`` are the manager's (the lifecycle calls them). Raises ConfigError for settings no part takes."""
     check_settings(keep_last, keep_epochs, on_upload_error, background_nice, keep_local, remote is not None)
     dist = Dist.detect()
     platform = detect_platform()
@@ -97,6 +98,7 @@ def assemble(
         mirrored=uploader is not None,
         handle_sigterm=handle_sigterm,
         on_exit=on_exit,
+        status=status,
         save_on_sigterm=save_on_sigterm,
         handle_interrupt=handle_interrupt,
         signals=signals,
@@ -108,4 +110,11 @@ def assemble(
 
 
 #: The manager's constructor arguments :func:`assemble` takes (the manager passes them through by name).
-SETTINGS = frozenset(inspect.signature(assemble).parameters) - {"directory", "best", "flush", "on_exit", "on_stalled"}
+SETTINGS = frozenset(inspect.signature(assemble).parameters) - {
+    "directory",
+    "best",
+    "flush",
+    "on_exit",
+    "status",
+    "on_stalled",
+}

@@ -5,7 +5,8 @@ calls :meth:`Lifecycle.finish` at its next consistent point (the manager's ``ste
 takes the last checkpoint, flushes within what is left of the grace period and exits with status 143. A watchdog
 covers a loop that never gets there (a long validation, a stalled DataLoader): at half the grace period it asks the
 owner to save what it can save consistently from outside the loop (``on_stalled``), flushes and exits anyway. At
-interpreter exit, pending work is flushed for at most the grace period.
+interpreter exit, pending work is flushed for at most ``exit_timeout`` (the grace period by default), a warning
+names what is still pending, and the owner is closed (``on_exit``); a failed mirror is one logged line there.
 
 The signals are configurable (:func:`default_signals`: SIGTERM, plus SIGUSR1 under SLURM). Before exiting, every
 rank agrees (``before_exit``: a barrier), and under SLURM the job is requeued (``scontrol requeue``) once the last
@@ -46,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from .deadline import Deadline, announce, taking_last
+from .errors import SyncCkptError
 
 log = logging.getLogger("syncckpt")
 
@@ -54,7 +56,8 @@ class Lifecycle:
     """Signal and exit handling for one owner.
 
     ``flush(timeout)`` waits for the owner's pending saves and uploads (True when all done). ``mirrored`` only
-    picks the log wording. ``on_exit()`` runs at interpreter exit (the owner flushes and closes there).
+    picks the log wording. At interpreter exit the lifecycle flushes for ``exit_timeout`` seconds, warns with
+    ``status()`` when work is still pending, then calls ``on_exit()`` (the owner closes there).
     """
 
     def __init__(
@@ -72,8 +75,12 @@ class Lifecycle:
         requeue: bool = False,
         on_stalled: Callable[[], str | None] | None = None,
         before_exit: Callable[[], None] | None = None,
+        exit_timeout: float | None = None,
+        status: Callable[[], Any] | None = None,
     ) -> None:
         self.grace_period = grace_period
+        self._exit_timeout = grace_period if exit_timeout is None else exit_timeout
+        self._status = status or (lambda: "see status()")
         self.save_on_sigterm = save_on_sigterm
         self._flush = flush
         self._mirrored = mirrored
@@ -90,7 +97,7 @@ class Lifecycle:
         self._int_at: float | None = None
         self._int_installed = False
         exit_ref = weakref.WeakMethod(on_exit) if hasattr(on_exit, "__self__") else (lambda: on_exit)
-        self._atexit = lambda: (f := exit_ref()) is not None and f()
+        self._atexit = lambda: (f := exit_ref()) is not None and self._at_exit(f)
         atexit.register(self._atexit)
         main = threading.current_thread() is threading.main_thread()
         shielded: list[int] = []
@@ -203,6 +210,18 @@ class Lifecycle:
         finally:
             self._done.set()
         raise SystemExit(143)
+
+    def _at_exit(self, close: Callable[[], None]) -> None:
+        if os.getpid() != self._pid:
+            return
+        try:  # an exception here would only reach stderr as "Exception ignored in atexit callback"
+            if not self._flush(self._exit_timeout):
+                log.warning(
+                    "Exiting with checkpoint work still pending after %.0fs: %s", self._exit_timeout, self._status()
+                )
+            close()
+        except SyncCkptError as e:  # on_upload_error="raise" and the mirror failed: say so plainly
+            log.error("At exit: %s", e)
 
     def _end(self) -> None:
         """Before the exit: every rank agrees (``before_exit``), then the job is requeued when asked (SLURM)."""

@@ -26,7 +26,6 @@ True
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from functools import partial
@@ -42,9 +41,7 @@ from .nodes import resume_nodes
 from .restore import ResumeInfo, resume_run
 from .schedule import BestMetric, SaveSchedule
 from .snapshot import check_object_name
-from .status import status_line
-
-log = logging.getLogger("syncckpt")
+from .status import combined_status, status_line, wait_all
 
 __all__ = ["CheckpointManager", "ResumeInfo"]
 
@@ -130,8 +127,8 @@ class CheckpointManager:
         self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
         settings = {k: v for k, v in locals().items() if k in SETTINGS}  # the arguments the parts take, by name
         parts = assemble(
-            self.directory, self._best, flush=self.wait, on_exit=self._flush_at_exit, on_stalled=self._save_stalled,
-            **settings,
+            self.directory, self._best, flush=self.wait, on_exit=partial(self.close, timeout=0), status=self.status,
+            on_stalled=self._save_stalled, **settings,
         )  # fmt: skip
         self._dist, self._platform, self._uploader = parts.dist, parts.platform, parts.uploader
         self._writer, self._life = parts.writer, parts.life
@@ -219,24 +216,13 @@ class CheckpointManager:
     # ---- waiting, status, shutdown ------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every started save is committed (and mirrored, with a remote). True when all done."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._writer.wait(timeout):
-            return False
-        if self._uploader is not None:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._uploader.wait(remaining):
-                return False
-            self._uploader.raise_if_failed()
-        return True
+        return wait_all(self._writer, self._uploader, timeout)
 
     def status(self) -> dict[str, Any]:
         """What is committed locally, what is mirrored, what is pending, and the last errors. With a remote,
         ``mirrored`` lists this session's uploads still on the remote (retention has not deleted them since) and
         ``mirrored_history`` every upload of this session, in order."""
-        st = self._writer.status()
-        if self._uploader is not None:
-            st.update(self._uploader.status())
-        return st
+        return combined_status(self._writer, self._uploader)
 
     def status_line(self) -> str:
         """:meth:`status` in one line for a notebook cell: last committed, last mirrored, what is uploading (and
@@ -274,18 +260,6 @@ class CheckpointManager:
             raise SyncCkptError("this CheckpointManager is closed; create a new one")
         if os.getpid() != self._pid:
             raise SyncCkptError("CheckpointManager used in a forked child process; create one in that process")
-
-    def _flush_at_exit(self) -> None:
-        if self._closed or os.getpid() != self._pid:
-            return
-        try:  # an exception here would only reach stderr as "Exception ignored in atexit callback"
-            if not self.wait(self._life.grace_period):
-                log.warning(
-                    "Exiting with checkpoint work still pending after %.0fs: %s", self._life.grace_period, self.status()
-                )
-            self.close(timeout=0)
-        except SyncCkptError as e:  # on_upload_error="raise" and the mirror failed: say so plainly
-            log.error("At exit: %s", e)
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def resume(

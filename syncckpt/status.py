@@ -1,4 +1,6 @@
-"""One line of checkpoint status for a notebook cell or a log: :func:`status_line` over ``CheckpointManager.status()``.
+"""Where a run's checkpoint work stands: :func:`combined_status` and :func:`wait_all` over a writer and its
+uploader (the manager's and the Lightning plugin's ``status()``/``wait()``), and :func:`status_line`, one line of
+it for a notebook cell or a log.
 
 >>> print(status_line({"last_committed": "checkpoint-step-500", "saves_in_progress": 0, "save_error": None,
 ...                    "remote": "s3://b/run", "mirrored": ["checkpoint-step-500"], "pending": [],
@@ -8,7 +10,29 @@ syncckpt: committed checkpoint-step-500 | mirrored checkpoint-step-500 | uploadi
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+
+def combined_status(writer: Any, uploader: Any) -> dict[str, Any]:
+    """The writer's status (committed, saving, errors), with the uploader's (mirrored, pending) when mirroring."""
+    st = writer.status()
+    if uploader is not None:
+        st.update(uploader.status())
+    return st
+
+
+def wait_all(writer: Any, uploader: Any, timeout: float | None) -> bool:
+    """Block until every started save is committed and, when mirroring, mirrored; True when all done within
+    ``timeout`` seconds (None: no limit). Raises the mirror's error when it failed and ``on_upload_error="raise"``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if not writer.wait(timeout):
+        return False
+    if uploader is None:
+        return True
+    done = uploader.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    uploader.raise_if_failed()
+    return bool(done)
 
 
 def _size(n: int) -> str:

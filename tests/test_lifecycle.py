@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +105,36 @@ def test_a_manager_built_again_without_closing_the_first_handles_ctrl_c(tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == sigterm_before
     stale.close()
+
+
+AT_EXIT = """
+import logging, sys
+from syncckpt.errors import SyncCkptError
+from syncckpt.lifecycle import Lifecycle
+logging.basicConfig(level=logging.INFO)
+def flush(timeout):
+    print("flush", timeout, flush=True)
+    if sys.argv[1] == "fails":
+        raise SyncCkptError("upload to s3://b/run failed")
+    return sys.argv[1] == "done"
+life = Lifecycle(flush=flush, grace_period=7, exit_timeout=3, mirrored=True, handle_sigterm=False,
+                 on_exit=lambda: print("closed", flush=True), status=lambda: {"pending": ["checkpoint-step-4"]})
+"""
+
+
+@pytest.mark.parametrize("outcome", ["done", "pending", "fails"])
+def test_at_interpreter_exit_the_owner_is_flushed_warned_about_and_closed(outcome):
+    """The one at-exit path of the manager, the Trainer callback and the Lightning plugin: flush for
+    ``exit_timeout``, a warning naming what is still pending, then the owner's close; a failed mirror is one
+    logged line, not an atexit traceback."""
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's package, as the jobs of tests/e2e get it
+    env = {**os.environ, "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", AT_EXIT, outcome], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "flush 3" in out.stdout  # exit_timeout, not the grace period
+    assert ("closed" in out.stdout) == (outcome != "fails"), out.stdout
+    pending = "Exiting with checkpoint work still pending after 3s: {'pending': ['checkpoint-step-4']}"
+    assert (pending in out.stderr) == (outcome == "pending"), out.stderr
+    if outcome == "fails":
+        assert "ERROR:syncckpt:At exit: upload to s3://b/run failed" in out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr

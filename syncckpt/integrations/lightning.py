@@ -70,6 +70,7 @@ from ..lifecycle import Lifecycle
 from ..manifest import Manifest, checkpoint_name
 from ..restore import restore
 from ..schedule import BestMetric, SaveSchedule
+from ..status import combined_status, wait_all
 from ..writer import Writer, check_settings, open_directory
 from . import _lightning_state as state
 from ._lightning_resume import NEWEST, Loaded, has_checkpoints, locate, newest_marker, newest_valid
@@ -214,24 +215,13 @@ class SyncCkptIO(CheckpointIO):
     # ---- public helpers ---------------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every started save is committed (and mirrored). True when all done in time."""
-        if self._writer is None:
-            return True
-        if not self._writer.wait(timeout):
-            return False
-        if self._uploader is None:
-            return True
-        done = self._uploader.wait(timeout)
-        self._uploader.raise_if_failed()
-        return bool(done)
+        return self._writer is None or wait_all(self._writer, self._uploader, timeout)
 
     def status(self) -> dict[str, Any]:
         """What is committed, mirrored and pending (the writer's and the uploader's status)."""
         if self._writer is None:
             return {"remote": self.remote, "started": False}
-        st = {"started": True, **self._writer.status()}
-        if self._uploader is not None:
-            st.update(self._uploader.status())
-        return st
+        return {"started": True, **combined_status(self._writer, self._uploader)}
 
     # ---- internals: the run ---------------------------------------------------------------------------------
     def _open(self, directory: Path) -> Writer:
@@ -342,7 +332,8 @@ class SyncCkptIO(CheckpointIO):
                 grace_period=self.grace_period,
                 mirrored=self.remote is not None,
                 handle_sigterm=self.handle_sigterm,
-                on_exit=self._flush_at_exit,
+                on_exit=lambda: None,
+                status=self.status,
             )
 
     def _at_step_boundary(self, trainer: Any) -> None:
@@ -355,10 +346,6 @@ class SyncCkptIO(CheckpointIO):
                 trainer.save_checkpoint(self._directory() / f"{SIGTERM_PREFIX}step={trainer.global_step}.ckpt")
 
         self._life.at_boundary(save, lambda: self._writer.last_committed if self._writer else None)
-
-    def _flush_at_exit(self) -> None:
-        if self._writer is not None and not self.wait(self.grace_period):
-            log.warning("Exiting with checkpoint work still pending after %.0fs: %s", self.grace_period, self.status())
 
 
 class SyncCkptCallback(OnExceptionCheckpoint):

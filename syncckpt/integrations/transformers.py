@@ -342,7 +342,9 @@ class SyncCheckpointCallback(TrainerCallback):
         )
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-hash")
         self._pid = os.getpid()
-        self._life = self._lifecycle(flush=self.wait, mirrored=True, on_exit=self._flush_at_exit)
+        self._life = self._lifecycle(
+            flush=self.wait, mirrored=True, on_exit=self.close, exit_timeout=self.flush_timeout, status=self.status
+        )
         log.info(
             "Mirroring Trainer checkpoints from %s to %s (remote keeps %s)",
             args.output_dir,
@@ -398,10 +400,3 @@ class SyncCheckpointCallback(TrainerCallback):
         if self._error is not None:
             err, self._error = self._error, None
             raise SyncCkptError(f"mirroring to {self.remote} failed: {err}")
-
-    def _flush_at_exit(self) -> None:
-        if self._uploader is None or os.getpid() != self._pid:
-            return
-        if not self.wait(self.flush_timeout):
-            log.warning("Exiting with uploads still pending after %.0fs: %s", self.flush_timeout, self.status())
-        self.close()
