@@ -29,9 +29,8 @@ from ._cli_common import (
 )
 from .errors import CheckpointCorrupt, CheckpointNotFound
 from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content
-from .pull import pull
-from .remote import Remote
-from .resume import first_valid
+from .pull import pull_or_reuse, remote_listing
+from .resume import find_resumable
 from .retention import Ref, next_latest, plan_deletions, recency
 from .select import order_candidates
 from .store import Store, folder_error, is_remote_url, open_mirror, open_store, split_url
@@ -173,23 +172,19 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest}: exists and is not a folder")
     with open_mirror(run, ctx.open) as store:
-        errors: list[str] = []
         if name is not None:
             manifest = store.read_manifest(name)
-            path, fetched = _pull_one(store.remote, name, manifest, dest)
+            _, _, path, fetched = pull_or_reuse(store.remote, name, dest, manifest)
         else:
-            listing = store.listing()
+            listing = remote_listing(store.remote, strict=True)  # unreachable raises, never reads as empty
             if not listing.candidates:
                 raise CheckpointNotFound(f"{store.url}: no checkpoints there")
-            won = first_valid(  # newest valid first, as resume picks: a damaged one is skipped for the next
-                order_candidates(listing.candidates),
-                lambda c: _pull_one(store.remote, c.name, listing.checkpoints[c.name], dest),
-                lambda c, reason: errors.append(f"{c.name}: {reason}"),
-            )
-            if won is None:
-                raise CheckpointCorrupt(f"{store.url}: no valid checkpoint there; " + "; ".join(errors))
-            (cand, (path, fetched)), name = won, won[0].name
-            manifest = listing.checkpoints[cand.name]
+            # the one search resume makes: newest valid first, a damaged one skipped for the next
+            search = find_resumable(dest, store.remote, listing=listing, include_local=False, quarantine_damaged=False)
+            if search.found is None:
+                raise CheckpointCorrupt(f"{store.url}: no valid checkpoint there; {search.damage_report()}")
+            name, manifest = search.found.candidate.name, listing.manifests[search.found.candidate.name]
+            path, fetched = search.found.path, search.found.downloaded
     verb = "pulled" if fetched else "already present (verified)"
     ctx.emit(
         {
@@ -205,21 +200,6 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
         f"{human_size(manifest.total_size)}) -> {path}",
     )
     return EXIT_OK
-
-
-def _pull_one(remote: Remote, name: str, manifest: Manifest, dest: Path) -> tuple[Path, bool]:
-    """Pull into ``dest/name``, unless an identical copy is there and verifies; returns (folder, downloaded)."""
-    existing = dest / name
-    if (existing / MANIFEST_NAME).exists():
-        try:
-            mine, _ = local.read_manifest(existing)
-            if same_content(mine, manifest):
-                local.verify(existing)
-                return existing, False
-        except CheckpointCorrupt as e:
-            log.info("Replacing %s: %s", existing, e)
-    _, _, path = pull(remote, name, dest, manifest)
-    return path, True
 
 
 # ---- push -----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidge
 
 from . import local, quarantine
 from .errors import CheckpointCorrupt, RemoteError
-from .manifest import Manifest, parse_checkpoint_name, sha256_hex
+from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content, sha256_hex
 from .remote import Remote
 from .select import Candidate
 
@@ -176,6 +176,23 @@ def pull(
         manifest.total_size,
     )
     return local_manifest, files, final
+
+
+def pull_or_reuse(
+    remote: Remote, name: str, directory: Path, manifest: Manifest | None = None
+) -> tuple[Manifest, dict[str, bytes], Path, bool]:
+    """:func:`pull`, unless ``directory/name`` already holds the same checkpoint and it verifies (a second
+    ``syncckpt pull``, a resume from a run URL pulled before): then nothing is downloaded. Returns what
+    :func:`pull` does, and whether it downloaded."""
+    existing = Path(directory) / name
+    if manifest is not None and (existing / MANIFEST_NAME).exists():
+        try:
+            mine, _ = local.read_manifest(existing)
+            if same_content(mine, manifest):
+                return (*local.verify(existing), existing, False)
+        except CheckpointCorrupt as e:
+            log.info("Replacing %s: %s", existing, e)
+    return (*pull(remote, name, directory, manifest), True)
 
 
 def split_checkpoint_url(url: str) -> tuple[str, str | None]:

@@ -37,7 +37,7 @@ from . import local, quarantine
 from ._failpoints import failpoint
 from .errors import CheckpointCorrupt, CheckpointNotFound, RemoteError
 from .manifest import LATEST_NAME, Latest, Manifest
-from .pull import RemoteListing, pull, remote_listing, split_checkpoint_url
+from .pull import RemoteListing, pull, pull_or_reuse, remote_listing, split_checkpoint_url
 from .remote import Remote, open_remote
 from .select import Candidate, order_candidates
 
@@ -68,6 +68,7 @@ class Found:
     path: Path
     source: str  # "local" or the remote run's URL
     decoded: Any = None
+    downloaded: bool = False  # pulled from the remote now (False: found in place)
 
 
 @dataclass
@@ -243,14 +244,14 @@ def _load(
     c: Candidate, directory: Path, remote: Remote | None, listing: RemoteListing | None, decode: Decode | None
 ) -> Found:
     if c.location in ("local", "input"):
-        path, source = Path(c.folder or directory) / c.name, c.location
+        path, source, downloaded = Path(c.folder or directory) / c.name, c.location, False
         manifest, files = local.verify(path)
     else:
         assert remote is not None and listing is not None
-        manifest, files, path = pull(remote, c.name, directory, listing.manifests.get(c.name))
+        manifest, files, path, downloaded = pull_or_reuse(remote, c.name, directory, listing.manifests.get(c.name))
         source = remote.url
     decoded = decode(manifest, files, path) if decode is not None else None
-    return Found(c, manifest, files, path, source, decoded)
+    return Found(c, manifest, files, path, source, decoded, downloaded=downloaded)
 
 
 def _quarantine(
