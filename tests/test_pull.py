@@ -21,7 +21,7 @@ from faultproxy import FaultProxy
 from syncckpt import local, quarantine
 from syncckpt.errors import CheckpointCorrupt, RemoteError, UnsafeCheckpoint
 from syncckpt.manifest import LATEST_NAME, Latest, Manifest, parse_checkpoint_name, sha256_hex
-from syncckpt.pull import pull, remote_candidates, remote_listing, split_checkpoint_url
+from syncckpt.pull import pull, pull_or_reuse, remote_candidates, remote_listing, split_checkpoint_url
 from syncckpt.remote import open_remote
 from syncckpt.remote.base import Remote
 from syncckpt.remote.retry import RetryPolicy
@@ -246,6 +246,26 @@ def test_pull_replaces_an_older_local_copy_of_the_same_name(run: Remote, tmp_pat
     _, files, path = pull(run, "best_model", dest, progress=False)
     assert visible(dest) == ["best_model"]  # no .old-* or .pull-* left behind
     assert sorted(p.name for p in path.iterdir()) == sorted([*files, "manifest.json"])
+    local.verify(path)
+
+
+def test_pull_or_reuse_downloads_only_what_is_not_already_there_and_verified(run: Remote, tmp_path: Path):
+    publish(run, tmp_path / "src", "checkpoint-step-10")
+    manifest = remote_listing(run).manifests["checkpoint-step-10"]
+    dest = tmp_path / "dest"
+    downloads = []
+    real = run.download_checkpoint
+    run.download_checkpoint = lambda *a, **kw: downloads.append(a[0]) or real(*a, **kw)  # counts; the real call
+    first = pull_or_reuse(run, "checkpoint-step-10", dest, manifest)
+    again = pull_or_reuse(run, "checkpoint-step-10", dest, manifest)
+    assert (first[3], again[3], downloads) == (True, False, ["checkpoint-step-10"])
+    assert again[1] == files_for("checkpoint-step-10") and again[2] == dest / "checkpoint-step-10"
+    flip_byte = dest / "checkpoint-step-10" / "model.safetensors"
+    data = bytearray(flip_byte.read_bytes())
+    data[100] ^= 1
+    flip_byte.write_bytes(bytes(data))
+    _, files, path, downloaded = pull_or_reuse(run, "checkpoint-step-10", dest, manifest)  # damaged: pulled anew
+    assert downloaded and len(downloads) == 2 and files == files_for("checkpoint-step-10")
     local.verify(path)
 
 
