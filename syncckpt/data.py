@@ -111,13 +111,17 @@ class ResumableLoader:
     def _skip_by_reading(self, it: Iterator[Any], count: int) -> Iterator[Any]:
         from tqdm.auto import tqdm
 
+        from ._bars import progress
+
         start = time.monotonic()
-        for done in tqdm(range(count), desc="syncckpt: skipping trained batches", disable=not self.progress):
-            try:
-                next(it)
-            except StopIteration:
-                log.warning("ResumableLoader: the stream ended after %d of the %d batches to skip", done, count)
-                break
+        with progress(tqdm, total=count, desc="syncckpt: skipping trained batches", disable=not self.progress) as bar:
+            for done in range(count):
+                try:
+                    next(it)
+                except StopIteration:
+                    log.warning("ResumableLoader: the stream ended after %d of the %d batches to skip", done, count)
+                    break
+                bar.update()
         log.info("ResumableLoader: skipped %d batches in %.1f s", count, time.monotonic() - start)
         return it
 

@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm  # plain bars: tqdm.auto warns in kernels without ipywidgets
-
-from . import local, quarantine
+from . import _bars, local, quarantine  # _bars: plain tqdm bars (tqdm.auto warns in kernels without ipywidgets)
 from .errors import CheckpointCorrupt, RemoteError
 from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content, sha256_hex
 from .remote import Remote
@@ -140,7 +138,7 @@ def pull(
     tmp = directory / f".pull-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with tqdm(
+        with _bars.progress(
             total=manifest.total_size,
             unit="B",
             unit_scale=True,

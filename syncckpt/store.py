@@ -40,7 +40,7 @@ from typing import Literal, TypeVar
 
 from tqdm import tqdm
 
-from . import local
+from . import _bars, local
 from .errors import CheckpointCorrupt, CheckpointNotFound, SyncCkptError
 from .lease import Lease
 from .manifest import MANIFEST_NAME, Latest, Manifest, parse_checkpoint_name, same_content
@@ -354,9 +354,9 @@ def folder_error(path: Path) -> SyncCkptError | OSError:
     return NotADirectoryError(f"{path}: not a folder; pass a checkpoint folder or a folder of checkpoints")
 
 
-def progress_bar(total: int, desc: str) -> tqdm:
-    """A byte progress bar on stderr, shown only when stderr is a terminal."""
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None, leave=False)
+def progress_bar(total: int, desc: str) -> contextlib.AbstractContextManager[tqdm]:
+    """A byte progress bar on stderr, shown only when stderr is a terminal (log lines print above it)."""
+    return _bars.progress(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None, leave=False)
 
 
 def _local_listing(found: list[local.LocalCheckpoint], damaged: dict[str, str], held: list[Quarantined]) -> Listing:
