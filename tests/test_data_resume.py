@@ -4,7 +4,8 @@ One job (``tests/distributed/data_job.py``) trains three tiny models side by sid
 StatefulDataLoader with 2 workers registered as it is; a Hugging Face IterableDataset streamed from local JSONL
 shards through ShuffleBuffer in a 2-worker StatefulDataLoader; random crops and noise drawn inside DataLoader
 workers from per-sample generators (PerSampleRandom). One killed-and-resumed run checks all three at once, against
-the same training run uninterrupted in the test's process while the job runs.
+the same training run uninterrupted in the test's process while the job runs, and a third run, uninterrupted,
+with the augmentations drawn in 3 workers (num_workers 0 and 3 give the same parameters).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).parent / "distributed" / "data_job.py"
 ROWS_PER_SHARD = 12  # data_job: 48 rows in 4 shards
-HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
 
 
 def _cmd(d: Path, aug_workers: int, data: Path, reads: str = "reads.log") -> list[str]:
@@ -119,9 +119,10 @@ def test_stateful_loader_stream_and_augmentations_resume_bit_identical_after_sig
     # --sync-saves: checkpoint-step-9 is committed by then); meanwhile the uninterrupted run trains here, with
     # the augmentations drawn in the main process (0 workers) and its own copy of the shards. Resumed in a new
     # process with 2 workers, the job must end bit-identical to it.
+    # Beside them, the same job uninterrupted with the augmentations drawn in 3 workers must end bit-identical to
+    # the 0-worker run too (num_workers 0 == 3): ~1 s more wall time, ~5 s of CPU, on one pytest worker.
     killed_job = _start(_cmd(run, 2, data) + ["--sync-saves", "--hold-at", "10"])
-    if HEAVY:  # 0 == 3 workers without a resume: test_data_augment checks it in-process by default
-        uninterrupted_three = _start(_cmd(three, 3, tmp_path / "data-three"))
+    uninterrupted_three = _start(_cmd(three, 3, tmp_path / "data-three"))
     try:
         ref_lines = _reference(ref, tmp_path / "data-ref")
     finally:
@@ -130,9 +131,8 @@ def test_stateful_loader_stream_and_augmentations_resume_bit_identical_after_sig
     resumed = _finish(_start(_cmd(run, 2, data, reads="reads-resumed.log")))
     assert "INFO Resuming from global step 9" in resumed and "INFO Resuming mid-epoch from epoch 1" in resumed
     assert_same_tensors(ref / "out.safetensors", run / "out.safetensors")
-    if HEAVY:
-        _finish(uninterrupted_three)
-        assert_same_tensors(ref / "out.safetensors", three / "out.safetensors")  # num_workers 0 == 3
+    _finish(uninterrupted_three)
+    assert_same_tensors(ref / "out.safetensors", three / "out.safetensors")  # num_workers 0 == 3
 
     # the stream trained the same examples at every step, and its resume opened no shard it had consumed
     assert {**_ids_by_step(killed), **_ids_by_step(resumed)} == _ids_by_step(ref_lines)

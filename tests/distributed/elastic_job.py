@@ -16,6 +16,7 @@ import threading
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,6 +29,7 @@ def say(line: str) -> None:
     os.write(1, (line + "\n").encode())
 
 
+@record  # a rank's exception goes into torchrun's failure summary (its error file), not only to its stderr
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt-dir", required=True)
