@@ -82,6 +82,8 @@ class ResumableLoader:
     [[2, 3], [4, 5]]
     """
 
+    syncckpt_per_rank = True  # each rank's loader is at its own place in its own part of the data
+
     def __init__(self, loader: Iterable[Any], *, progress: bool = True) -> None:
         self.loader = loader
         self.progress = progress
@@ -185,6 +187,8 @@ class ShuffleBuffer(IterableDataset):
     >>> head + [x["i"] for x in b] == full, sorted(full) == list(range(8))
     (True, True)
     """
+
+    syncckpt_per_rank = True  # each rank's buffer holds examples of its own part of the stream
 
     def __init__(self, source: Any, buffer_size: int, seed: int = 0) -> None:
         if buffer_size < 1:

@@ -13,6 +13,16 @@ either of two optional methods (:class:`syncckpt.ResumableSampler` does both; a 
   then (after the DataLoader drew its worker seed, as the uninterrupted run had no such draw at that point); the
   first registered object that offers the hook gets it.
 
+**Per-rank state.** Under torch.distributed, replicated state (the model, the optimizer, a
+:class:`~syncckpt.ResumableSampler`, whose position counts global samples) is saved once, by rank 0. An object whose
+state is its own rank's, such as a data loader's position in that rank's part of the data, is saved by every rank
+and each rank gets its own copy back. :class:`~syncckpt.ResumableLoader`, :class:`~syncckpt.ShuffleBuffer`,
+torchdata's ``StatefulDataLoader`` and a Hugging Face ``IterableDataset`` (after ``split_dataset_by_node`` each
+rank streams other shards) are per rank; any other class says so with a class attribute
+``syncckpt_per_rank = True`` (or opts out with False). A mid-epoch checkpoint holding per-rank state resumes only with
+the world size that saved it (StateMismatch otherwise): another number of ranks would continue from positions
+counted for the old split, training some samples twice and others never. An epoch checkpoint resumes on any.
+
 >>> class Position:
 ...     def state_dict(self): return {}
 ...     def load_state_dict(self, state): self.saved = state
@@ -31,6 +41,8 @@ True
 from __future__ import annotations
 
 import logging
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -80,6 +92,38 @@ class HooksResumedPass(Protocol):
 def positions(objects: dict[str, Any], epoch: int, batch_idx: int) -> dict[str, dict[str, Any]]:
     """What each object that saves its position adds to its saved state at (epoch, batch_idx)."""
     return {n: o.checkpoint_position(epoch, batch_idx) for n, o in objects.items() if isinstance(o, SavesPosition)}
+
+
+_PER_RANK_TYPES = (("torchdata.stateful_dataloader", "StatefulDataLoader"), ("datasets", "IterableDataset"))
+
+
+def per_rank(obj: Any) -> bool:
+    """Whether ``obj``'s state is its own rank's (see *Per-rank state* above): its class says so
+    (``syncckpt_per_rank``), or it is a ``StatefulDataLoader`` or a Hugging Face ``IterableDataset``.
+
+    >>> from syncckpt import ResumableLoader, ResumableSampler
+    >>> per_rank(ResumableSampler(range(4), batch_size=2)), per_rank(ResumableLoader([]))
+    (False, True)
+    """
+    declared = getattr(type(obj), "syncckpt_per_rank", None)  # the class's: a wrapper's __getattr__ is not asked
+    if declared is not None:
+        return bool(declared)
+    types = [getattr(sys.modules[m], c, None) for m, c in _PER_RANK_TYPES if m in sys.modules]  # imported: in use
+    return any(isinstance(obj, t) for t in types if isinstance(t, type))
+
+
+def rank_key(name: str, rank: int) -> str:
+    """Where rank ``rank`` (> 0) keeps its own copy of the per-rank object ``name`` in a checkpoint."""
+    return f"{name}-rank{rank}"
+
+
+def own_states(
+    objects: dict[str, Any], states: dict[str, Any], rank: int, epoch: int, batch_idx: int
+) -> dict[str, Any]:
+    """The states a rank other than 0 saves beside its RNG: its own per-rank objects', positions included."""
+    mine = {n: o for n, o in objects.items() if per_rank(o)}
+    at = positions(mine, epoch, batch_idx)
+    return {rank_key(n, rank): {**states[n], **at[n]} if n in at else states[n] for n in mine}
 
 
 @dataclass
@@ -249,13 +293,14 @@ def restore(objects: dict[str, Any], manifest: Manifest, decoded: DecodedCheckpo
     """Load decoded states into the registered objects (after checking they fit), then the RNG streams; returns
     the best metric the checkpoint recorded (None when it has none)."""
     states = _load_sharded(objects, decoded.states, path, dist) if decoded.sharded else decoded.states
+    states = _this_ranks(objects, states, manifest, path, dist)
     missing = [n for n in objects if n not in states]
     if missing:
         raise StateMismatch(
             f"{path}: holds no state for {missing} (it has {sorted(set(states) - {'rng'})}); "
             "register the same objects as the run that saved it"
         )
-    extra = sorted(n for n in set(states) - set(objects) - {"rng"} if not n.startswith("rng-rank"))
+    extra = sorted(n for n in set(states) - set(objects) - {"rng"} if _RANK_KEY.sub("", n) not in {"rng", *objects})
     if extra:
         log.warning("%s: state for %s is not restored (not registered)", path, extra)
     for name, obj in objects.items():
@@ -269,6 +314,41 @@ def restore(objects: dict[str, Any], manifest: Manifest, decoded: DecodedCheckpo
     _restore_rng(objects, states, manifest, path, dist.rank)
     best = decoded.trainer.get("best_metric")
     return float(best) if isinstance(best, (int, float)) else None
+
+
+_RANK_KEY = re.compile(r"-rank[0-9]+$")
+
+
+def _this_ranks(
+    objects: dict[str, Any], states: dict[str, Any], manifest: Manifest, path: Path, dist: Dist
+) -> dict[str, Any]:
+    """``states`` with each per-rank object's state replaced by this rank's own copy (rank 0's is under the plain
+    name). A mid-epoch checkpoint saved by another number of ranks raises StateMismatch; at an epoch boundary
+    (the next pass starts afresh on any world size) every rank loads rank 0's copy."""
+    mine = sorted(n for n, o in objects.items() if per_rank(o))
+    if not mine or dist.rank == 0 and manifest.world_size == dist.world_size:
+        return states
+    if manifest.world_size != dist.world_size:
+        if manifest.kind == "step" and manifest.batch_idx >= 0:
+            raise StateMismatch(
+                f"{path}: {mine} hold each rank's own data position mid-epoch, saved by {manifest.world_size} "
+                f"rank(s); resume with {manifest.world_size} (now {dist.world_size}), from an epoch checkpoint, or "
+                "with a ResumableSampler over a map-style dataset, which resumes on any number of ranks"
+            )
+        return states
+    out = dict(states)
+    for name in mine:
+        own = states.get(rank_key(name, dist.rank))
+        if own is None:
+            log.warning(
+                "%s holds no state of %r for rank %d (saved before syncckpt kept one per rank): rank 0's is loaded",
+                path,
+                name,
+                dist.rank,
+            )
+        else:
+            out[name] = own
+    return out
 
 
 def _restore_rng(objects: dict[str, Any], states: dict[str, Any], manifest: Manifest, path: Path, rank: int) -> None:

@@ -28,13 +28,15 @@ from .format import FileLayout, flatten_state, plan_layout, slot_view
 
 _OBJECT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 RESERVED = frozenset({"manifest", "state", "trainer", "rng", "LATEST"})
+_RANK_SUFFIX = re.compile(r"-rank[0-9]+$")  # other ranks' own copies are saved under NAME-rankN
 
 
 def check_object_name(name: str) -> None:
     """Registered names become file names: keep them short and portable."""
-    if not _OBJECT_NAME.match(name) or name in RESERVED:
+    if not _OBJECT_NAME.match(name) or name in RESERVED or _RANK_SUFFIX.search(name):
         raise ValueError(
-            f"cannot register {name!r}: names must match {_OBJECT_NAME.pattern} and not be one of {sorted(RESERVED)}"
+            f"cannot register {name!r}: names must match {_OBJECT_NAME.pattern}, not end in -rankN and not be one "
+            f"of {sorted(RESERVED)}"
         )
 
 

@@ -40,7 +40,7 @@ from .env import check_disk_budget
 from .errors import ConfigError
 from .format import STATE_FILE, encode_state, iter_file_chunks, versions
 from .manifest import Kind, Manifest, checkpoint_name, json_safe_metrics, same_content
-from .restore import positions
+from .restore import own_states, positions
 from .retention import KEEP_LOCAL, Ref, local_copies_to_drop, plan_deletions
 from .schedule import BestMetric
 from .snapshot import Reservation, Snapshot, StagingArena, collect_state, state_sizes, take_snapshot
@@ -210,8 +210,9 @@ class Writer:
             self._sharded = bool(dtensors)
             if dtensors:
                 shards = sharded.snapshot_shards(dtensors)
-        if not self.dist.is_main:  # replicated state is written once, by rank 0; each rank keeps its own RNG
-            return {f"rng-rank{self.dist.rank}": rng.capture()}, shards
+        if not self.dist.is_main:  # replicated state is written once, by rank 0; each rank its RNG and own data
+            r = self.dist.rank
+            return {f"rng-rank{r}": rng.capture(), **own_states(objects, states, r, epoch, batch_idx)}, shards
         for name, extra in positions(objects, epoch, batch_idx).items():
             states[name] = {**states[name], **extra}
         states["rng"] = rng.capture()

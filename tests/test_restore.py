@@ -82,3 +82,65 @@ def test_resume_hooks_save_the_position_and_run_at_the_resumed_pass(tmp_path):
     torch.rand(5)  # e.g. the DataLoader drawing its worker seed
     pos.hooked[0]()
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---- per-rank state: which copy each rank loads (the rule itself; tests/distributed/test_per_rank_data.py runs it
+# under torchrun). A rank and a world size are all the rule reads of the job, so a namespace stands in for Dist.
+def _ranks_view(rank: int, world_size: int, saved_by: int, batch_idx: int, states=None):
+    import types
+    from pathlib import Path
+
+    from syncckpt import ShuffleBuffer
+    from syncckpt.manifest import Manifest
+    from syncckpt.restore import _this_ranks
+
+    class Stream:  # a ShuffleBuffer needs a source with state
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def __iter__(self):
+            return iter(())
+
+    objects = {"model": torch.nn.Linear(1, 1), "loader": ShuffleBuffer(Stream(), 2)}
+    kind = "step" if batch_idx >= 0 else "epoch"
+    manifest = Manifest("checkpoint-step-4", kind, 4, 0, batch_idx, files=[], world_size=saved_by)
+    states = states or {"model": {"w": 0}, "loader": {"who": 0}, "loader-rank1": {"who": 1}}
+    dist = types.SimpleNamespace(rank=rank, world_size=world_size)
+    return _this_ranks(objects, states, manifest, Path("ck"), dist)
+
+
+def test_each_rank_loads_its_own_copy_of_per_rank_state():
+    assert _ranks_view(0, 2, saved_by=2, batch_idx=3)["loader"] == {"who": 0}
+    assert _ranks_view(1, 2, saved_by=2, batch_idx=3)["loader"] == {"who": 1}
+    assert _ranks_view(1, 2, saved_by=2, batch_idx=3)["model"] == {"w": 0}  # replicated: rank 0's
+
+
+def test_per_rank_state_mid_epoch_refuses_another_world_size_but_an_epoch_boundary_takes_any():
+    import pytest
+
+    from syncckpt.errors import StateMismatch
+
+    with pytest.raises(StateMismatch, match=r"\['loader'\] hold each rank's own data position mid-epoch, saved by 2"):
+        _ranks_view(0, 1, saved_by=2, batch_idx=3)
+    with pytest.raises(StateMismatch, match=r"saved by 1 rank\(s\); resume with 1 \(now 3\)"):
+        _ranks_view(2, 3, saved_by=1, batch_idx=3)
+    assert _ranks_view(2, 3, saved_by=2, batch_idx=-1)["loader"] == {"who": 0}  # the next pass starts afresh
+
+
+def test_a_checkpoint_without_other_ranks_copies_loads_rank_0s_with_a_warning(caplog):
+    old = {"model": {"w": 0}, "loader": {"who": 0}}  # saved before syncckpt kept one per rank
+    assert _ranks_view(1, 2, saved_by=2, batch_idx=3, states=old)["loader"] == {"who": 0}
+    assert "holds no state of 'loader' for rank 1" in caplog.text
+
+
+def test_a_name_ending_like_another_ranks_copy_cannot_be_registered():
+    import pytest
+
+    from syncckpt.snapshot import check_object_name
+
+    with pytest.raises(ValueError, match="not end in -rankN"):
+        check_object_name("loader-rank1")
+    check_object_name("rank1-loader")
