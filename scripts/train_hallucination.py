@@ -35,7 +35,8 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["all", "newest", "none"],
         help="with --remote, local copies kept once mirrored (overrides checkpointing.keep_local)",
     )
+    p.add_argument(
+        "--deadline",
+        metavar="WHEN",
+        help="session deadline: a last checkpoint is taken and mirrored before it, then the run stops (exit 143); "
+        "'auto' (Kaggle's and Colab's limits), 'off', a duration from the session start ('11h30m') or a local "
+        "date and time ('2025-06-01T18:00') (overrides checkpointing.deadline)",
+    )
     resume = p.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume-from", metavar="PATH_OR_URL", help="resume from this checkpoint (folder or remote URL)"
@@ -224,6 +232,7 @@ _OVERRIDES = {
     "save_every_n_batches": "checkpointing.save_every_n_batches",
     "save_every_n_minutes": "checkpointing.save_every_n_minutes",
     "keep_local": "checkpointing.keep_local",
+    "deadline": "checkpointing.deadline",
 }
 
 
@@ -717,10 +726,110 @@ class Curves:
             self.remote.close()
 
 
+@dataclass
+class Progress:
+    """How far this run got: the last optimizer step trained and the checkpoint it resumed from (a ResumeInfo)."""
+
+    global_step: int = 0
+    resumed: Any = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what was saved and what the same command resumes from."""
+
+
+def interrupted_message(step: int, newest: tuple[str, int | None] | None, remote: str | None, mirrored: bool) -> str:
+    """What is true after Ctrl-C at global ``step``, given the newest checkpoint a rerun finds (name, its global
+    step) and, with a remote, whether that one is mirrored there.
+
+    >>> interrupted_message(57, ("checkpoint-step-57", 57), None, False)
+    'Interrupted at global step 57: last checkpoint checkpoint-step-57 saved; rerun the same command to resume from it'
+    >>> print(interrupted_message(57, ("checkpoint-epoch-0", 51), None, False).replace("; ", ";\\n"))  # 2nd Ctrl-C
+    Interrupted at global step 57: nothing new was saved since checkpoint-epoch-0 (global step 51);
+    rerun the same command to resume from it (the 6 steps since are trained again)
+    """
+    if newest is None:
+        return (
+            f"Interrupted at global step {step}: no checkpoint was saved; rerun the same command to train from the "
+            "start"
+        )
+    name, saved_step = newest
+    where = ""
+    if remote is not None:
+        where = f" and mirrored to {remote}" if mirrored else f" (locally only: not mirrored to {remote} yet)"
+    if saved_step is None:  # an epoch checkpoint whose local copy is gone (keep_local): its step is not at hand
+        return (
+            f"Interrupted at global step {step}: the newest checkpoint is {name}{where}; rerun the same command to "
+            "resume from it"
+        )
+    if saved_step >= step:
+        return (
+            f"Interrupted at global step {step}: last checkpoint {name} saved{where}; rerun the same command to "
+            "resume from it"
+        )
+    lost = step - saved_step
+    return (
+        f"Interrupted at global step {step}: nothing new was saved since {name} (global step {saved_step}){where}; "
+        f"rerun the same command to resume from it (the {lost} step{'s' if lost != 1 else ''} since are trained "
+        "again)"
+    )
+
+
+def newest_saved(mgr: Any, resumed: Any) -> tuple[tuple[str, int | None] | None, bool]:
+    """The checkpoint a rerun resumes from, as (name, global step), and whether it is mirrored: the newest local one
+    (the order resume() tries), else this session's last commit, else the checkpoint this run resumed from."""
+    from syncckpt import local
+    from syncckpt.manifest import parse_checkpoint_name
+    from syncckpt.select import Candidate, order_candidates
+
+    st = mgr.status()
+    history = set(st.get("mirrored_history") or [])
+    found = [
+        Candidate(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, "local", c.manifest_sha256,
+                  c.manifest.healthy)
+        for c in local.list_checkpoints(mgr.directory)
+    ]  # fmt: skip
+    if found:
+        best = order_candidates(found)[0]
+        return (best.name, best.global_step), best.name in history
+    last = st.get("last_committed")  # keep_local: local copies are deleted once mirrored
+    parsed = parse_checkpoint_name(last) if last else None
+    if last:
+        return (last, parsed[1] if parsed is not None and parsed[0] == "step" else None), last in history
+    if resumed is not None:
+        return (resumed.name, resumed.global_step), resumed.source == "remote" or resumed.name in history
+    return None, False
+
+
+@contextmanager
+def closing(mgr: Any, progress: Progress, remote: str | None) -> Iterator[None]:
+    """Close ``mgr`` at the end. On Ctrl-C, raise :class:`Interrupted` saying what a rerun resumes from: the first
+    Ctrl-C took a last checkpoint at a step boundary (syncckpt logged it), a second one stopped wherever it
+    landed; what was started is let land first."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        try:
+            mgr.close()
+        except KeyboardInterrupt:  # Ctrl-C again while flushing: report what has landed so far
+            pass
+        newest, mirrored = newest_saved(mgr, progress.resumed)
+        raise Interrupted(interrupted_message(progress.global_step, newest, remote, mirrored)) from None
+    finally:
+        mgr.close()
+
+
 def train_epoch(
-    run: Run, mgr: Any, epoch: int, first: int, global_step: int, curves: Curves | None = None
+    run: Run,
+    mgr: Any,
+    epoch: int,
+    first: int,
+    global_step: int,
+    curves: Curves | None = None,
+    progress: Progress | None = None,
 ) -> tuple[int, bool]:
     """Train batches ``first``.. of ``epoch``; returns the global step and whether --max-steps was reached."""
+    progress = progress if progress is not None else Progress(global_step)
     tcfg = run.cfg.training
     accum, max_steps = tcfg.gradient_accumulation_steps, tcfg.max_steps
     run.sampler.set_epoch(epoch)
@@ -748,6 +857,7 @@ def train_epoch(
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             global_step += 1
+            progress.global_step = global_step
             running = group_loss if running == 0.0 else 0.9 * running + 0.1 * group_loss
             bar.set_postfix(loss=f"{running:.4f}", step=global_step)
             metrics = {"train_loss": group_loss}
@@ -799,7 +909,8 @@ def train(
             f"(one of {', '.join(VAL_METRICS)})"
         )
     mgr = CheckpointManager(**kwargs, takeover=takeover)
-    try:
+    progress = Progress()
+    with closing(mgr, progress, ccfg.remote):  # at the end, waits for checkpoints still being written or uploaded
         if no_resume and mgr.list_local():
             # New checkpoints would mix with the old run's, retention could keep the old (higher-step) ones and
             # delete the new ones, and a later auto-resume would pick the old run.
@@ -823,7 +934,8 @@ def train(
                     "overwritten. Choices: --resume-from PATH_OR_URL of a good copy; --start-fresh-if-damaged to "
                     "train from step 0 beside them; or delete them with `syncckpt rm`"
                 ) from None
-        global_step = info.global_step if info else 0
+        progress.resumed = info
+        global_step = progress.global_step = info.global_step if info else 0
         if info and info.epoch >= tcfg.epochs:
             log.info(
                 "Training already complete (%d epochs, global step %d): nothing left to train", tcfg.epochs, global_step
@@ -855,7 +967,7 @@ def train(
             if stop:
                 break
             first = info.batch_idx + 1 if info and epoch == info.epoch else 0
-            global_step, stop = train_epoch(run, mgr, epoch, first, global_step, curves)
+            global_step, stop = train_epoch(run, mgr, epoch, first, global_step, curves, progress)
             if stop:
                 break
             metrics = evaluate(run.model, run.val_loader, run.device, run.autocast, cfg.model.num_labels)
@@ -875,8 +987,6 @@ def train(
             log.info("Reached --max-steps %d; stopping", tcfg.max_steps)
         if curves is not None:
             curves.close()
-    finally:
-        mgr.close()  # waits for checkpoints still being written or uploaded
     save_final_model(run.model, run.tokenizer, Path(tcfg.output_dir).expanduser() / "final_model")
     log.info("Training complete")
 
@@ -926,8 +1036,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input, not a bug: one line the user can act on, and argparse's exit status for bad input.
         message = " ".join(str(e).split())
         parser.exit(2, f"{parser.prog}: error: {message}\n")
-    except KeyboardInterrupt:
-        log.warning("Interrupted; rerun the same command to resume from the newest checkpoint")
+    except Interrupted as e:
+        log.warning("%s", e)
+        return 130
+    except KeyboardInterrupt:  # before the checkpoint manager was there (reading the data): nothing to save yet
+        log.warning("Interrupted before training started: nothing was saved")
         return 130
     return 0
 

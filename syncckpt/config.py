@@ -22,12 +22,14 @@ import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from .deadline import parse_duration
 from .errors import ConfigError
 
 __all__ = ["CheckpointingConfig", "load_config", "validate_config", "resolve_config_path"]
@@ -80,6 +82,30 @@ class CheckpointingConfig(BaseModel):
     on_upload_error: Literal["warn", "raise"] = Field(
         "warn", description='"warn" keeps training when an upload fails for good; "raise" stops it.'
     )
+    deadline: str = Field(
+        "auto",
+        description='Session deadline: "auto" (Kaggle\'s and Colab\'s limits), "off", a duration from the session '
+        'start ("11h30m") or a local date and time ("2025-06-01T18:00"); see syncckpt.deadline.',
+    )
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _yaml_deadline(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false, and a bare date and time as a datetime: both mean what was written.
+        if value is False or value is None:
+            return "off"
+        if isinstance(value, datetime):
+            return value.isoformat()
+        if not isinstance(value, str):  # 3600: a number without a unit
+            raise ValueError(f"{_DEADLINE_EXPECTED} (got {value!r}; a duration needs a unit: '60m')")
+        return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_value(cls, value: str) -> str:
+        # A field validator, so the error names checkpointing.deadline (or the flag that set it).
+        deadline_argument(value)
+        return value
 
     @field_validator("metric_for_best")
     @classmethod
@@ -93,8 +119,9 @@ class CheckpointingConfig(BaseModel):
         """Keyword arguments for :class:`syncckpt.CheckpointManager`, named the way the manager names them.
 
         >>> sorted(CheckpointingConfig().manager_kwargs())  # doctest: +NORMALIZE_WHITESPACE
-        ['directory', 'keep_epochs', 'keep_last', 'keep_local', 'metric_for_best', 'mode', 'on_upload_error',
-         'remote', 'save_every_n_epochs', 'save_every_n_minutes', 'save_every_n_steps', 'storage_options']
+        ['deadline', 'directory', 'keep_epochs', 'keep_last', 'keep_local', 'metric_for_best', 'mode',
+         'on_upload_error', 'remote', 'save_every_n_epochs', 'save_every_n_minutes', 'save_every_n_steps',
+         'storage_options']
         """
         return {
             "directory": self.save_dir,
@@ -109,7 +136,35 @@ class CheckpointingConfig(BaseModel):
             "remote": self.remote,
             "storage_options": dict(self.storage_options),
             "on_upload_error": self.on_upload_error,
+            "deadline": deadline_argument(self.deadline),
         }
+
+
+def deadline_argument(text: str) -> str | datetime:
+    """The manager's ``deadline=`` for a config value: ``"auto"``, ``"off"`` and durations as written, an ISO date
+    and time as a :class:`~datetime.datetime` (local time unless it names a zone). ValueError when it is none of
+    these.
+
+    >>> deadline_argument("11h30m"), deadline_argument("2025-06-01T18:00")
+    ('11h30m', datetime.datetime(2025, 6, 1, 18, 0))
+    """
+    value = text.strip()
+    if value in ("auto", "off"):
+        return value
+    try:
+        parse_duration(value)
+        return value
+    except ConfigError:
+        pass
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{_DEADLINE_EXPECTED} (got {text!r})") from None
+
+
+_DEADLINE_EXPECTED = (
+    "expected 'auto', 'off', a duration such as '11h30m' or '90m', or a date and time such as '2025-06-01T18:00'"
+)
 
 
 # ---- loading -----------------------------------------------------------------------------------------------

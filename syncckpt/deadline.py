@@ -14,8 +14,14 @@ When the session started, per platform (:func:`session_start`):
   with the session; the notebook kernel itself may have been restarted since.
 - Elsewhere: unknown (a duration then counts from the manager's creation).
 
-Platform limits (:data:`PLATFORM_LIMITS`): Kaggle 12 h (CPU and GPU sessions; pass ``deadline="9h"`` on a TPU),
-Colab 12 h (the free tier's longest runtime; it may end sooner when idle, which no clock predicts).
+Platform limits (:data:`PLATFORM_LIMITS`, :data:`TPU_LIMITS`): Kaggle 12 h for CPU and GPU sessions and 9 h for
+TPU sessions; Colab 12 h (the free tier's longest runtime; it may end sooner when idle, which no clock predicts).
+Colab Pro runtimes last up to 24 h: pass ``deadline="24h"`` or ``"off"`` there, as ``"auto"`` assumes the free tier.
+
+A TPU session is recognised heuristically (:func:`syncckpt.env.detect_tpu`; Kaggle documents no flag for it): one
+of the variables the TPU runtime, torch_xla or Colab set (``TPU_ACCELERATOR_TYPE``, ``TPU_NAME``,
+``XRT_TPU_CONFIG``, ``COLAB_TPU_ADDR``) is set, or a TPU chip's device node ``/dev/accel0`` exists. When the guess
+is wrong either way, ``deadline="9h"`` or ``deadline="12h"`` says what is right.
 
 >>> clock = iter([0.0, 3000.0, 3520.0]).__next__
 >>> d = Deadline(at=3600.0, why="a test limit", margin=60, clock=clock)
@@ -47,6 +53,8 @@ log = logging.getLogger("syncckpt")
 
 #: The hard session limits syncckpt knows, in seconds from the session's start.
 PLATFORM_LIMITS = {"kaggle": 12 * 3600.0, "colab": 12 * 3600.0}
+#: The limits of TPU sessions where they differ (Kaggle: 9 h).
+TPU_LIMITS = {"kaggle": 9 * 3600.0}
 PLATFORM_NAMES = {"kaggle": "Kaggle", "colab": "Colab"}
 #: Until a save has been timed, what one is assumed to take (save, then mirror).
 FIRST_SAVE_ESTIMATE = 300.0
@@ -143,15 +151,38 @@ def session_start(
         return None
 
 
+def session_limit(platform: str | None, tpu: bool) -> tuple[float, str] | None:
+    """The platform's session limit in seconds and its name for the log, or None off Kaggle/Colab.
+
+    >>> session_limit("kaggle", tpu=False), session_limit("kaggle", tpu=True), session_limit(None, tpu=True)
+    ((43200.0, "Kaggle's 12 h session limit"), (32400.0, "Kaggle's 9 h TPU session limit"), None)
+    """
+    if platform not in PLATFORM_LIMITS:
+        return None
+    if tpu and platform in TPU_LIMITS:
+        limit = TPU_LIMITS[platform]
+        return limit, f"{PLATFORM_NAMES[platform]}'s {limit / 3600:g} h TPU session limit"
+    limit = PLATFORM_LIMITS[platform]
+    return limit, f"{PLATFORM_NAMES[platform]}'s {limit / 3600:g} h session limit"
+
+
 def resolve_deadline(
-    value: Any, platform: str | None, start: float | None, now: Callable[[], float] = time.time
+    value: Any,
+    platform: str | None,
+    start: float | None,
+    now: Callable[[], float] = time.time,
+    tpu: bool | None = None,
 ) -> Deadline | None:
     """The deadline a manager argument means: ``"auto"`` the platform's limit from the session start (None off
     Kaggle/Colab or when the start is unknown), None or ``"off"`` none, a duration string or a number of seconds
-    counted from the session start (else from now), a datetime the wall-clock instant, a :class:`Deadline` itself.
+    counted from the session start (else from now), a datetime the wall-clock instant (a naive one is local time;
+    ConfigError once passed), a :class:`Deadline` itself. ``tpu``: whether this is a TPU session (None: detect it,
+    see :func:`syncckpt.env.detect_tpu`), which shortens Kaggle's limit to 9 h.
 
-    >>> resolve_deadline("auto", "kaggle", start=1000.0, now=lambda: 2000.0).at
+    >>> resolve_deadline("auto", "kaggle", start=1000.0, now=lambda: 2000.0, tpu=False).at
     44200.0
+    >>> resolve_deadline("auto", "kaggle", start=1000.0, now=lambda: 2000.0, tpu=True).at
+    33400.0
     >>> resolve_deadline("auto", None, start=1000.0) is None
     True
     >>> resolve_deadline("2h", None, start=None, now=lambda: 50.0).at
@@ -164,18 +195,24 @@ def resolve_deadline(
     if value == "auto":
         if platform not in PLATFORM_LIMITS or start is None:
             return None
-        limit = PLATFORM_LIMITS[platform]
+        if tpu is None:
+            from .env import detect_tpu
+
+            tpu = platform in TPU_LIMITS and detect_tpu()
+        limit, why = session_limit(platform, tpu)  # type: ignore[misc]
         if start + limit <= now():  # the session would be over: the start guess is wrong, not the clock
             log.warning(
-                "Session deadline off: %s's %g h limit from the guessed session start has passed; set "
-                "SYNCCKPT_SESSION_START or deadline=",
-                PLATFORM_NAMES[platform],
-                limit / 3600,
+                "Session deadline off: %s from the guessed session start has passed; set SYNCCKPT_SESSION_START "
+                "or deadline=",
+                why,
             )
             return None
-        return Deadline(start + limit, f"{PLATFORM_NAMES[platform]}'s {limit / 3600:g} h session limit")
+        return Deadline(start + limit, why)
     if isinstance(value, datetime):
-        return Deadline(value.timestamp(), "the deadline given")
+        at = value.timestamp()
+        if at <= now():
+            raise ConfigError(f"deadline {value.isoformat()}: that time has passed; give a later one, or 'off'")
+        return Deadline(at, "the deadline given")
     if isinstance(value, str):
         seconds = parse_duration(value)
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:

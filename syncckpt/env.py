@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .manifest import MANIFEST_NAME, parse_checkpoint_name
+from .status import size_text
 
 log = logging.getLogger("syncckpt")
 
@@ -57,6 +58,31 @@ def platform_from(environ: Mapping[str, str], kaggle_dir_exists: bool, colab_imp
     if environ.get("COLAB_RELEASE_TAG") or colab_importable:
         return "colab"
     return None
+
+
+#: Environment variables set in TPU sessions (the TPU runtime's, torch_xla's and Colab's; see :func:`tpu_from`).
+TPU_ENV_VARS = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "XRT_TPU_CONFIG", "COLAB_TPU_ADDR")
+
+
+def tpu_from(environ: Mapping[str, str], accel_device_exists: bool) -> bool:
+    """Whether this looks like a TPU session (pure; see :func:`detect_tpu`): one of :data:`TPU_ENV_VARS` is set,
+    or a TPU chip's device node (``/dev/accel0``) exists. A heuristic: Kaggle documents no flag for it.
+
+    >>> tpu_from({"TPU_ACCELERATOR_TYPE": "v3-8"}, False), tpu_from({}, True), tpu_from({"TPU_NAME": ""}, False)
+    (True, True, False)
+    """
+    return any(environ.get(name) for name in TPU_ENV_VARS) or accel_device_exists
+
+
+def detect_tpu(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> bool:
+    """Whether this process runs in a TPU session (:func:`tpu_from` over ``environ`` and ``dev/accel0``).
+
+    >>> import tempfile
+    >>> fake = Path(tempfile.mkdtemp()); _ = (fake / "accel0").write_text("")
+    >>> detect_tpu({}, dev=fake), detect_tpu({}, dev=fake / "none")
+    (True, False)
+    """
+    return tpu_from(os.environ if environ is None else environ, (dev / "accel0").exists())
 
 
 def detect_platform() -> str | None:
@@ -164,7 +190,8 @@ def mirror_problem(url: str, platform: str | None, cwd: str) -> str | None:
     if platform == "kaggle" and where.is_relative_to(KAGGLE_WORKING):
         return (
             f"remote {url!r} is under {KAGGLE_WORKING}, which is deleted with the Kaggle session: it is not a "
-            "mirror; use a bucket (s3://, gs://), the Hub (hf://) or an attached Kaggle Dataset"
+            "mirror; use a bucket (s3://, gs://) or the Hub (hf://). An attached Kaggle Dataset is read-only: it "
+            "is a source to resume from (under /kaggle/input), never a mirror"
         )
     if platform == "colab" and where.is_relative_to(COLAB_CONTENT) and not where.is_relative_to(COLAB_DRIVE):
         return (
@@ -174,11 +201,17 @@ def mirror_problem(url: str, platform: str | None, cwd: str) -> str | None:
     return None
 
 
-def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used_bytes: int = 0) -> str | None:
+def disk_budget_problem(
+    checkpoint_bytes: int, keep: int, limit_bytes: int, used_bytes: int = 0, keep_local: str | None = None
+) -> str | None:
     """Explain why ``keep`` checkpoints of ``checkpoint_bytes`` each may not fit in ``limit_bytes``, or None.
 
     While a checkpoint is written the previous ones are still there, so the peak is ``keep + 1`` checkpoints
-    (plus ``used_bytes`` already taken by other files). Pure: no I/O.
+    (plus ``used_bytes`` already taken by other files). Pure: no I/O. ``keep_local`` (``"newest"``/``"none"``:
+    ``keep`` is then its bound, not retention's) leaves keep_last/keep_epochs out of the advice.
+
+    >>> print(disk_budget_problem(5 * GB, keep=2, limit_bytes=12 * GB, keep_local="newest").split("; ")[1])
+    keep_local='none' fits (the newest checkpoint then stays only on the remote)
 
     >>> disk_budget_problem(checkpoint_bytes=4 * GB, keep=3, limit_bytes=20 * GB) is None
     True
@@ -195,11 +228,13 @@ def disk_budget_problem(checkpoint_bytes: int, keep: int, limit_bytes: int, used
     if peak <= limit_bytes:
         return None
     fits = (limit_bytes - used_bytes) // checkpoint_bytes - 1 if checkpoint_bytes else keep
-    used = f" (plus {used_bytes / GB:.1f} GB already used)" if used_bytes else ""
+    used = f" (plus {size_text(used_bytes)} already used)" if used_bytes else ""
     msg = (
-        f"keeping {keep} checkpoint{'s' if keep != 1 else ''} of {checkpoint_bytes / GB:.1f} GB needs up to "
-        f"{peak / GB:.1f} GB{used} (keep + 1 while saving), over the {limit_bytes / GB:.1f} GB limit; "
+        f"keeping {keep} checkpoint{'s' if keep != 1 else ''} of {size_text(checkpoint_bytes)} needs up to "
+        f"{size_text(peak)}{used} (keep + 1 while saving), over the {size_text(limit_bytes)} limit; "
     )
+    if fits >= 1 and keep_local == "newest":
+        return msg + "keep_local='none' fits (the newest checkpoint then stays only on the remote)"
     if fits >= 1:
         fewer = "keep_local='newest'" if fits >= 2 else "keep_local='none'"  # peaks of 3 and 2 checkpoints
         return msg + f"lower keep_last/keep_epochs to {fits}, or mirror to a remote with {fewer}"
@@ -212,8 +247,10 @@ def check_disk_budget(
     keep: int,
     limit_bytes: int | None = None,
     used_bytes: int = 0,
+    keep_local: str | None = None,
 ) -> str | None:
-    """Warn (:class:`DiskBudgetWarning`) when the checkpoints kept in ``directory`` may exceed the disk limit.
+    """Warn (:class:`DiskBudgetWarning`) when the checkpoints kept in ``directory`` may exceed the disk limit
+    (``keep_local``: see :func:`disk_budget_problem`).
 
     The limit is ``limit_bytes`` when given, else Kaggle's 20 GB when ``directory`` is under ``/kaggle/working``;
     elsewhere there is no known limit and nothing is checked. Returns the warning text, or None.
@@ -231,7 +268,7 @@ def check_disk_budget(
         if not _is_under(Path(directory), KAGGLE_WORKING):
             return None
         limit_bytes = KAGGLE_WORKING_LIMIT
-    problem = disk_budget_problem(checkpoint_bytes, keep, limit_bytes, used_bytes)
+    problem = disk_budget_problem(checkpoint_bytes, keep, limit_bytes, used_bytes, keep_local)
     if problem is None:
         return None
     msg = f"{directory}: {problem}"

@@ -35,7 +35,7 @@ def wait_all(writer: Any, uploader: Any, timeout: float | None) -> bool:
     return bool(done)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     """Bytes in the largest unit that keeps the number under 1000 (decimal units, as the README uses)."""
     size, unit = float(n), "B"
     for unit in ("B", "KB", "MB", "GB"):
@@ -57,7 +57,7 @@ def status_line(st: dict[str, Any], next_due: str) -> str:
         parts.append(f"mirrored {mirrored[-1] if mirrored else 'none yet'}")
         queued = [n for n in [st.get("uploading"), *st.get("pending", [])] if n]
         parts.append(
-            f"uploading {', '.join(queued)} ({_size(st.get('bytes_pending', 0))})" if queued else "uploading none"
+            f"uploading {', '.join(queued)} ({size_text(st.get('bytes_pending', 0))})" if queued else "uploading none"
         )
         if st.get("mirroring_stopped"):
             parts.append(f"MIRRORING STOPPED: {st['mirroring_stopped']}")

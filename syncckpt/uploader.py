@@ -93,8 +93,9 @@ class Uploader:
             raise ConfigError(problem)
         self.storage_options = storage_options
         self.remote = open_remote(url, storage_options, **(remote_options or {}))
-        if self.remote.url.startswith("file://"):  # say where a local-folder mirror really is
-            log.info("Mirroring to the local folder %s", self.remote.url[len("file://") :])
+        local_path = self.remote.url.removeprefix("file://")
+        if local_path != self.remote.url or "://" not in local_path:  # say where a local-folder mirror really is
+            log.info("Mirroring to the local folder %s", os.path.abspath(local_path))
         self.url = self.remote.url
         self.on_error = on_error
         self._max_pause = max_pause

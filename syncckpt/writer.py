@@ -334,7 +334,8 @@ class Writer:
         if self.last_committed is None:  # sizes are known now: warn early if retention cannot fit
             kept = self.keep_last + self.keep_epochs + (1 if self.metric_for_best else 0)
             # with keep_local, the newest (or none) stays, plus one still uploading beside the one being written
-            check_disk_budget(self.directory, committed.total_size, {"newest": 2, "none": 1}.get(self.keep_local, kept))
+            keep = {"newest": 2, "none": 1}.get(self.keep_local, kept)
+            check_disk_budget(self.directory, committed.total_size, keep, keep_local=self.keep_local)
         self.last_committed = committed.name
         if self.save_error:
             log.warning("Checkpoints are being saved again (%s)", committed.name)

@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import sys
 import textwrap
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,36 @@ def test_save_strategy_epoch_means_no_best_model():
     assert CheckpointingConfig(save_strategy="epoch", metric_for_best=None).manager_kwargs()["metric_for_best"] is None
 
 
+@pytest.mark.parametrize(
+    "yaml_value, manager_value",
+    [
+        ('"auto"', "auto"),
+        ("off", "off"),  # YAML 1.1 reads a bare off as false: it means "off"
+        ("null", "off"),
+        ("11h30m", "11h30m"),
+        ("2025-06-01T18:00", datetime(2025, 6, 1, 18, 0)),  # a string to YAML (no seconds): local time
+        ("2025-06-01 18:00:00", datetime(2025, 6, 1, 18, 0)),  # a YAML timestamp
+    ],
+)
+def test_the_deadline_key_takes_what_the_manager_takes(script, tmp_path, yaml_value, manager_value):
+    from syncckpt.manager import CheckpointManager
+
+    cfg = load_config(write(tmp_path, f"checkpointing: {{deadline: {yaml_value}}}\n"), script.TrainConfig)
+    kwargs = cfg.checkpointing.manager_kwargs()
+    assert kwargs["deadline"] == manager_value
+    inspect.signature(CheckpointManager).bind(**kwargs)
+
+
+@pytest.mark.parametrize("yaml_value", ["11 hours", "tomorrow", "3600"])
+def test_a_bad_deadline_names_the_key_and_what_is_expected(script, tmp_path, yaml_value):
+    path = write(tmp_path, f"checkpointing: {{deadline: {yaml_value}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, script.TrainConfig)
+    message = one_line_error(err)
+    assert message.startswith(f"{path}: checkpointing.deadline: expected 'auto', 'off', a duration"), message
+    assert yaml_value in message
+
+
 # ---- errors name the key path and the file -------------------------------------------------------------------
 
 
@@ -133,7 +164,7 @@ def test_unknown_section_lists_the_allowed_ones(script, tmp_path):
 
 
 def test_unknown_key_without_a_close_match_lists_allowed_keys():
-    allowed = r"x.yaml: frobnicate: unknown key \(allowed: keep_last, keep_local, metric_for_best"
+    allowed = r"x.yaml: frobnicate: unknown key \(allowed: deadline, keep_last, keep_local, metric_for_best"
     with pytest.raises(ConfigError, match=allowed):
         validate_config({"frobnicate": 1}, CheckpointingConfig, source="x.yaml")
 

@@ -8,14 +8,16 @@ real time, which the fake clock does not see (it stands still while they run); t
 from __future__ import annotations
 
 import logging
+import os
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import torch
 
-from syncckpt import CheckpointManager, local
-from syncckpt.deadline import Deadline, resolve_deadline, session_start
+from syncckpt import CheckpointManager, env, local
+from syncckpt.deadline import Deadline, resolve_deadline, session_limit, session_start
 from syncckpt.errors import ConfigError
 
 
@@ -74,8 +76,6 @@ def test_the_deadline_checkpoint_is_mirrored_and_the_run_stops_with_no_step_lost
 
 def test_session_start_per_platform_from_a_fake_proc_and_environment(tmp_path):
     proc = _fake_proc(tmp_path / "proc", boot=1_700_000_000, ticks=50_000)
-    import os
-
     container_start = 1_700_000_000 + 50_000 / os.sysconf("SC_CLK_TCK")
     assert session_start("kaggle", environ={}, proc=proc) == container_start
     assert session_start("colab", environ={}, proc=proc) == container_start
@@ -88,19 +88,26 @@ def test_session_start_per_platform_from_a_fake_proc_and_environment(tmp_path):
 
 def test_platform_defaults_durations_and_off():
     start = 1_700_000_000.0
-    kaggle = resolve_deadline("auto", "kaggle", start, now=lambda: start + 60)
+    kaggle = resolve_deadline("auto", "kaggle", start, now=lambda: start + 60, tpu=False)
     assert kaggle is not None and kaggle.at == start + 12 * 3600 and "Kaggle's 12 h session limit" in kaggle.why
     assert resolve_deadline("auto", "colab", start, now=lambda: start).at == start + 12 * 3600
-    assert resolve_deadline("auto", "kaggle", start, now=lambda: start + 13 * 3600) is None  # a wrong start guess
+    assert resolve_deadline("auto", "kaggle", start, now=lambda: start + 13 * 3600, tpu=False) is None  # wrong start
     assert resolve_deadline("auto", None, start) is None  # not a notebook platform: no deadline
     assert resolve_deadline("auto", "kaggle", None) is None  # start unknown: no guess
     assert resolve_deadline("off", "kaggle", start) is None and resolve_deadline(None, "kaggle", start) is None
-    assert resolve_deadline("9h", "kaggle", start).at == start + 9 * 3600  # a TPU session
+    assert resolve_deadline("9h", "kaggle", start).at == start + 9 * 3600  # a TPU session the heuristic missed
     with pytest.raises(ConfigError, match="expected a duration"):
         resolve_deadline("11 hours", "kaggle", start)
 
 
+def _no_tpu(monkeypatch) -> None:
+    for name in env.TPU_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(env, "detect_tpu", lambda: env.tpu_from(os.environ, accel_device_exists=False))
+
+
 def test_a_kaggle_manager_announces_its_deadline_from_the_session_start(tmp_path, monkeypatch, caplog):
+    _no_tpu(monkeypatch)
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     monkeypatch.setenv("SYNCCKPT_SESSION_START", str(time.time() - 3600))  # the session started an hour ago
     caplog.set_level(logging.INFO, logger="syncckpt")
@@ -108,3 +115,76 @@ def test_a_kaggle_manager_announces_its_deadline_from_the_session_start(tmp_path
         pass
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Session deadline: "))
     assert "Kaggle's 12 h session limit" in line and "deadline='off'" in line
+
+
+# ---- Kaggle TPU sessions: 9 h, recognised heuristically -----------------------------------------------------
+
+
+def test_a_tpu_session_is_recognised_from_a_fake_environment_or_device_node(tmp_path):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    assert not env.detect_tpu({}, dev=dev)  # a CPU/GPU session: none of the signs
+    for name in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "XRT_TPU_CONFIG", "COLAB_TPU_ADDR"):
+        assert env.detect_tpu({name: "v3-8" if name == "TPU_ACCELERATOR_TYPE" else "local"}, dev=dev), name
+    assert not env.detect_tpu({"TPU_NAME": ""}, dev=dev)  # set but empty is not a TPU
+    (dev / "accel0").touch()  # a TPU chip's device node, no variables at all
+    assert env.detect_tpu({}, dev=dev)
+
+
+def test_auto_on_a_kaggle_tpu_is_9_hours_and_12_elsewhere(monkeypatch):
+    start = 1_700_000_000.0
+    tpu = resolve_deadline("auto", "kaggle", start, now=lambda: start + 60, tpu=True)
+    assert tpu.at == start + 9 * 3600 and tpu.why == "Kaggle's 9 h TPU session limit"
+    assert resolve_deadline("auto", "colab", start, now=lambda: start, tpu=True).at == start + 12 * 3600
+    assert session_limit("colab", tpu=True) == (12 * 3600.0, "Colab's 12 h session limit")
+    # tpu not given: the probe decides (here a fake environment, the way a Kaggle TPU session looks)
+    monkeypatch.setattr(env, "detect_tpu", lambda: env.tpu_from({"TPU_ACCELERATOR_TYPE": "v3-8"}, False))
+    assert resolve_deadline("auto", "kaggle", start, now=lambda: start).at == start + 9 * 3600
+    monkeypatch.setattr(env, "detect_tpu", lambda: env.tpu_from({}, False))
+    assert resolve_deadline("auto", "kaggle", start, now=lambda: start).at == start + 12 * 3600
+    # 10 h into a TPU session, the 9 h limit has passed: the start guess is wrong, so no deadline, as for 12 h
+    assert resolve_deadline("auto", "kaggle", start, now=lambda: start + 10 * 3600, tpu=True) is None
+
+
+def test_a_kaggle_tpu_manager_announces_the_9_hour_limit(tmp_path, monkeypatch, caplog):
+    _no_tpu(monkeypatch)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v3-8")  # what the TPU runtime sets
+    monkeypatch.setenv("SYNCCKPT_SESSION_START", str(time.time() - 3600))
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    with CheckpointManager(tmp_path / "ck", handle_sigterm=False):
+        pass
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Session deadline: "))
+    assert "Kaggle's 9 h TPU session limit" in line, line
+
+
+# ---- a wall-clock deadline -----------------------------------------------------------------------------------
+
+
+def test_a_wall_clock_datetime_is_the_deadline_instant_naive_ones_in_local_time():
+    now = 1_700_000_000.0
+    aware = datetime(2023, 11, 15, 0, 0, tzinfo=timezone.utc)  # 1700006400
+    d = resolve_deadline(aware, "kaggle", start=now - 3600, now=lambda: now)
+    assert d.at == 1_700_006_400.0 and d.why == "the deadline given"  # the session start plays no part
+    naive = datetime.fromtimestamp(now + 7200)  # local time, as a user writes it
+    assert resolve_deadline(naive, None, start=None, now=lambda: now).at == pytest.approx(now + 7200)
+    with pytest.raises(ConfigError, match="that time has passed"):
+        resolve_deadline(datetime.fromtimestamp(now - 60), None, start=None, now=lambda: now)
+
+
+def test_a_datetime_deadline_minutes_away_takes_mirrors_and_stops_at_the_first_step(tmp_path, caplog):
+    # Five minutes left is under the first save's assumed 300 s plus the 120 s margin: the checkpoint is due now.
+    at = datetime.now() + timedelta(minutes=5)
+    remote = tmp_path / "bucket" / "run"
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    model = torch.nn.Linear(4, 2)
+    mgr = CheckpointManager(tmp_path / "ck", save_every_n_steps=100, remote=str(remote), deadline=at, grace_period=30)
+    mgr.register(model=model)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Session deadline: ")]
+    assert said and f"{at:%Y-%m-%d %H:%M}" in said[0] and "(the deadline given)" in said[0], said
+    with pytest.raises(SystemExit) as stopped:
+        mgr.step(1, batch_idx=0)
+    assert stopped.value.code == 143
+    assert mgr.status()["mirrored"] == ["checkpoint-step-1"]
+    assert local.verify(remote / "checkpoint-step-1")[0].global_step == 1
+    mgr.close()

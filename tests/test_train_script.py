@@ -22,6 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,146 @@ def test_a_bad_config_value_is_still_reported_against_the_file(script, tmp_path)
         script.load_train_config(script.build_parser().parse_args(["--config", str(config)]))
 
 
+# ---- in-process runs: the flags that reach the manager, early exits, what Ctrl-C says ---------------------------
+
+SMALL_CONFIG = """\
+model: {max_length: 32, hidden_size: 16, intermediate_size: 32}
+training: {epochs: 2, batch_size: 4, gradient_accumulation_steps: 1, learning_rate: 3.0e-3, seed: 7}
+data: {demo_data: true, demo_train_size: 24, demo_validation_size: 6}
+checkpointing: {save_every_n_batches: 4, keep_last: 2, save_total_limit: 2}
+"""
+
+
+def small_args(workdir: Path, *extra: str) -> list[str]:
+    """The command line of a 6-step-per-epoch run that main() trains in-process in a few seconds."""
+    config = workdir / "small.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config.write_text(SMALL_CONFIG)
+    return job_args(workdir, *extra, config=config)[2:]  # without the interpreter and the script
+
+
+class ManagerBuilt(Exception):
+    """Raised by a stand-in CheckpointManager once it has the arguments the trainer gives the real one."""
+
+
+@pytest.mark.parametrize(
+    "flag, manager_value",
+    [
+        (None, "auto"),
+        ("11h30m", "11h30m"),
+        ("off", "off"),
+        ("2025-06-01T18:00", datetime(2025, 6, 1, 18, 0)),
+    ],
+)
+def test_the_deadline_flag_reaches_the_manager(script, tmp_path, monkeypatch, flag, manager_value):
+    import syncckpt
+
+    seen = {}
+
+    def stand_in(**kwargs):
+        seen.update(kwargs)
+        raise ManagerBuilt
+
+    monkeypatch.setattr(syncckpt, "CheckpointManager", stand_in)
+    args = script.build_parser().parse_args(small_args(tmp_path, *(["--deadline", flag] if flag else [])))
+    cfg = script.load_train_config(args)
+    assert cfg.checkpointing.deadline == (flag or "auto")
+    with pytest.raises(ManagerBuilt):
+        script.train(cfg, resume_from=None, no_resume=False)
+    assert seen["deadline"] == manager_value
+
+
+@pytest.mark.parametrize("value", ["11 hours", "3600", "soon"])
+def test_a_bad_deadline_flag_is_reported_against_the_flag(script, tmp_path, value):
+    args = script.build_parser().parse_args(small_args(tmp_path, "--deadline", value))
+    with pytest.raises(ConfigError) as err:
+        script.load_train_config(args)
+    assert str(err.value).startswith("--deadline: expected 'auto', 'off', a duration"), err.value
+    assert repr(value) in str(err.value) and "small.yaml" not in str(err.value)
+
+
+def test_a_data_dir_that_cannot_be_written_exits_2_with_one_line_before_training(
+    script, tmp_path, capsys, root_logging
+):
+    # issue 18: an empty, non-writable --data-dir gave a traceback. CI runs as root, for whom permission bits stop
+    # nothing: a path under a regular file cannot be created by anyone.
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        script.main([*small_args(tmp_path, "--data-dir", str(tmp_path / "a-file" / "data"), "--demo-data")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ERROR_LINE.match(line)]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"--data-dir {tmp_path / 'a-file' / 'data'}: not writable" in errors[0], errors[0]
+    assert "Checkpoint committed" not in err and not (tmp_path / "ck").exists()
+
+
+def test_interrupted_message_says_what_was_saved(script):
+    msg = script.interrupted_message
+    assert msg(12, ("checkpoint-step-12", 12), None, False) == (
+        "Interrupted at global step 12: last checkpoint checkpoint-step-12 saved; rerun the same command to resume "
+        "from it"
+    )
+    assert msg(12, ("checkpoint-epoch-1", 12), "s3://b/run", True).startswith(
+        "Interrupted at global step 12: last checkpoint checkpoint-epoch-1 saved and mirrored to s3://b/run;"
+    )
+    assert "(locally only: not mirrored to s3://b/run yet)" in msg(12, ("checkpoint-step-12", 12), "s3://b/run", False)
+    assert msg(12, ("checkpoint-step-10", 10), None, False) == (
+        "Interrupted at global step 12: nothing new was saved since checkpoint-step-10 (global step 10); rerun the "
+        "same command to resume from it (the 2 steps since are trained again)"
+    )
+    assert msg(3, None, None, False) == (
+        "Interrupted at global step 3: no checkpoint was saved; rerun the same command to train from the start"
+    )
+    assert "the newest checkpoint is checkpoint-epoch-1" in msg(12, ("checkpoint-epoch-1", None), "s3://b/r", True)
+
+
+def test_after_ctrl_c_the_trainer_says_what_was_saved_or_that_nothing_new_was(
+    script, tmp_path, capsys, monkeypatch, root_logging
+):
+    # issue 18: after Ctrl-C the trainer said "rerun the same command to resume from the newest checkpoint", also
+    # after a second Ctrl-C where nothing had been saved. Two in-process runs of the same command (6 steps an epoch,
+    # a step checkpoint every 4), both interrupted in epoch 1's validation, away from any step boundary.
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # what python and a notebook kernel have
+    real_evaluate = script.evaluate
+    args = small_args(tmp_path)
+
+    def second_ctrl_c(*a, **k):  # a second Ctrl-C raises at once, wherever the run is
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "evaluate", second_ctrl_c)
+    assert script.main(args) == 130
+    out = capsys.readouterr().err
+    assert (
+        out.rstrip()
+        .splitlines()[-1]
+        .endswith(
+            "Interrupted at global step 6: nothing new was saved since checkpoint-step-4 (global step 4); rerun the "
+            "same command to resume from it (the 2 steps since are trained again)"
+        )
+    ), out[-2000:]
+    assert "rerun the same command to resume from the newest checkpoint" not in out
+
+    def first_ctrl_c(*a, **k):  # the first Ctrl-C is noted; the last checkpoint is taken at save_epoch()
+        signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(script, "evaluate", first_ctrl_c)
+    assert script.main(args) == 130  # the same command
+    out = capsys.readouterr().err
+    assert "Resuming from global step 4" in out, out[-2000:]  # what the first message said
+    assert (
+        out.rstrip()
+        .splitlines()[-1]
+        .endswith(
+            "Interrupted at global step 6: last checkpoint checkpoint-epoch-0 saved; rerun the same command to resume "
+            "from it"
+        )
+    ), out[-2000:]
+    assert (tmp_path / "ck" / "checkpoint-epoch-0" / "manifest.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the manager put Python's handler back
+
+
 # ---- the demo job end to end ------------------------------------------------------------------------------
 
 
@@ -598,6 +739,11 @@ def test_ctrl_c_saves_a_last_checkpoint_and_the_same_command_resumes_there(tmp_p
     name = saved[0]
     step = next(int(m.group(2)) for line in job.lines if (m := COMMITTED.search(line)) and m.group(1) == name)
     assert (tmp_path / "ck" / name).is_dir() and step > BATCHES_PER_EPOCH // 2  # past epoch 1's checkpoint
+    # the trainer's last word names that checkpoint, not "the newest checkpoint"
+    assert job.lines[-1].endswith(
+        f"Interrupted at global step {step}: last checkpoint {name} saved; rerun the same command to resume from it"
+    ), job.text()
+    assert not any("resume from the newest checkpoint" in line for line in job.lines), job.text()
     again = Job(job_args(tmp_path, "--save-every-n-batches", "100000", "--max-steps", str(step + 1)), cwd=tmp_path)
     resumed = again.wait_for(RESUMED_STEP)
     assert resumed is not None and int(resumed.group(1)) == step, again.text()
