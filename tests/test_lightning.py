@@ -291,3 +291,32 @@ def test_sigterm_mid_accumulation_saves_and_mirrors_at_the_next_step_then_resume
     assert _first_step(lines)[1] == "8"
     a, b = load_file(str(out)), reference[0]
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+class _StepClock(L.Callback):
+    """A fake wall clock reading 100 s per optimizer step, advanced before the plugin's step-boundary check."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.now = trainer.global_step * 100.0
+
+
+def test_the_session_deadline_saves_mirrors_and_stops_the_run_before_it(tmp_path, caplog):
+    """deadline= on SyncCkptIO: at 600 s, leaving 300 s for a save never timed and no margin, a last checkpoint is
+    taken at step 3 (ModelCheckpoint saves every 2), mirrored, and the run exits 143."""
+    from syncckpt.deadline import Deadline
+
+    clock = _StepClock()
+    remote = (tmp_path / "remote").as_uri()
+    deadline = Deadline(at=600.0, why="a test limit", margin=0.0, clock=lambda: clock.now)
+    sync = SyncCkptIO(remote=remote, handle_sigterm=False, deadline=deadline)
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    with pytest.raises(SystemExit) as ended:
+        _tiny_fit(tmp_path / "a", sync, max_steps=20, callbacks=[clock], save_top_k=-1)
+    assert ended.value.code == 143
+    mirrored = sorted(p.name for p in (tmp_path / "remote").iterdir() if p.name.startswith("checkpoint-step-"))
+    assert mirrored[-1] == "checkpoint-step-3", mirrored
+    assert "saving checkpoint-step-3 now" in caplog.text
+    assert "Session deadline: checkpoint saved and mirrored; exiting" in caplog.text

@@ -220,3 +220,33 @@ def test_a_corrupted_newest_remote_checkpoint_falls_back_to_the_previous_with_a_
     assert path == str(tmp_path / "fresh" / "checkpoint-2")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("checkpoint-4" in m and "model.safetensors" in m for m in warned), warned
+
+
+class _StepClock(TrainerCallback):
+    """A fake wall clock that reads 100 s per optimizer step (set before SyncCheckpointCallback's on_step_end)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.now = state.global_step * 100.0
+
+
+def test_the_session_deadline_saves_mirrors_and_stops_the_trainer_before_it(tmp_path, caplog):
+    """deadline= on the callback: at 600 s, leaving 300 s for a save that was never timed and no margin, the Trainer
+    saves checkpoint-3 at step 3 (its own saves are every 50 steps), it is mirrored, and the run exits 143."""
+    from syncckpt.deadline import Deadline
+
+    clock = _StepClock()
+    remote = (tmp_path / "remote").as_uri()
+    deadline = Deadline(at=600.0, why="a test limit", margin=0.0, clock=lambda: clock.now)
+    sync = SyncCheckpointCallback(remote, deadline=deadline, handle_interrupt=False)
+    trainer = build_trainer(str(tmp_path / "out"), [clock, sync], max_steps=20, save_steps=50)
+    caplog.set_level(logging.INFO, logger="syncckpt")
+    with pytest.raises(SystemExit) as ended:
+        trainer.train()
+    assert ended.value.code == 143
+    assert trainer.state.global_step == 3
+    assert _remote_checkpoints(remote) == ["checkpoint-3"]
+    assert "Session deadline" in caplog.text and "saving checkpoint-step-3 now" in caplog.text
+    assert "Session deadline: checkpoint saved and mirrored; exiting" in caplog.text

@@ -63,7 +63,9 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
 from .. import local
+from ..deadline import resolve_deadline, session_start
 from ..distributed import Solo
+from ..env import detect_platform
 from ..errors import ConfigError, StateMismatch
 from ..format import DecodedCheckpoint
 from ..lifecycle import Lifecycle
@@ -96,7 +98,9 @@ class SyncCkptIO(CheckpointIO):
         handle_sigterm: on SIGTERM, save a last checkpoint at the next optimizer step, mirror it within
             ``grace_period`` seconds and exit with status 143.
         grace_period: seconds a SIGTERM or the interpreter's exit may spend flushing.
-        remote_options, background_nice: as for :class:`syncckpt.CheckpointManager`.
+        remote_options, background_nice, deadline: as for :class:`syncckpt.CheckpointManager` (``deadline``:
+            Kaggle's and Colab's session limits by default; shortly before it a last checkpoint is saved at an
+            optimizer step, mirrored, and the run exits with status 143, as on SIGTERM).
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class SyncCkptIO(CheckpointIO):
         grace_period: float = 60.0,
         remote_options: dict[str, Any] | None = None,
         background_nice: int = 19,
+        deadline: Any = "auto",
     ) -> None:
         check_settings(1, 0, on_upload_error, background_nice, "all", remote is not None)
         self.remote = remote
@@ -122,6 +127,7 @@ class SyncCkptIO(CheckpointIO):
         self.grace_period = grace_period
         self.remote_options = dict(remote_options or {})
         self.background_nice = background_nice
+        self.deadline = deadline
         self.callback = SyncCkptCallback(self)
         self.trainer: Any = None  # set by the callback's setup()
         self._writer: Writer | None = None
@@ -327,7 +333,9 @@ class SyncCkptIO(CheckpointIO):
             self._restore(*pending)
         if self._life is None:
             # After Lightning installed its own SIGTERM handler (it would stop at the next batch, mid-accumulation)
+            platform = detect_platform()
             self._life = Lifecycle(
+                deadline=resolve_deadline(self.deadline, platform, session_start(platform)),
                 flush=self.wait,
                 grace_period=self.grace_period,
                 mirrored=self.remote is not None,
@@ -337,8 +345,12 @@ class SyncCkptIO(CheckpointIO):
             )
 
     def _at_step_boundary(self, trainer: Any) -> None:
-        """After an optimizer step: on SIGTERM, take a last checkpoint here, mirror it, exit with status 143."""
-        if self._life is None or not self._life.requested:
+        """After an optimizer step: on SIGTERM (or the session deadline), take a last checkpoint here, mirror it, exit
+        with status 143."""
+        if self._life is None:
+            return
+        durable = self._writer.last_durable if self._writer is not None else None
+        if not (self._life.requested or self._life.deadline_due(trainer.global_step, durable)):
             return
 
         def save() -> None:

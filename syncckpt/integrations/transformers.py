@@ -55,7 +55,9 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .. import local
+from ..deadline import resolve_deadline, session_start
 from ..distributed import Dist
+from ..env import detect_platform
 from ..errors import SyncCkptError
 from ..lifecycle import Lifecycle
 from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
@@ -104,6 +106,10 @@ class SyncCheckpointCallback(TrainerCallback):
         handle_interrupt: the same on Ctrl-C, then KeyboardInterrupt; a second Ctrl-C stops at once. Only
             replaces Python's default SIGINT handler.
         grace_period: seconds from the signal to the exit, saving and mirroring included.
+        deadline: when the session ends, as for :class:`syncckpt.CheckpointManager` (``"auto"``: Kaggle's and
+            Colab's limits from the session start; a duration, a datetime, or ``"off"``): shortly before it the
+            Trainer saves a last checkpoint, it is mirrored, and the run exits with status 143, as on SIGTERM.
+            Until a mirror has been timed, a save is assumed to take 5 minutes (plus the 2-minute margin).
 
     >>> cb = SyncCheckpointCallback("memory://doc-callback/run", keep_last=2)
     >>> cb.status()
@@ -123,6 +129,7 @@ class SyncCheckpointCallback(TrainerCallback):
         handle_sigterm: bool = True,
         handle_interrupt: bool = True,
         grace_period: float = 60.0,
+        deadline: Any = "auto",
     ) -> None:
         check_settings(1, 0, on_upload_error, 0, "all", True)
         if keep_last is not None and keep_last < 1:
@@ -137,6 +144,7 @@ class SyncCheckpointCallback(TrainerCallback):
         self.handle_sigterm = handle_sigterm
         self.handle_interrupt = handle_interrupt
         self.grace_period = grace_period
+        self.deadline = deadline
         self._uploader: Any = None
         self._hasher: ThreadPoolExecutor | None = None
         self._futures: list[Future[None]] = []
@@ -152,6 +160,9 @@ class SyncCheckpointCallback(TrainerCallback):
         self._stop: list[bool] | None = None  # (SIGTERM, Ctrl-C) every rank agreed on: the save now ends the run
         self._sampler: TrainerSampler | None = None
         self._resumed: ResumedPass | None = None
+        self._step_ended = time.monotonic()  # the Trainer saves between on_step_end and on_save
+        self._saved_at: dict[str, float] = {}  # checkpoint -> when its save began (mirrored: how long it took)
+        self._last_durable: float | None = None  # seconds from the last save to mirrored (the deadline reads it)
 
     # ---- Trainer events ---------------------------------------------------------------------------------------
     def on_train_begin(
@@ -164,7 +175,7 @@ class SyncCheckpointCallback(TrainerCallback):
                 "ignore_data_skip=True without SyncCheckpointCallback.train_sampler(): the resumed epoch starts again "
                 "from its first batch (the Trainer skips nothing)"
             )
-        if self._dist is None and (self.handle_sigterm or self.handle_interrupt):
+        if self._dist is None and (self.handle_sigterm or self.handle_interrupt or self.deadline not in (None, "off")):
             self._dist = Dist.detect()  # collective: every rank is here
         if state.is_world_process_zero:
             self._start(args)  # opens the remote and takes its lease now, so a LeaseHeld surfaces before step 1
@@ -172,12 +183,14 @@ class SyncCheckpointCallback(TrainerCallback):
             self._life = self._lifecycle(flush=lambda timeout: True, mirrored=False, on_exit=lambda: None)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._step_ended = time.monotonic()
         if self._resumed is not None:
             self._resumed = self._resumed.fix_epoch(state)
         if state.is_world_process_zero and self._uploader is not None:
             self._raise_if_failed()
         if self._dist is not None and self._life is not None:
-            stop = self._dist.agree(self._life.requested, self._life.interrupted)  # every rank stops at one step
+            ending = self._life.requested or self._life.deadline_due(state.global_step, self._last_durable)
+            stop = self._dist.agree(ending, self._life.interrupted)  # every rank stops at one step
             if any(stop):
                 control.should_save = True  # the Trainer saves right after this event; on_save then ends the run
                 self._stop = stop
@@ -211,6 +224,7 @@ class SyncCheckpointCallback(TrainerCallback):
             return
         best = state.best_model_checkpoint
         with self._lock:
+            self._saved_at[folder.name] = self._step_ended
             self._best_name = os.path.basename(os.path.normpath(best)) if best else None
             self._seq += 1
             seq = self._seq
@@ -339,6 +353,7 @@ class SyncCheckpointCallback(TrainerCallback):
             takeover=self.takeover,
             retention=self._retention if self._rotation_limit else None,
             remote_options=self.remote_options,
+            on_mirrored=self._mirrored,
         )
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncckpt-hash")
         self._pid = os.getpid()
@@ -353,12 +368,21 @@ class SyncCheckpointCallback(TrainerCallback):
         )
 
     def _lifecycle(self, **kwargs: Any) -> Lifecycle:
+        platform = detect_platform()
         return Lifecycle(
+            deadline=resolve_deadline(self.deadline, platform, session_start(platform)),
             grace_period=self.grace_period,
             handle_sigterm=self.handle_sigterm,
             handle_interrupt=self.handle_interrupt,
             **kwargs,
         )
+
+    def _mirrored(self, manifest: Any, on_remote: list[str]) -> None:
+        """The uploader's thread: ``manifest`` is in the store; how long it took from the save is the deadline's."""
+        with self._lock:
+            started = self._saved_at.pop(manifest.name, None)
+        if started is not None:
+            self._last_durable = time.monotonic() - started
 
     def _hash_and_submit(
         self,
