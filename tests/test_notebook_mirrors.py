@@ -73,3 +73,45 @@ def test_an_absolute_local_mirror_is_named_in_the_log(tmp_path, platform, caplog
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Mirroring to the local folder")]
     assert said == [f"Mirroring to the local folder {folder}"], said
     assert (folder / "checkpoint-step-1" / "manifest.json").is_file()  # that folder is where the mirror went
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system ``path`` is on (the longest mount point above it in /proc/self/mounts)."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, fstype, *_ = line.split()
+        if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def _storage_reads() -> int:
+    """Bytes this process made the kernel fetch from storage (not from the page cache): /proc/self/io."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise AssertionError("no read_bytes in /proc/self/io")
+
+
+def test_a_local_mirror_is_read_back_from_the_file_system_not_from_the_page_cache(tmp_path):
+    """A Drive mount acknowledges writes it does not hold yet; a read-back served by the page cache the copy just
+    filled would prove nothing. The cached pages are dropped first, so the read reaches the file system: here a
+    disk, where /proc/self/io counts what came from storage."""
+    import os
+
+    from syncckpt.local import hash_file, write_file
+    from syncckpt.manifest import Manifest
+    from syncckpt.remote.localfs import read_back
+
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs") or not Path("/proc/self/io").exists():
+        pytest.skip(f"{tmp_path} is kept in memory: no storage read to observe")
+    entry = write_file(tmp_path, "model.safetensors", [os.urandom(8 << 20)])  # written and fsynced
+    before = _storage_reads()
+    hash_file(tmp_path, entry.path)
+    cached = _storage_reads() - before
+    read_back(str(tmp_path), Manifest("checkpoint-step-1", "step", 1, 0, 0, files=[entry]), "mirror")
+    from_storage = _storage_reads() - before - cached
+    assert from_storage >= entry.size, (
+        f"read_back fetched {from_storage} bytes from storage (a plain read before it: {cached}), the file has "
+        f"{entry.size}"
+    )

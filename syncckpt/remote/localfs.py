@@ -75,13 +75,34 @@ def copy_durable(src: Path, dst: str, counter: Progress) -> None:
 def read_back(folder: str, manifest: Manifest, where: str) -> None:
     """Read every file of ``manifest`` back from ``folder`` and check its SHA-256. A mounted Drive (or another
     FUSE or network mount) acknowledges a write before it holds the bytes; a mirror is only called mirrored once
-    it holds them. Raises RemoteError naming the first file that differs."""
+    it holds them. The kernel's cached copy of each file is dropped first (:func:`drop_cached`), so the bytes are
+    read from the mount, not from the page cache the copy just filled. Raises RemoteError naming the first file
+    that differs."""
     for entry in manifest.files:
         try:
+            drop_cached(os.path.join(folder, entry.path))
             seen = hash_file(Path(folder), entry.path)
             verify_digest(entry, seen.size, seen.sha256)
         except (OSError, CheckpointCorrupt) as e:
             raise RemoteError(f"{where}/{entry.path}: read back after the copy: {e}") from None
+
+
+def drop_cached(path: str) -> None:
+    """Ask the kernel to drop its cached pages of ``path`` (``POSIX_FADV_DONTNEED``; the copy was fsynced, so they
+    are clean), so that the next read goes to the file system itself. Best effort: where the call does not exist
+    or the file system ignores it, the read comes from the cache as before."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the read that follows reports it
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def unlink_quiet(path: str) -> None:
