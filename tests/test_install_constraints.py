@@ -91,6 +91,8 @@ def test_the_wheel_a_notebook_installs_holds_the_package_and_imports(tmp_path):
     assert len(wheels) == 1, list(tmp_path.iterdir())
     readme = (REPO / "README.md").read_text()
     assert f"syncckpt-{wheels[0].name.split('-')[1]}-py3-none-any.whl[s3]" in readme  # the name the README installs
+    notebook = (REPO / "examples" / "kaggle_quickstart.ipynb").read_text()  # and the notebook's first cell names
+    assert f"syncckpt-{wheels[0].name.split('-')[1]}-py3-none-any.whl[s3]" in notebook
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheels[0])],
