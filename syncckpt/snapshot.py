@@ -49,7 +49,24 @@ class StagingArena:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._plans: dict[str, tuple[Any, FileLayout, torch.Tensor, list[torch.Tensor]]] = {}
         self.lock = threading.Lock()  # held by whoever reads or writes the buffers (snapshot, then writer)
+
+    def staged(
+        self, filename: str, tensors: list[tuple[str, torch.Tensor]]
+    ) -> tuple[FileLayout, torch.Tensor, list[torch.Tensor]]:
+        """The layout of ``filename`` for ``tensors``, its buffer, and a typed view per slot. The same names,
+        dtypes and shapes as the last save (every save of a training run) reuse the last plan and views: the
+        layout, its header and ~2 views per tensor are not built again on the training thread."""
+        key = tuple((n, t.dtype, tuple(t.shape)) for n, t in tensors)
+        hit = self._plans.get(filename)
+        if hit is not None and hit[0] == key and self._buffers.get(filename) is hit[2]:
+            return hit[1], hit[2], hit[3]
+        layout = plan_layout(filename, tensors)
+        buf = self.buffer(filename, layout.data_size)
+        views = [slot_view(buf, slot) for slot in layout.slots]
+        self._plans[filename] = (key, layout, buf, views)
+        return layout, buf, views
 
     def buffer(self, filename: str, nbytes: int) -> torch.Tensor:
         buf = self._buffers.get(filename)
@@ -184,8 +201,7 @@ def take_snapshot(states: dict[str, Any], arena: StagingArena) -> Snapshot:
         if tensors:
             per_file.append((name, tensors))
     for name, tensors in per_file:
-        layout = plan_layout(f"{name}.safetensors", tensors)
-        buf = arena.buffer(layout.filename, layout.data_size)
+        layout, buf, views = arena.staged(f"{name}.safetensors", tensors)
         by_name = dict(tensors)
         li = len(layouts)
         for si, slot in enumerate(layout.slots):
@@ -193,7 +209,7 @@ def take_snapshot(states: dict[str, Any], arena: StagingArena) -> Snapshot:
             if slot.nbytes:
                 non_blocking = src.device.type == "cuda"
                 cuda = cuda or non_blocking
-                slot_view(buf, slot).copy_(src, non_blocking=non_blocking)
+                views[si].copy_(src, non_blocking=non_blocking)
             if slot.dtype.is_floating_point:
                 float_slots.append((li, si))
         layouts.append(layout)

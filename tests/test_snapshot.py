@@ -110,6 +110,23 @@ def test_buffers_grow_when_the_state_grows_and_are_kept_when_it_shrinks():
     assert torch.equal(restored(shrunk, "model")["w"], torch.full((10,), 2.0))
 
 
+def test_the_layout_is_planned_once_while_names_dtypes_and_shapes_stay_the_same():
+    arena = StagingArena()
+    first = take_snapshot({"model": {"w": torch.zeros(4, 3), "b": torch.zeros(3)}}, arena)
+    again = take_snapshot({"model": {"w": torch.ones(4, 3), "b": torch.full((3,), 2.0)}}, arena)
+    assert again.layouts[0] is first.layouts[0]  # the same plan (and views), no new header built
+    assert_same_state(restored(again, "model"), {"w": torch.ones(4, 3), "b": torch.full((3,), 2.0)})
+    changes = [
+        {"w": torch.ones(3, 4), "b": torch.zeros(3)},  # another shape, same size
+        {"w": torch.ones(4, 3, dtype=torch.float64), "b": torch.zeros(3)},  # another dtype
+        {"w": torch.ones(4, 3), "c": torch.zeros(3)},  # another name
+    ]
+    for state in changes:
+        snap = take_snapshot({"model": state}, arena)
+        assert snap.layouts[0] is not first.layouts[0]
+        assert_same_state(restored(snap, "model"), state)
+
+
 def test_each_object_gets_its_own_buffer():
     arena = StagingArena()
     snap = take_snapshot({"a": {"w": torch.ones(10)}, "b": {"w": torch.full((10,), 2.0)}}, arena)
