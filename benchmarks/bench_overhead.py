@@ -53,8 +53,10 @@ from common import (  # noqa: E402
     make_tokens,
     moto_s3,
     n_params,
+    pin_server,
     print_table,
     ratio,
+    split_cpus,
     state_bytes,
     train_step,
     unique_prefix,
@@ -123,12 +125,6 @@ class PeerArm:
 
     def close(self, timeout: float | None = None) -> None:
         self.wait()
-
-
-def pin_server(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of the server process (threads it starts later inherit the mask)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(tid), cpus)
 
 
 def server_cpu(s3) -> float:
@@ -256,8 +252,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpus, train_cpus = ({cpus[-1]}, set(cpus[:-1])) if args.isolate_server and len(cpus) > 1 else (None, None)
+    server_cpus, train_cpus = split_cpus(args.isolate_server)
     if args.threads or train_cpus:
         torch.set_num_threads(args.threads or len(train_cpus))
     every = args.every_seconds

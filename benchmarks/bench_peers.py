@@ -28,7 +28,7 @@ The first save of each method (buffer allocation, connections, imports) is a war
 measured side by side are what count: moto runs on the same CPUs as the client (see benchmarks/README.md).
 
 Usage:  python benchmarks/bench_peers.py [--size 16] [--repeat 3] [--methods dcp,torch,syncckpt] [--background-nice 19]
-Writes benchmarks/results/peers.json and prints a table.
+Writes benchmarks/results/peers.json (peers_isolated.json with ``--isolate-server``) and prints a table.
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     build_mlp,
     cpu_seconds,
+    isolate_benchmark,
     load_average,
     mlp_step,
     moto_s3,
     n_params,
+    pin_server,
     print_table,
     process_cpu_seconds,
     ratio,
@@ -277,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(methods) - {"dcp", "torch", "syncckpt"})
     if unknown:
         sys.exit(f"unknown methods {unknown}; choose from dcp, torch, syncckpt")
+    server_cpus = isolate_benchmark(args.isolate_server)  # before torch's threads start: they inherit it
     model, opt = build_mlp(args.size)
     target = build_mlp(args.size)
     nbytes = state_bytes(model, opt)
@@ -288,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     verified: dict[str, bool | str] = {}
     try:
         with moto_s3() as s3:
+            pin_server(s3.pid, server_cpus)
             options = s3.options()
             fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
             base = unique_prefix("s3", "peers")
@@ -418,6 +422,12 @@ def main() -> None:
         help="syncckpt's background_nice (19, its default: its threads yield to every other process, as they do "
         "to training; on a machine busy with other jobs that stretches its time to durable)",
     )
+    ap.add_argument(
+        "--isolate-server",
+        action="store_true",
+        help="moto on the last CPU, the benchmark (every method alike) on the others: a real store is not on the "
+        "training machine's CPUs",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     load0 = load_average()
@@ -440,7 +450,8 @@ def main() -> None:
     if "syncckpt_resume_setup_s" in result:
         print(f"syncckpt resume_s includes {result['syncckpt_resume_setup_s']:.2f}s of manager setup (lease write)")
     print("torch.save resume = s3fs get only (no torch.load: never unpickled here), a lower bound for that method")
-    path = write_json("peers", {"load_average_start": load0, **result})
+    name = "peers_isolated" if args.isolate_server else "peers"
+    path = write_json(name, {"load_average_start": load0, "isolate_server": args.isolate_server, **result})
     print(f"\nwrote {path}")
 
 

@@ -204,6 +204,30 @@ def servers_module():
     return servers
 
 
+def pin_server(pid: int | None, cpus: set[int] | None) -> None:
+    """Pin every thread of the server process (threads it starts later inherit the mask); None: leave it."""
+    if pid is None or not cpus:
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def split_cpus(isolate: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(the server's CPUs, the benchmark's): with ``isolate`` and more than one CPU, the last one for the server."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[-1]}, set(cpus[:-1])) if isolate and len(cpus) > 1 else (None, None)
+
+
+def isolate_benchmark(isolate: bool) -> set[int] | None:
+    """With ``isolate``: this process (and the threads it starts from now on) off the last CPU, which is returned
+    for the server (:func:`pin_server`); None when not isolating or with one CPU."""
+    server_cpus, bench_cpus = split_cpus(isolate)
+    if bench_cpus:
+        os.sched_setaffinity(0, bench_cpus)
+        torch.set_num_threads(len(bench_cpus))
+    return server_cpus
+
+
 class MotoProcess:
     """tests/servers.MotoS3Server run in a child process.
 
