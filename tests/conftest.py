@@ -1,7 +1,8 @@
 """Shared fixtures: storage servers are started here (session-wide) and each test gets a fresh run prefix.
 
 Helpers live next to this file (``servers.py``, ``faultproxy.py``); with ``--import-mode=importlib`` the tests
-folder is not a package, so it is put on ``sys.path`` here and tests import the helpers by module name.
+folder is not a package, so it is put on ``sys.path`` here and tests import the helpers by module name. So is
+``e2e/``: its job scripts import ``procs`` (the one-write ``say``), and ``--doctest-modules`` imports them too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 # a 60 s hang. gcsfs reads this when imported, so it is set before anything can import it.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

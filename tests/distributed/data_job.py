@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import datasets
 import torch
@@ -32,6 +33,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from syncckpt import CheckpointManager, ResumableSampler
 from syncckpt.augment import PerSampleRandom
 from syncckpt.data import ShuffleBuffer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from procs import say  # noqa: E402
 
 N, BATCH, SHARDS = 48, 4, 4
 
@@ -71,11 +75,6 @@ def crop_and_noise(sample: tuple[torch.Tensor, torch.Tensor], g: torch.Generator
     top, left = (int(v) for v in torch.randint(0, 3, (2,), generator=g))
     crop = img[:, top : top + 8, left : left + 8]
     return (crop + 0.1 * torch.randn(crop.shape, generator=g)).flatten(), label
-
-
-def say(line: str) -> None:
-    """One write per line (print's separate newline write can interleave with a worker's warning)."""
-    os.write(1, (line + "\n").encode())
 
 
 def net(inputs: int) -> torch.nn.Module:
@@ -177,7 +176,7 @@ def main() -> int:
         sync_saves=args.sync_saves,
     )
     save_file(tensors, args.out)
-    print(f"done {global_step}", flush=True)
+    say(f"done {global_step}")
     return 0
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 _args = sys.argv
 if "--die-rank" in _args and os.environ.get("RANK") == _args[_args.index("--die-rank") + 1]:
@@ -26,10 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from syncckpt import CheckpointManager, ResumableSampler  # noqa: E402
 
-
-def say(line: str) -> None:
-    """One write per line: with several ranks on one pipe, print()'s separate newline write can interleave."""
-    os.write(1, (line + "\n").encode())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from procs import say  # noqa: E402
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from syncckpt import CheckpointManager, ResumableSampler
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from procs import say  # noqa: E402
+
 N, BATCH, SEED = 101, 4, 3
-
-
-def say(line: str) -> None:
-    os.write(1, (line + "\n").encode())
 
 
 @record  # a rank's exception goes into torchrun's failure summary (its error file), not only to its stderr

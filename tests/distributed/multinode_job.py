@@ -28,10 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from syncckpt import CheckpointManager, ResumableSampler
 
-
-def say(line: str) -> None:
-    """One write per line: with several ranks on one pipe, print()'s separate newline write can interleave."""
-    os.write(1, (line + "\n").encode())
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from procs import say  # noqa: E402
 
 
 def fsdp(net: torch.nn.Module) -> torch.nn.Module:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+from pathlib import Path
 
 import datasets
 import torch
@@ -22,6 +23,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from syncckpt import CheckpointManager, ShuffleBuffer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from procs import say  # noqa: E402
 
 SHARDS, ROWS, BUFFER, BATCH = 4, 8, 3, 2  # 32 samples; shard s holds s*ROWS .. s*ROWS+ROWS-1
 
@@ -36,10 +40,6 @@ def rank_loader(rank: int, world_size: int) -> StatefulDataLoader:
     """This rank's loader; the test builds the same one in its own process for the uninterrupted order."""
     ds = datasets.IterableDataset.from_generator(rows, gen_kwargs={"shards": list(range(SHARDS))})
     return StatefulDataLoader(ShuffleBuffer(split_dataset_by_node(ds, rank, world_size), BUFFER, seed=5), BATCH)
-
-
-def say(line: str) -> None:
-    os.write(1, (line + "\n").encode())
 
 
 @record

@@ -34,6 +34,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from syncckpt.sharded import has_dtensors, load_shards, save_shards, snapshot_shards  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from procs import say  # noqa: E402
+
 
 class Net(torch.nn.Module):
     def __init__(self) -> None:
@@ -47,11 +50,6 @@ class Net(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(torch.relu(self.b(torch.relu(self.a(x * self.scale)))))
-
-
-def say(line: str) -> None:
-    """One write per line: with several ranks on one pipe, print()'s separate newline write can interleave."""
-    os.write(1, (line + "\n").encode())
 
 
 def build(world: int):

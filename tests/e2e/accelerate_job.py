@@ -24,6 +24,7 @@ import threading
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
+from procs import say
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -113,7 +114,7 @@ def main() -> int:
         if restore is not None:
             restore()
     resumed = None if info is None else {"epoch": info.epoch, "batch_idx": info.batch_idx, "step": info.global_step}
-    print(f"rank {accelerator.process_index} resumed at {json.dumps(resumed)}", flush=True)
+    say(f"rank {accelerator.process_index} resumed at {json.dumps(resumed)}")
 
     start_epoch, skip = (info.epoch, info.batch_idx + 1) if info else (0, 0)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -130,7 +131,7 @@ def main() -> int:
             ckpt.step(epoch=epoch, batch_idx=batch_idx)
             if accelerator.sync_gradients and ckpt.global_step == args.pause_at:
                 ckpt.wait()
-                print(f"rank {accelerator.process_index} PAUSED at step {ckpt.global_step}", flush=True)
+                say(f"rank {accelerator.process_index} PAUSED at step {ckpt.global_step}")
                 threading.Event().wait()  # the test SIGKILLs the job here
     ckpt.close()
 
@@ -142,7 +143,7 @@ def main() -> int:
             for k, v in st.items():
                 tensors[f"opt.{pid}.{k}"] = v.reshape(-1).clone() if v.dim() == 0 else v.contiguous()
         save_file(tensors, args.out)
-    print(f"rank {accelerator.process_index} done {ckpt.global_step}", flush=True)
+    say(f"rank {accelerator.process_index} done {ckpt.global_step}")
     accelerator.end_training()
     return 0
 

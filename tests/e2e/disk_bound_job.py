@@ -14,6 +14,7 @@ import sys
 
 import safetensors.torch
 import torch
+from procs import say
 
 from syncckpt import CheckpointManager
 
@@ -59,7 +60,7 @@ def main() -> int:
     for i, st in opt.state_dict()["state"].items():
         tensors.update({f"opt.{i}.{k}": v.contiguous() for k, v in st.items() if torch.is_tensor(v)})
     safetensors.torch.save_file(tensors, args.out)
-    print(f"PEAK {peak}", flush=True)
+    say(f"PEAK {peak}")
     return 0
 
 

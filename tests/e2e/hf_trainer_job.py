@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import torch
+from procs import say
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from syncckpt.integrations.transformers import PicklefreeCheckpoints, PicklefreeTrainer, SyncCheckpointCallback
@@ -89,19 +90,19 @@ class StepLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.steps.append(state.global_step)
-            print(f"LOG step {state.global_step}", flush=True)
+            say(f"LOG step {state.global_step}")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.hold_at is not None and state.global_step == self.hold_at and self.until_sigterm:
-            print(f"HOLD step {state.global_step}", flush=True)
+            say(f"HOLD step {state.global_step}")
             deadline = time.monotonic() + 60
             while not self.sync.terminating:  # the handler runs between bytecodes: poll the flag
                 assert time.monotonic() < deadline, "no SIGTERM within 60 s"
                 threading.Event().wait(0.01)
-            print(f"SIGTERM seen at step {state.global_step}", flush=True)
+            say(f"SIGTERM seen at step {state.global_step}")
         elif self.hold_at is not None and state.global_step == self.hold_at:
             assert self.sync is not None and self.sync.wait(60), "checkpoints were not mirrored within 60 s"
-            print(f"HOLD step {state.global_step}", flush=True)
+            say(f"HOLD step {state.global_step}")
             threading.Event().wait()  # until the test kills this process
 
 
@@ -202,7 +203,7 @@ def main() -> int:
         **json.loads(args.trainer_args),
     )
     trainer.train()
-    print(f"done {trainer.state.global_step}", flush=True)
+    say(f"done {trainer.state.global_step}")
     return 0
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 
 import torch
+from procs import say
 from safetensors.torch import save_file
 
 SAMPLES, BATCH, ACCUM, EPOCHS = 96, 8, 2, 3
@@ -132,7 +133,7 @@ class Progress:
     """Prints ``step N epoch E batch B`` after every optimizer step (through ``say``), SIGTERMs its own process as
     step ``sigterm_at``'s window starts, holds at step ``hold_at`` once every checkpoint so far is mirrored."""
 
-    def __init__(self, sync=None, sigterm_at: int | None = None, hold_at: int | None = None, say=print) -> None:
+    def __init__(self, sync=None, sigterm_at: int | None = None, hold_at: int | None = None, say=say) -> None:
         import lightning as L
 
         progress = self
@@ -209,18 +210,18 @@ def main() -> int:
 
     options = json.loads(args.storage_options) if args.storage_options else None
     sync = None if args.native else SyncCkptIO(remote=args.remote, storage_options=options, grace_period=30)
-    progress = Progress(sync, args.sigterm_at_step, args.hold_at_step, say=lambda line: print(line, flush=True))
+    progress = Progress(sync, args.sigterm_at_step, args.hold_at_step, say=say)
     tensors, calls = fit(
         args.dir, sync, native=args.native, ckpt_path=args.ckpt_path, poison=args.poison_pickle, progress=progress
     )
-    print(f"fit {time.perf_counter() - progress.t0:.2f}s", flush=True)
-    print(f"getitem {calls}", flush=True)
+    say(f"fit {time.perf_counter() - progress.t0:.2f}s")
+    say(f"getitem {calls}")
     save_file(tensors, args.out)
     if args.reference_out:
         tensors, calls = reference(args.native)
         save_file(tensors, args.reference_out)
-        print(f"reference getitem {calls}", flush=True)
-    print(f"done pid={os.getpid()}", flush=True)
+        say(f"reference getitem {calls}")
+    say(f"done pid={os.getpid()}")
     return 0
 
 

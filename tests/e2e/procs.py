@@ -14,6 +14,13 @@ from safetensors.torch import load_file
 TINY = Path(__file__).with_name("tiny_train.py")
 
 
+def say(line: str) -> None:
+    """A job's output line in one write. ``print`` writes the text and the newline separately, so a log record
+    from a background thread (the writer's "Checkpoint committed") can land between them and the test never sees
+    the line it waits for; several ranks on one pipe interleave the same way."""
+    os.write(1, (line + "\n").encode())
+
+
 def env(**extra: str) -> dict[str, str]:
     """This process's environment for a job: unbuffered output, this checkout first on PYTHONPATH, ``extra`` set."""
     e = dict(os.environ, **extra)

@@ -26,6 +26,7 @@ import threading
 import time
 
 import torch
+from procs import say  # noqa: E402
 from torch.utils.data import DataLoader, Dataset
 
 from syncckpt import CheckpointManager, ResumableSampler
@@ -48,11 +49,6 @@ class Squares(Dataset):
             say("blocked")
             threading.Event().wait()
         return self.x[i], self.y[i]
-
-
-def say(line: str) -> None:
-    """One write per line: processes sharing one log file must not interleave halves of lines."""
-    os.write(1, (line + "\n").encode())
 
 
 def announce(worker_id: int) -> None:

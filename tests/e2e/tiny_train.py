@@ -1,8 +1,8 @@
 """A tiny, fully featured training job for end-to-end tests: shuffle, dropout, gradient accumulation, AdamW,
 a warmup/decay LambdaLR and a GradScaler, written exactly like the README's loop.
 
-It prints ``step N`` after every optimizer step (flushed), so a test can SIGKILL it at a chosen moment, and
-writes its final model and optimizer tensors to ``--out`` (safetensors) for bit-for-bit comparison.
+It prints ``step N`` after every optimizer step (in one write, :func:`procs.say`), so a test can SIGKILL it at a
+chosen moment, and writes its final model and optimizer tensors to ``--out`` (safetensors) for bit-for-bit comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from procs import say
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,7 +56,7 @@ def train(mgr, info, model, opt, sched, scaler, sampler, loader, epochs: int, ac
                 if step_sleep:
                     time.sleep(step_sleep)
                 mgr.step(global_step, epoch=epoch, batch_idx=batch_idx, metrics={"train_loss": loss.item()})
-                print(f"step {global_step}", flush=True)
+                say(f"step {global_step}")
             last_loss = loss.item()
         mgr.save_epoch(epoch, global_step=global_step, metrics={"last_loss": last_loss})
     return global_step
@@ -132,7 +133,7 @@ def main() -> int:
     tensors["scaler.scale"] = torch.tensor([scaler.get_scale()])
     tensors["rng"] = torch.get_rng_state()
     save_file(tensors, args.out)
-    print(f"done {global_step} pid={os.getpid()}", flush=True)
+    say(f"done {global_step} pid={os.getpid()}")
     return 0
 
 

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from syncckpt import CheckpointManager, ResumableSampler
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+    from procs import say
     from tiny_train import build, train  # the e2e job's model and loop
 
     ds, model = build()
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     mgr.register(model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     info = mgr.resume()
-    print(f"resumed {info.global_step if info else 0} pid={os.getpid()}", flush=True)
+    say(f"resumed {info.global_step if info else 0} pid={os.getpid()}")
     global_step = train(mgr, info, model, opt, sched, scaler, sampler, loader, args.epochs, accum)
     mgr.close()
-    print(f"done {global_step}", flush=True)
+    say(f"done {global_step}")
     return 0
 
 
