@@ -778,17 +778,13 @@ def interrupted_message(step: int, newest: tuple[str, int | None] | None, remote
 def newest_saved(mgr: Any, resumed: Any) -> tuple[tuple[str, int | None] | None, bool]:
     """The checkpoint a rerun resumes from, as (name, global step), and whether it is mirrored: the newest local one
     (the order resume() tries), else this session's last commit, else the checkpoint this run resumed from."""
-    from syncckpt import local
     from syncckpt.manifest import parse_checkpoint_name
-    from syncckpt.select import Candidate, order_candidates
+    from syncckpt.resume import local_candidates
+    from syncckpt.select import order_candidates
 
     st = mgr.status()
     history = set(st.get("mirrored_history") or [])
-    found = [
-        Candidate(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch, "local", c.manifest_sha256,
-                  c.manifest.healthy)
-        for c in local.list_checkpoints(mgr.directory)
-    ]  # fmt: skip
+    found = local_candidates(mgr.directory)
     if found:
         best = order_candidates(found)[0]
         return (best.name, best.global_step), best.name in history

@@ -203,7 +203,7 @@ def newer_valid(
     checked, newest first, stopping at the first that passes."""
     directory = Path(directory)
     out = []
-    local_cands = [_local_candidate(c) for c in local.list_checkpoints(directory)]
+    local_cands = local_candidates(directory)
     sources: list[tuple[list[Candidate], Remote | None, RemoteListing | None]] = [(local_cands, None, None)]
     if remote is not None:
         listing = remote_listing(remote)
@@ -226,6 +226,12 @@ def newer_valid(
         if won is not None:
             out.append(f"{directory if store is None else store.url}: {won[0].name}")
     return out
+
+
+def local_candidates(directory: Path) -> list[Candidate]:
+    """The committed checkpoints of ``directory`` as resume candidates (unverified; order them with
+    :func:`~syncckpt.select.order_candidates`)."""
+    return [_local_candidate(c) for c in local.list_checkpoints(Path(directory))]
 
 
 def _local_candidate(c: local.LocalCheckpoint, input_folder: Path | None = None) -> Candidate:
