@@ -8,6 +8,7 @@ folder is not a package, so it is put on ``sys.path`` here and tests import the 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,13 @@ from typing import Any
 # gcsfs 2026.x otherwise probes each bucket over gRPC for zonal/HNS features, which the emulator does not serve:
 # a 60 s hang. gcsfs reads this when imported, so it is set before anything can import it.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+# A suite started in the background (``nohup``, ``&`` in a script, a CI runner without a terminal) inherits SIGINT
+# ignored, and Python then leaves it ignored, in this process and in every job it starts: Ctrl-C handling (which
+# only replaces Python's default handler) would be off, and a test sending SIGINT would pass or fail depending on
+# whether an earlier test on the same worker had put Python's handler in place. Tests run with what an interactive
+# python and a notebook kernel have.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 sys.path.insert(0, str(Path(__file__).parent))
