@@ -71,20 +71,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(
-    folder: Path,
-    rel: str,
-    chunks: Iterable[bytes | memoryview],
-    *,
-    crc32c: bool = False,
-    before_sync: Callable[[FileEntry], None] | None = None,
-) -> FileEntry:
+def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview], *, crc32c: bool = False) -> FileEntry:
     """Write ``chunks`` to ``folder/rel``, hashing on the way, fsync, and return its manifest entry.
 
-    ``crc32c``: record the CRC32C as well (for a remote that keeps one per object: see ``Remote.keeps_crc32c``).
-    ``before_sync(entry)``: called once every byte is written (and readable) but before the fsync, which can take
-    as long as the write: an early upload starts from the page cache meanwhile. The entry is only returned, and the
-    checkpoint only commits, after the fsync."""
+    ``crc32c``: record the CRC32C as well (for a remote that keeps one per object: see ``Remote.keeps_crc32c``)."""
     check_relative_path(rel)
     target = folder / rel
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,11 +83,8 @@ def write_file(
         for c in chunks:
             w.write(c)
         f.flush()
-        entry = FileEntry(rel, w.size, w.hexdigest(), crc32c=w.crc32c())
-        if before_sync is not None:
-            before_sync(entry)
         os.fsync(f.fileno())
-    return entry
+    return FileEntry(rel, w.size, w.hexdigest(), crc32c=w.crc32c())
 
 
 def hash_file(folder: Path, rel: str) -> FileEntry:

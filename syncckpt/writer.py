@@ -21,7 +21,6 @@ node's part (:mod:`syncckpt.nodes`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -357,17 +356,18 @@ class Writer:
         if job.shards is not None:  # first, so that no rank skips DCP's collectives
             rels = sharded.save_shards(job.shards, tmp, process_group=self.dist.save_group)
             entries.extend(local.hash_file(tmp, rel) for rel in rels)
-        # a file goes early as soon as its bytes are written, while it is fsynced and the next one written
-        early = None if job.early is None else functools.partial(job.early.send, tmp)
         staged = zip(job.snapshot.layouts, job.snapshot.buffers, strict=True)
         for lay, buf in sorted(staged, key=lambda s: -s[0].data_size):  # largest first: it goes early longest
-            chunks = iter_file_chunks(lay, buf)
-            entries.append(local.write_file(tmp, lay.filename, chunks, crc32c=self._crc32c, before_sync=early))
+            entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c))
+            if job.early is not None:
+                job.early.send(tmp, entries[-1])
             failpoint("serialize")
         job.reservation.release()  # buffers are on disk: the next snapshot may reuse them
         state_file = STATE_FILE if self.dist.rank == 0 else f"state-rank{self.dist.rank}.json"
         state_bytes = encode_state(job.snapshot.structure, job.trainer)
-        entries.append(local.write_file(tmp, state_file, [state_bytes], crc32c=self._crc32c, before_sync=early))
+        entries.append(local.write_file(tmp, state_file, [state_bytes], crc32c=self._crc32c))
+        if job.early is not None:
+            job.early.send(tmp, entries[-1])
         return entries
 
     def _write_with_ranks(self, tmp: Path, job: _Job, bad: list[str]) -> list[local.FileEntry]:

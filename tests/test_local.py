@@ -307,17 +307,3 @@ def test_manifest_for_folder_refuses_a_non_checkpoint_name(tmp_path):
     with pytest.raises(ValueError, match="my-run"):
         local.manifest_for_folder(tmp_path / "my-run")
     assert not (tmp_path / "my-run" / "manifest.json").exists()
-
-
-def test_write_file_hands_the_written_bytes_over_before_the_fsync(tmp_path, monkeypatch):
-    """An early upload starts from the page cache while the file is fsynced; the entry it gets is the final one."""
-    events: list = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-
-    def early(entry):
-        events.append(("early", entry.path, entry.size, (tmp_path / entry.path).read_bytes()))
-
-    entry = local.write_file(tmp_path, "a.bin", [b"abc", memoryview(b"def")], before_sync=early)
-    assert events == [("early", "a.bin", 6, b"abcdef"), "fsync"]
-    assert entry.sha256 == sha256_hex(b"abcdef")

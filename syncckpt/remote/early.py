@@ -1,11 +1,10 @@
 """Sending a checkpoint's data files while its local write is still going: a put strategy whose bytes leave before
 the local commit.
 
-The writer hands each file to an :class:`EarlyPut` as soon as its bytes are written, before its fsync (the send
-reads them from the page cache while the disk catches up; the local commit still waits for every fsync). It is
-hard-linked into the upload's staging folder (so the local rename, retention and ``best_model`` replacement never
-pull it away) and a pool sends it to ``NAME/PATH`` while the writer goes on with the next file, the manifest and
-the rename. The commit itself does not change: objects under ``NAME/`` are no checkpoint until ``NAME/manifest.json``
+The writer hands each file to an :class:`EarlyPut` as soon as it is written and fsynced; it is hard-linked into
+the upload's staging folder (so the local rename, retention and ``best_model`` replacement never pull it away)
+and a pool sends it to ``NAME/PATH`` while the writer goes on with the next file, the manifest and the rename.
+The commit itself does not change: objects under ``NAME/`` are no checkpoint until ``NAME/manifest.json``
 exists, and that, then LATEST, are written by the remote's one commit sequence
 (:meth:`~syncckpt.remote.base.Remote.commit_checkpoint`) with this object as its ``put``: after the local commit
 (the uploader gets the job only then), and after every file of the manifest is in the store and checked there
@@ -93,9 +92,8 @@ class EarlyPut:
         return True
 
     def send(self, folder: Path, entry: FileEntry) -> None:
-        """Send ``folder/entry.path`` (every byte written, described by ``entry``; its fsync may still be running)
-        from now on, in the background. Never raises for the store: a failure only means the commit sends that file
-        itself."""
+        """Send ``folder/entry.path`` (written and fsynced, described by ``entry``) from now on, in the
+        background. Never raises for the store: a failure only means the commit sends that file itself."""
         with self._lock:
             if self._closed or entry.path in self._sent:
                 return
