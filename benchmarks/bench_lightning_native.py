@@ -13,9 +13,6 @@ uninterrupted run of the same kind: are the model and optimizer tensors bit-iden
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,22 +22,12 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "e2e" / "lightning_job.py"
+sys.path.insert(0, str(JOB.parent))
+from procs import run_until  # noqa: E402
 
 
 def run(args: list[str], stop_line: str | None = None) -> list[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(
-        [sys.executable, str(JOB), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    lines = []
-    assert p.stdout is not None
-    for line in p.stdout:
-        lines.append(line.rstrip("\n"))
-        if stop_line is not None and lines[-1] == stop_line:
-            os.kill(p.pid, signal.SIGKILL)
-            break
-    p.communicate()
-    return lines
+    return run_until([sys.executable, str(JOB), *args], stop_line)[0]  # the test suite's run-and-kill
 
 
 def value(lines: list[str], prefix: str) -> str:
