@@ -42,6 +42,19 @@ def _unique() -> str:
     return uuid.uuid4().hex[:12]
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_found() -> Iterator[None]:
+    """Each test leaves the signal handlers as it found them. A run that ends in ``SystemExit(143)`` (a deadline, a
+    SIGTERM) keeps its finished owner's handler installed, as a process on its way out may; the next test on the
+    same worker must not inherit it."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    saved = {s: signal.getsignal(s) for s in signals}
+    yield
+    for s, handler in saved.items():
+        if handler is not None and signal.getsignal(s) != handler:
+            signal.signal(s, handler)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[MotoS3Server]:
     """moto S3 on 127.0.0.1 with bucket ``syncckpt-test``; ``restart()`` simulates an outage."""
