@@ -36,7 +36,7 @@ def objects():
 
 @pytest.fixture
 def default_sigint():
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # what a notebook kernel and python have
+    # conftest gives every test Python's handler, what a notebook kernel and python have
     yield
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # close() put it back
 

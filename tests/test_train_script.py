@@ -474,7 +474,6 @@ def test_after_ctrl_c_the_trainer_says_what_was_saved_or_that_nothing_new_was(
     # issue 18: after Ctrl-C the trainer said "rerun the same command to resume from the newest checkpoint", also
     # after a second Ctrl-C where nothing had been saved. Two in-process runs of the same command (6 steps an epoch,
     # a step checkpoint every 4), both interrupted in epoch 1's validation, away from any step boundary.
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # what python and a notebook kernel have
     real_evaluate = script.evaluate
     args = small_args(tmp_path)
 
