@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from syncckpt import CheckpointManager, ResumableSampler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from procs import say  # noqa: E402
+from procs import end_job, say  # noqa: E402
 
 
 def main() -> int:
@@ -111,4 +111,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_job(main())

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from syncckpt import CheckpointManager, ResumableSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from procs import say  # noqa: E402
+from procs import end_job, say  # noqa: E402
 
 N, BATCH, SEED = 101, 4, 3
 
@@ -83,4 +83,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_job(main())

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sharded_job import build, say  # noqa: E402  (the helper model sharded with fully_shard over a CPU mesh)
+from sharded_job import build, end_job, say  # noqa: E402  (the helper model sharded with fully_shard over a CPU mesh)
 
 from syncckpt import CheckpointManager  # noqa: E402
 
@@ -94,4 +94,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_job(main())

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from syncckpt import CheckpointManager, ResumableSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from procs import say  # noqa: E402
+from procs import end_job, say  # noqa: E402
 
 
 def fsdp(net: torch.nn.Module) -> torch.nn.Module:
@@ -150,6 +150,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    sys.stdout.flush()
-    os._exit(status)  # everything is written and closed: skip torch's interpreter teardown (seconds on 2 busy cores)
+    end_job(main())

@@ -25,7 +25,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from syncckpt import CheckpointManager, ShuffleBuffer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from procs import say  # noqa: E402
+from procs import end_job, say  # noqa: E402
 
 SHARDS, ROWS, BUFFER, BATCH = 4, 8, 3, 2  # 32 samples; shard s holds s*ROWS .. s*ROWS+ROWS-1
 
@@ -78,4 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_job(main())

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from syncckpt.sharded import has_dtensors, load_shards, save_shards, snapshot_shards  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from procs import say  # noqa: E402
+from procs import end_job, say  # noqa: E402
 
 
 class Net(torch.nn.Module):
@@ -193,7 +193,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)  # skip the interpreter's slow teardown of torch (seconds per run on 2 cores)
+    end_job(main())

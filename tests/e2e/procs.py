@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors.torch import load_file
@@ -19,6 +21,26 @@ def say(line: str) -> None:
     from a background thread (the writer's "Checkpoint committed") can land between them and the test never sees
     the line it waits for; several ranks on one pipe interleave the same way."""
     os.write(1, (line + "\n").encode())
+
+
+def end_job(status: int) -> NoReturn:
+    """End a torchrun job's rank once its ``main`` returned: flush, then leave without the interpreter's teardown.
+
+    torch's gloo worker threads outlive ``destroy_process_group`` (a ProcessGroup goes only with its last
+    reference, and some stay referenced from torch itself), and one can still be dropping the last collectives'
+    tensors while the interpreter finalizes: taking the GIL then ends that thread inside a destructor,
+    "terminate called without an active exception" and SIGABRT after all of the job's output (seen twice in
+    fsdp_job's rank 1; pytorch PR 179291 describes the same race). The teardown also costs seconds per rank on two
+    busy cores. What it would wait for is checked here instead: a non-daemon thread still running is a thread the
+    code under test leaked, and fails the job.
+    """
+    leaked = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if leaked:
+        say(f"non-daemon threads still running at exit: {', '.join(leaked)}")
+        status = status or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def env(**extra: str) -> dict[str, str]:
