@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ def main() -> int:
     p.add_argument("--remote", default=None)
     p.add_argument("--storage-options", default=None)
     p.add_argument("--sync-saves", action="store_true")
+    p.add_argument("--hold-at", type=int, default=None, help="after step N, wait until killed (the test kills it)")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -83,6 +85,8 @@ def main() -> int:
             mgr.wait()
         if rank == 0:
             say(f"step {step}")
+        if step == args.hold_at:
+            threading.Event().wait()  # the killing test reads ahead of nothing: the job stops right here
     mgr.close()
     state = full_state(net, opt)
     if rank == 0 and args.dump:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -68,6 +69,7 @@ def main() -> int:
     p.add_argument("--sync-saves", action="store_true")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--dump-at", type=int, default=None)
+    p.add_argument("--hold-at", type=int, default=None, help="after step N, wait until killed (the test kills it)")
     args = p.parse_args()
     say(f"pid {os.environ['RANK']} {os.getpid()}")
     dist.init_process_group("gloo")
@@ -139,6 +141,8 @@ def main() -> int:
                     dist.barrier()  # every rank's file is written before rank 0 says the step is done
                 if rank == 0:
                     say(f"step {global_step}")
+                if global_step == args.hold_at:
+                    threading.Event().wait()  # the killing test reads ahead of nothing: the job stops right here
         mgr.save_epoch(epoch, global_step=global_step)
     mgr.close()
     dump(model, opt, os.path.join(args.out_dir, f"rank{rank}.safetensors"))

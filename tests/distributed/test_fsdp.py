@@ -93,7 +93,8 @@ def test_fresh_session_after_sigkill_resumes_bit_identical_from_the_bucket(
     ck = tmp_path / "ck"
     args = ["--ckpt-dir", str(ck), "--dump", str(tmp_path / "out.safetensors"), "--sync-saves"]
     args += _remote_args(s3_remote_url, s3_storage_options)
-    lines, rc = run_job(args, kill_when=lambda ls: ls[-1] == "step 5", job=JOB)  # step 4 mirrored before "step 4"
+    # step 4 is mirrored before "step 4" is printed, and the job holds after "step 5" (step 6 would be saved)
+    lines, rc = run_job([*args, "--hold-at", "5"], kill_when=lambda ls: ls[-1] == "step 5", job=JOB)
     assert rc == -signal.SIGKILL
     assert open_remote(s3_remote_url, s3_storage_options).read_latest().name == "checkpoint-step-4"
     shutil.rmtree(ck)  # a new VM: the local directory is gone

@@ -243,7 +243,7 @@ def test_node_dying_mid_upload_then_job_sigkilled_after_a_commit_resumes_bit_ide
     # 2. node 1 comes back with an empty disk (a new VM); the previous committed checkpoint resumes. Then the whole
     #    job is SIGKILLed mid-epoch, right after checkpoint-step-6 was committed by both nodes.
     shutil.rmtree(tmp_path / "node1")
-    job = Job(tmp_path, args).run(until=lambda node, line: node == 0 and line == "step 7")
+    job = Job(tmp_path, [*args, "--hold-at", "7"]).run(until=lambda node, line: node == 0 and line == "step 7")
     assert any("Resuming from global step 2" in ln for ln in job.lines[0]), job.log()
     assert any("Pulled checkpoint-step-2" in ln for ln in job.lines[1]), job.log()
     assert store.read_latest().name == "checkpoint-step-6"
@@ -317,7 +317,7 @@ def test_fsdp2_job_sigkilled_after_a_commit_resumes_bit_identical_from_bucket_ea
     bit. Each node pulled the DCP index, rank 0's replicated state and its own ranks' shards only."""
     store = open_remote(s3_remote_url, s3_storage_options)
     args = [*_args(s3_remote_url, s3_storage_options), "--fsdp", "--dump-at", "7"]
-    job = Job(tmp_path, args).run(until=lambda node, line: node == 0 and line == "step 7")
+    job = Job(tmp_path, [*args, "--hold-at", "7"]).run(until=lambda node, line: node == 0 and line == "step 7")
     latest = store.read_latest()
     assert latest is not None and latest.name == "checkpoint-step-6", job.log()
     committed, _ = store.read_manifest("checkpoint-step-6")
