@@ -291,5 +291,10 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_its_workers_and_the_ranks_sa
     assert any(ln.startswith(f"INFO Mirrored checkpoint-step-{final} ") for ln in lines), tail
     assert final > max(_steps(seen))
     assert elapsed < GRACE, tail
-    assert rc == 1, tail  # torchrun raises SignalException (exit 1), whatever its ranks did
+    # torchrun raises SignalException (exit 1), whatever its ranks did. Its own interpreter teardown can also abort
+    # (SIGABRT, "terminate called without an active exception", seen once in CI): torch leaves daemon threads
+    # running at its shutdown (the rendezvous keep-alive's PeriodicTimer says so in its source), and one caught in
+    # a C++ call as the interpreter finalizes dies inside a destructor when it takes the GIL back. That is the
+    # launcher's own exit, not what the ranks did.
+    assert rc in (1, -signal.SIGABRT), tail
     assert not left, f"processes still alive after torchrun exited: {sorted(left)}"
