@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from procs import assert_same_tensors, env  # noqa: E402
-from servers import free_port  # noqa: E402
+from servers import rendezvous_port  # noqa: E402
 
 from syncckpt import ResumableSampler  # noqa: E402
 from syncckpt.cli import main as cli_main  # noqa: E402
@@ -73,7 +73,7 @@ def _command(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(JOB)]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc)]
-    launch += ["--main_process_port", str(free_port())]  # two jobs may run side by side
+    launch += ["--main_process_port", str(rendezvous_port())]  # two jobs may run side by side
     return [*launch, "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(JOB)]
 
 
