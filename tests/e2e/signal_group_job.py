@@ -102,7 +102,9 @@ def main() -> int:
     torch.set_num_threads(1)
 
     block_file = os.path.join(args.ckpt_dir + "-stall") if args.stall == "loader" else None
-    ds = Squares(1024, block_file)
+    # 16,384 samples: 512 steps per epoch, so the tests, which signal within the first few dozen steps, never see
+    # the loader start a second set of workers at an epoch boundary (they count the workers they saw)
+    ds = Squares(16_384, block_file)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     if "WORLD_SIZE" in os.environ:
