@@ -208,7 +208,7 @@ def run_blocks(
             )
 
     for arm, mgr in managers.items():
-        first[arm]["mirrored"] = mgr.status().get("mirrored", [])
+        first[arm]["mirrored"] = mgr.status().get("mirrored_history", [])
     return first
 
 
