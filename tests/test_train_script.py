@@ -32,6 +32,9 @@ from safetensors.torch import load_file
 
 from syncckpt.errors import ConfigError
 
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+from procs import COMMITTED  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_hallucination.py"
 
@@ -51,7 +54,6 @@ data: {{demo_data: true, demo_train_size: {TRAIN_SIZE}, demo_validation_size: 24
 checkpointing: {{save_every_n_batches: 2, keep_last: 2, save_total_limit: 2}}
 """
 
-COMMITTED = re.compile(r"Checkpoint committed: (\S+) \(global step (\d+)")
 RESUMED_FROM = re.compile(r"Resuming from checkpoint: (.+?)\s*$")
 RESUMED_STEP = re.compile(r"Resuming from global step (\d+)")
 FRESH = re.compile(r"No checkpoint found in")

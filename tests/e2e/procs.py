@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,9 +107,18 @@ def run_and_kill(args: list[str], kill_when, sig: int = signal.SIGKILL, timeout:
     return lines, p.returncode
 
 
+#: the writer's log line for a commit: the checkpoint's name, then its global step
+COMMITTED = re.compile(r"Checkpoint committed: (\S+) \(global step (\d+)")
+
+
+def commits(lines: list[str]) -> list[tuple[str, int]]:
+    """(name, global step) of every checkpoint the process logged as committed, in order."""
+    return [(m.group(1), int(m.group(2))) for ln in lines if (m := COMMITTED.search(ln))]
+
+
 def committed(lines: list[str]) -> list[str]:
     """Checkpoint names the process logged as committed, in order."""
-    return [ln.split("Checkpoint committed: ", 1)[1].split(" ", 1)[0] for ln in lines if "Checkpoint committed: " in ln]
+    return [name for name, _ in commits(lines)]
 
 
 def assert_same_tensors(a: str | Path, b: str | Path) -> None:

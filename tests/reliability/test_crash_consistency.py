@@ -24,6 +24,7 @@ import time
 
 import pytest
 from forkserver import ForkServer, Run
+from procs import COMMITTED
 from storage_checks import audit_local, audit_remote
 
 from syncckpt._failpoints import NAMES as FAILPOINTS
@@ -35,7 +36,6 @@ from syncckpt.retention import KIND_PRIORITY
 pytestmark = pytest.mark.slow
 HEAVY = os.environ.get("SYNCCKPT_HEAVY", "") not in ("", "0")
 
-COMMITTED = re.compile(r"Checkpoint committed: (\S+) \(global step (\d+)")
 MIRRORED = re.compile(r"Mirrored (\S+) to ")
 RESUMED = re.compile(r"^resumed (\d+) pid=")
 TORN_SIGNS = ("Skipping checkpoint", "Skipping remote checkpoint", "Ignoring ")

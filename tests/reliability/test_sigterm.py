@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from forkserver import child_env
+from procs import commits
 from storage_checks import audit_remote
 
 pytestmark = pytest.mark.slow  # spawns a training process
@@ -66,8 +67,8 @@ def test_sigterm_saves_and_mirrors_a_last_checkpoint_within_the_grace_period(
     assert sent, "the job never reached step 9:\n" + "\n".join(lines[-30:])
     elapsed = exited - sent
     printed = [int(ln.split()[1]) for ln in lines if ln.startswith("step ")]
-    commits = _commits(lines)
-    final, final_step = commits[-1]
+    saved = commits(lines)
+    final, final_step = saved[-1]
     audit = audit_remote(s3_remote_url, tmp_path / "scratch", s3_storage_options)
     injected = {k: v for k, v in fault_proxy.counts.items() if k != "passed"}
     print(
@@ -81,20 +82,10 @@ def test_sigterm_saves_and_mirrors_a_last_checkpoint_within_the_grace_period(
     # The signal is acted on at the next boundary after the last step printed: the next mgr.step(), whose step is
     # then never printed, or save_epoch() when that step ended an epoch (the job runs on past the "step 9" the
     # test read while the signal is on its way). save_epoch() then has nothing newer to save if that step is saved.
-    per_epoch = dict(commits)["checkpoint-epoch-0"]
+    per_epoch = dict(saved)["checkpoint-epoch-0"]
     at_epoch_end = printed[-1] % per_epoch == 0
     assert final_step == printed[-1] + 1 or (at_epoch_end and final_step == printed[-1]), "\n".join(lines[-30:])
     assert any(f"Mirrored {final} " in ln for ln in lines), "\n".join(lines[-30:])
     assert any("SIGTERM: checkpoint saved and mirrored" in ln for ln in lines)
     assert final in audit.valid and not audit.problems, audit
     assert audit.latest == final
-
-
-def _commits(lines: list[str]) -> list[tuple[str, int]]:
-    """(name, global step) of every "Checkpoint committed: NAME (global step N)" line, in order."""
-    out = []
-    for ln in lines:
-        if "Checkpoint committed: " in ln:
-            name, _, rest = ln.split("Checkpoint committed: ", 1)[1].partition(" (global step ")
-            out.append((name, int(rest.rstrip(")"))))
-    return out
