@@ -1,11 +1,14 @@
 """Run benchmarks one after another (they must not share the machine) and print all their tables.
 
-Without options: the fair stall benchmark and the peers benchmark (DCP, torch.save + put, syncckpt against the
-same moto S3) at small sizes, a few minutes on 2 cores; ``--size M`` sets the state (M million parameters of a
-Linear stack, 12 bytes of fp32 + AdamW state each) for both. ``--all``: every benchmark with its defaults (the
-134M-parameter model, ~1.6 GB of state; about 1 h 15 min on 2 cores), ``--all --quick`` with small sizes (2
-layers, short durations). Progress lines stream as the scripts run; the tables are printed again together at the
-end. Results land in benchmarks/results/*.json (and the combined output in benchmarks/results/run_all.txt).
+Without options: every figure of issue 19's table in one run, about 12 minutes on 2 cores: the fair stall benchmark,
+the peers benchmark (DCP, torch.save + put, syncckpt against the same moto S3) at a small size, once sharing the
+CPUs with the store and once with the store on a core of its own, and the training speed with a checkpoint every 30
+s (store on its own core, both peers in the same rounds, the 2-layer model); ``--size M`` sets the state of the
+first three (M million parameters of a Linear stack, 12 bytes of fp32 + AdamW state each). ``--all``: every
+benchmark with its defaults (the 134M-parameter model, ~1.6 GB of state; about 1 h 15 min on 2 cores), ``--all
+--quick`` with small sizes (2 layers, short durations). Progress lines stream as the scripts run; the tables are
+printed again together at the end. Results land in benchmarks/results/*.json (and the combined output in
+benchmarks/results/run_all.txt).
 
 Usage:  python benchmarks/run_all.py [--size 16] [--all [--quick]] [--only overhead,upload] [--skip stall]
 """
@@ -62,10 +65,13 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-# the default run: small, a few minutes on 2 cores ({size} is --size)
+# the default run: every figure of issue 19's table, small, about 12 minutes on 2 cores ({size} is --size)
 DEFAULT: dict[str, list[str]] = {
     "stall": ["--size", "{size}", "--repeat", "7"],
     "peers": ["--size", "{size}", "--repeat", "3"],
+    "peers+isolated": ["--size", "{size}", "--repeat", "5", "--isolate-server"],  # the store on a core of its own
+    # training speed, a checkpoint every 30 s, the store on its own core, both peers in the same rounds
+    "overhead+isolated": ["--isolate-server", "--peers", "--layers", "2"],
 }
 
 
