@@ -121,7 +121,7 @@ class PeerArm:
         return True
 
     def status(self) -> dict[str, Any]:
-        return {"mirrored": list(getattr(self.peer, "saved", []))}
+        return {"mirrored_history": list(getattr(self.peer, "saved", []))}
 
     def close(self, timeout: float | None = None) -> None:
         self.wait()
