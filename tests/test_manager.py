@@ -1002,3 +1002,24 @@ def test_status_line_says_what_is_committed_mirrored_uploading_and_when_the_next
         "syncckpt: committed checkpoint-step-5 | mirrored checkpoint-step-5 | uploading none | next save step 10"
     )
     assert len(line) <= 120 and "\n" not in line
+
+
+def test_resume_from_a_remote_url_uses_the_storage_options_without_a_remote(
+    tmp_path: Path, s3_storage_options: dict[str, Any], s3_remote_url: str
+) -> None:
+    """A fresh session resuming someone's checkpoint URL with no remote of its own: the endpoint in
+    storage_options must reach the store (it used to be dropped, so s3fs asked s3.amazonaws.com)."""
+    model = make_model(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, opt)
+    with new_mgr(tmp_path / "a", remote=s3_remote_url, storage_options=s3_storage_options) as mgr:
+        mgr.register(model=model, optimizer=opt)
+        mgr.save(3, epoch=0, batch_idx=2)
+        assert mgr.wait()
+    saved = state_copy(model)
+    fresh = make_model(2)
+    with new_mgr(tmp_path / "b", storage_options=s3_storage_options) as mgr:
+        mgr.register(model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1))
+        info = mgr.resume(f"{s3_remote_url}/checkpoint-step-3")
+    assert info is not None and info.global_step == 3
+    assert_state_equal(fresh, saved)
