@@ -51,21 +51,30 @@ class Context:
 
 def parse_storage_options(items: list[str], *, flag: str = "--storage-option") -> dict[str, Any]:
     """``KEY=VALUE`` items of a repeatable flag (the CLI's and the trainer's) as storage options; VALUE is
-    JSON-decoded where it is valid JSON. A malformed item is a UsageError that never echoes the value (it may be a
-    secret).
+    JSON-decoded where it is valid JSON; a VALUE that opens a JSON object or list (``{``, ``[``) must be valid
+    JSON. A malformed item is a UsageError that never echoes the value (it may be a secret).
 
     >>> parse_storage_options(["anon=true", 'client_kwargs={"endpoint_url": "http://127.0.0.1:9000"}', "key=AK"])
     {'anon': True, 'client_kwargs': {'endpoint_url': 'http://127.0.0.1:9000'}, 'key': 'AK'}
+    >>> try:
+    ...     parse_storage_options(['client_kwargs={"region_name": "eu"'])
+    ... except UsageError as e:
+    ...     print(e)
+    --storage-option client_kwargs=...: not valid JSON (Expecting ',' delimiter at character 20)
     """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{flag} expects KEY=VALUE, got {key.strip()!r} without '='")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {key!r} without '='")
         try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
+            out[key] = json.loads(value)
+        except ValueError as e:
+            if value.lstrip()[:1] in ("{", "["):
+                detail = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else "does not parse"
+                raise UsageError(f"{flag} {key}=...: not valid JSON ({detail})") from None
+            out[key] = value
     return out
 
 

@@ -273,6 +273,22 @@ def test_verify_access_and_usage_errors_exit_2(capsys: pytest.CaptureFixture[str
     assert err.startswith("syncckpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "option",
+    ['client_kwargs={"endpoint_url": "http://127.0.0.1:9"', "client_kwargs=http://127.0.0.1:9", "key=["],
+)
+def test_a_storage_option_that_does_not_parse_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """A JSON object with a missing brace (or a string where s3fs reads a mapping) used to reach the backend as a
+    string and end in a 26-line AttributeError, exit 1 ("verification failed")."""
+    code, out, err = cli(capsys, "ls", "s3://bucket/run", "--storage-option", option)
+    assert code == 2 and out == ""
+    assert err.startswith("syncckpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    key = option.split("=", 1)[0]
+    assert key in err and "127.0.0.1" not in err  # names the option, never echoes its value (it may be a secret)
+
+
 def test_json_error_object(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, err = cli(capsys, "--json", "ls", str(tmp_path / "nope"))
     assert code == 2 and json.loads(out) == {"error": json.loads(out)["error"], "exit_code": 2}
