@@ -316,9 +316,10 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
 def _plan_prune(
     refs: list[Ref], keep_last: int, keep_epochs: int, check: Callable[[str], str | None]
 ) -> tuple[list[str], dict[str, str]]:
-    """Retention's plan, with every kept checkpoint that outranks a deleted one of its kind verified first: an
-    invalid one takes no slot (it is quarantined, not deleted), so a valid older one is never deleted in its
-    favour. Returns (names to delete, invalid name -> reason)."""
+    """Retention's plan, with every kept checkpoint that is newer than a deleted one (of any kind: a resume takes
+    the newest valid checkpoint whatever its kind) verified first: an invalid one takes no slot (it is
+    quarantined, not deleted), so a valid older one is never deleted in its favour; the newest healthy checkpoint
+    retention always keeps is then a valid one. Returns (names to delete, invalid name -> reason)."""
     invalid: dict[str, str] = {}
     valid: set[str] = set()
     while True:
@@ -328,9 +329,7 @@ def _plan_prune(
         suspects = [
             r
             for r in live
-            if r.name not in doomed
-            and r.name not in valid
-            and any(d.kind == r.kind and recency(d) < recency(r) for d in gone)
+            if r.name not in doomed and r.name not in valid and any(recency(d) < recency(r) for d in gone)
         ]
         if not suspects:
             return doomed, invalid

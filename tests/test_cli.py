@@ -632,6 +632,32 @@ def test_prune_never_keeps_an_invalid_checkpoint_over_a_valid_one(capsys, damage
     assert "1 of 2 checkpoints INVALID (1 quarantined earlier)" in out
 
 
+def test_prune_verifies_the_newest_checkpoint_of_another_kind_before_deleting_older_ones(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Epoch checkpoints are deleted (--keep-epochs 0) while the only, newest, step checkpoint is damaged: it is
+    verified and quarantined, and the newest epoch checkpoint stays as the newest healthy one. It used to be kept
+    unverified and every epoch checkpoint deleted, leaving the resume an older state."""
+    directory = tmp_path / "ck"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    with CheckpointManager(directory, save_every_n_steps=None, keep_last=1, keep_epochs=3, handle_sigterm=False) as m:
+        m.register(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+        for epoch in range(3):
+            assert m.save_epoch(epoch, global_step=10 * (epoch + 1))
+        m.save(35, epoch=3, batch_idx=4)
+        assert m.wait()
+    assert sorted(p.name for p in directory.glob("checkpoint-*")) == [
+        *(f"checkpoint-epoch-{e}" for e in range(3)),
+        "checkpoint-step-35",
+    ]
+    flip_byte(directory / "checkpoint-step-35" / "model.safetensors")
+    code, data = cli_json(capsys, "prune", str(directory), "--keep-last", "1", "--keep-epochs", "0")
+    assert code == 0 and "SHA-256 mismatch" in data["invalid"]["checkpoint-step-35"]
+    assert data["kept"] == ["checkpoint-epoch-2"] and data["deleted"] == ["checkpoint-epoch-0", "checkpoint-epoch-1"]
+    assert resume_step(directory) == 30
+
+
 def test_rm_deletes_one_checkpoint_and_refuses_the_last_valid_one(capsys, damaged_run) -> None:
     url, args = damaged_run
     assert cli(capsys, *args, "rm", f"{url}/checkpoint-step-1")[0] == 0
