@@ -164,6 +164,11 @@ def cmd_verify(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
     """``syncckpt pull URL DEST [--checkpoint NAME|latest]``: the named or the newest valid checkpoint, verified."""
     run, name = split_url(args.url)
+    if args.checkpoint and name is not None and args.checkpoint != name:
+        raise UsageError(
+            f"{args.url} names checkpoint {name} and --checkpoint says {args.checkpoint}: give the run URL "
+            f"({run}) with --checkpoint, or the checkpoint URL alone"
+        )
     if args.checkpoint and args.checkpoint != "latest":
         name = check_name(args.checkpoint, "--checkpoint")
     elif args.checkpoint == "latest":

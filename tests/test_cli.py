@@ -329,6 +329,12 @@ def test_pull_errors(capsys: pytest.CaptureFixture[str], run: Path, tmp_path: Pa
     assert cli(capsys, "pull", remote_url, str(tmp_path / "d"), "--checkpoint", "not-a-name")[0] == 2
     assert cli(capsys, "push", str(run), remote_url)[0] == 0
     assert cli(capsys, "pull", remote_url, str(tmp_path / "d"), "--checkpoint", "checkpoint-step-9")[0] == 2
+    for conflicting in ("latest", "checkpoint-step-2"):  # the URL names step 1: which one was meant?
+        code, out, err = cli(capsys, "pull", f"{remote_url}/checkpoint-step-1", str(tmp_path / "d"), "--checkpoint",
+                             conflicting)  # fmt: skip
+        assert code == 2 and "names checkpoint checkpoint-step-1 and --checkpoint says" in err and err.count("\n") == 1
+    assert cli(capsys, "pull", f"{remote_url}/checkpoint-step-1", str(tmp_path / "e"), "--checkpoint",
+               "checkpoint-step-1")[0] == 0  # fmt: skip
     remote_root = Path(remote_url.removeprefix("file://"))
     flip_byte(remote_root / "checkpoint-step-3" / "model.safetensors")
     code, out, err = cli(capsys, "pull", remote_url, str(tmp_path / "d"), "--checkpoint", "checkpoint-step-3")
