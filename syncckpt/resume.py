@@ -224,7 +224,10 @@ def newer_valid(
         newer = order_candidates(x for x in cands if x.global_step > than.global_step and x.name != than.name)
         won = first_valid(newer, check, failed)
         if won is not None:
-            out.append(f"{directory if store is None else store.url}: {won[0].name}")
+            # the ones ordered after it (not verified); those before it failed and were quarantined
+            others = [c.name for c in newer[[c.name for c in newer].index(won[0].name) + 1 :]]
+            also = f" (newer there too: {', '.join(others)})" if others else ""
+            out.append(f"{directory if store is None else store.url}: {won[0].name}{also}")
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 from hub_server import USER
 
 from syncckpt import CheckpointManager, NoValidCheckpoint, local, quarantine, resume
+from syncckpt.errors import SyncCkptError
 from syncckpt.manifest import LATEST_NAME, Latest
 from syncckpt.remote import open_remote
 
@@ -161,6 +162,15 @@ def test_resume_from_an_older_valid_checkpoint_is_not_refused_because_of_a_damag
     # A valid newer checkpoint still blocks it, as before.
     with pytest.raises(Exception, match="newer checkpoints of an earlier run.*checkpoint-step-15"):
         session(tmp_path / "copy", 1, keep_last=3, path=tmp_path / "copy" / "checkpoint-step-10")
+
+
+def test_the_refusal_to_go_back_names_every_newer_checkpoint_at_once(tmp_path):
+    """Not only the newest valid one: the user moving that aside should not be refused again for the next."""
+    ck = tmp_path / "ck"
+    session(ck, 15, keep_last=3, every=5)  # keeps 5, 10 and 15
+    with pytest.raises(SyncCkptError) as refused:
+        session(ck, 1, keep_last=3, path=ck / "checkpoint-step-5")
+    assert f"{ck}: checkpoint-step-15 (newer there too: checkpoint-step-10)" in str(refused.value)
 
 
 def test_a_checkpoint_that_is_not_ours_is_never_quarantined(tmp_path):
