@@ -230,12 +230,24 @@ def scan(directory: Path) -> tuple[list[LocalCheckpoint], dict[str, str]]:
         try:
             m, digest = read_manifest(p)
         except CheckpointCorrupt as e:
-            log.warning("Ignoring %s: %s", p, e)
+            _warn_once(f"Ignoring {p}: {e}")
             if (p / MANIFEST_NAME).exists():
                 bad[p.name] = str(e)
             continue
         out.append(LocalCheckpoint(p.name, p, m, digest))
     return out, bad
+
+
+_WARNED: set[str] = set()  # what scan() warned about in this process: every save scans, one line is enough
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time, at debug level after that."""
+    if message in _WARNED:
+        log.debug("%s", message)
+        return
+    _WARNED.add(message)
+    log.warning("%s", message)
 
 
 #: Tensor files at least this big are mapped instead of read (:func:`read_file`).

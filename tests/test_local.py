@@ -307,3 +307,23 @@ def test_manifest_for_folder_refuses_a_non_checkpoint_name(tmp_path):
     with pytest.raises(ValueError, match="my-run"):
         local.manifest_for_folder(tmp_path / "my-run")
     assert not (tmp_path / "my-run" / "manifest.json").exists()
+
+
+def test_a_folder_without_its_manifest_is_warned_about_once_not_at_every_save(tmp_path: Path, caplog) -> None:
+    """Every save scans the folder (retention); a stray checkpoint-named folder used to log its warning each time:
+    37 lines in a 300-step run."""
+    import torch
+
+    from syncckpt import CheckpointManager
+
+    (tmp_path / "checkpoint-step-200").mkdir()
+    (tmp_path / "checkpoint-step-200" / "model.safetensors").write_bytes(b"x")
+    model = torch.nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="syncckpt"):
+        with CheckpointManager(tmp_path, save_every_n_steps=1, keep_last=1, handle_sigterm=False) as mgr:
+            mgr.register(model=model)
+            for step in range(1, 6):
+                mgr.step(step, epoch=0, batch_idx=step - 1)
+                assert mgr.wait()
+    ignoring = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ignoring ")]
+    assert len(ignoring) == 1 and "checkpoint-step-200" in ignoring[0] and "manifest.json: missing" in ignoring[0]
