@@ -271,3 +271,22 @@ def test_override_into_a_non_section_is_an_error(tmp_path):
 
 def test_empty_file_gives_defaults(tmp_path):
     assert load_config(write(tmp_path, ""), CheckpointingConfig) == CheckpointingConfig()
+
+
+def test_the_readme_from_your_own_code_block_runs_as_written(tmp_path: Path, monkeypatch) -> None:
+    """The Configuration section's block, run in a copy of the repository's config folder (it used to fail with
+    a NameError: CheckpointManager was never imported)."""
+    import re
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"From your own code:\n\n```python\n(.*?)^```", section, re.S | re.M).group(1)
+    shutil.copytree(root / "config", tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme"}
+    exec(compile(block, "README.md Configuration block", "exec", dont_inherit=True), scope)
+    try:
+        assert scope["mgr"].directory == Path("./checkpoints") and scope["cfg"].save_every_n_batches == 500
+    finally:
+        scope["mgr"].close()
