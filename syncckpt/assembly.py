@@ -17,7 +17,7 @@ from typing import Any
 from .deadline import resolve_deadline, session_start
 from .distributed import Dist
 from .env import detect_platform
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, check_grace_period
 from .schedule import BestMetric
 from .writer import Writer, check_settings, open_directory
 
@@ -60,6 +60,7 @@ def assemble(
     """Build the parts for a manager writing into ``directory``; ``flush``, ``on_exit``, ``status`` and
     ``on_stalled`` are the manager's (the lifecycle calls them). Raises ConfigError for settings no part takes."""
     check_settings(keep_last, keep_epochs, on_upload_error, background_nice, keep_local, remote is not None)
+    check_grace_period(grace_period)  # before any part starts a thread or takes a lease
     dist = Dist.detect()
     platform = detect_platform()
     token = open_directory(directory, dist)

@@ -47,9 +47,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from .deadline import Deadline, announce, taking_last
-from .errors import SyncCkptError
+from .errors import ConfigError, SyncCkptError
 
 log = logging.getLogger("syncckpt")
+
+
+def check_grace_period(grace_period: float) -> float:
+    """``grace_period`` when it is a positive, finite number of seconds, else ConfigError (a negative one used to
+    be taken as is, and every wait on SIGTERM returned at once)."""
+    if isinstance(grace_period, bool) or not isinstance(grace_period, (int, float)) or not 0 < grace_period < 1e12:
+        raise ConfigError(f"grace_period must be a positive number of seconds, got {grace_period!r}")
+    return grace_period
 
 
 class Lifecycle:
@@ -78,7 +86,7 @@ class Lifecycle:
         exit_timeout: float | None = None,
         status: Callable[[], Any] | None = None,
     ) -> None:
-        self.grace_period = grace_period
+        self.grace_period = check_grace_period(grace_period)
         self._exit_timeout = grace_period if exit_timeout is None else exit_timeout
         self._status = status or (lambda: "see status()")
         self.save_on_sigterm = save_on_sigterm

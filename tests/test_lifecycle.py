@@ -138,3 +138,12 @@ def test_at_interpreter_exit_the_owner_is_flushed_warned_about_and_closed(outcom
     if outcome == "fails":
         assert "ERROR:syncckpt:At exit: upload to s3://b/run failed" in out.stderr
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("bad", [-1, 0, float("nan"), float("inf"), "60", True])
+def test_a_grace_period_that_is_not_a_positive_number_of_seconds_is_refused_in_one_line(tmp_path, bad) -> None:
+    from syncckpt import CheckpointManager
+    from syncckpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grace_period must be a positive number of seconds"):
+        CheckpointManager(tmp_path, grace_period=bad, handle_sigterm=False)

@@ -68,7 +68,7 @@ from ..distributed import Solo
 from ..env import detect_platform
 from ..errors import ConfigError, StateMismatch
 from ..format import DecodedCheckpoint
-from ..lifecycle import Lifecycle
+from ..lifecycle import Lifecycle, check_grace_period
 from ..manifest import Manifest, checkpoint_name
 from ..restore import restore
 from ..schedule import BestMetric, SaveSchedule
@@ -124,7 +124,7 @@ class SyncCkptIO(CheckpointIO):
         self.on_upload_error = on_upload_error
         self.takeover = takeover
         self.handle_sigterm = handle_sigterm
-        self.grace_period = grace_period
+        self.grace_period = check_grace_period(grace_period)
         self.remote_options = dict(remote_options or {})
         self.background_nice = background_nice
         self.deadline = deadline

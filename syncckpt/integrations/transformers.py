@@ -59,7 +59,7 @@ from ..deadline import resolve_deadline, session_start
 from ..distributed import Dist
 from ..env import detect_platform
 from ..errors import SyncCkptError
-from ..lifecycle import Lifecycle
+from ..lifecycle import Lifecycle, check_grace_period
 from ..manifest import MANIFEST_NAME, FileEntry, json_safe_metrics
 from ..retention import Ref
 from ..sampler import ResumableSampler
@@ -143,7 +143,7 @@ class SyncCheckpointCallback(TrainerCallback):
         self.remote_options = dict(remote_options or {})
         self.handle_sigterm = handle_sigterm
         self.handle_interrupt = handle_interrupt
-        self.grace_period = grace_period
+        self.grace_period = check_grace_period(grace_period)
         self.deadline = deadline
         self._uploader: Any = None
         self._hasher: ThreadPoolExecutor | None = None
