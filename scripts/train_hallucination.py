@@ -98,7 +98,9 @@ class TrainingConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     eval_batch_size: int = Field(64, ge=1)
     output_dir: str = Field("./outputs", min_length=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (tests, smoke runs).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop at this global optimizer step, counted from the run's start (tests, smoke runs)."
+    )
     tensorboard: bool = Field(False, description="Scalars under <output_dir>/tensorboard, mirrored with the run.")
 
     @field_validator("mixed_precision", mode="before")
@@ -160,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop at this global optimizer step, counted from the start of the run, not of this session (as the "
+        "Trainer's max_steps): a run resumed past it stops at once",
+    )
     p.add_argument(
         "--tensorboard",
         action="store_true",
@@ -954,6 +961,13 @@ def train(
             "" if minutes is None else f", and after {minutes:g} minutes without one",
         )
         stop = tcfg.max_steps is not None and global_step >= tcfg.max_steps
+        if stop:
+            log.info(
+                "Resumed at global step %d, already at --max-steps %d (a total, not a count for this session): "
+                "nothing to train",
+                global_step,
+                tcfg.max_steps,
+            )
         output_dir = Path(tcfg.output_dir).expanduser()
         curves = (
             Curves(output_dir / "tensorboard", ccfg.remote, kwargs["storage_options"]) if tcfg.tensorboard else None
