@@ -202,7 +202,7 @@ def _resume_info(manifest: Manifest, ckpt_path: Path, source: str) -> ResumeInfo
         log.info("Resuming mid-epoch from epoch %d", epoch + 1)
     else:
         log.info("Resuming at the start of epoch %d", epoch + 1)
-    where = f"epoch {epoch + 1} after {batch_idx + 1} batches" if batch_idx >= 0 else f"the start of epoch {epoch + 1}"
+    where = resume_point(manifest.kind, epoch, batch_idx)
     _say_without_logging(f"resuming from {ckpt_path} (global step {manifest.global_step}): {where}")
     return ResumeInfo(
         manifest.global_step,
@@ -214,6 +214,21 @@ def _resume_info(manifest: Manifest, ckpt_path: Path, source: str) -> ResumeInfo
         manifest.kind,
         source,
     )
+
+
+def resume_point(kind: str, epoch: int, batch_idx: int) -> str:
+    """Where training goes on, in words, 1-based: ``epoch``/``batch_idx`` as :class:`ResumeInfo` holds them.
+
+    >>> resume_point("step", 0, 2), resume_point("step", 1, -1)
+    ('epoch 1 after 3 batches', 'the start of epoch 2')
+    >>> resume_point("epoch", 2, -1)  # a 2-epoch run has nothing left: say what was done, not only what is next
+    'epoch 2 complete, next the start of epoch 3'
+    """
+    if batch_idx >= 0:
+        return f"epoch {epoch + 1} after {batch_idx + 1} batches"
+    if kind == "step":  # saved without a batch index: that epoch restarts
+        return f"the start of epoch {epoch + 1}"
+    return f"epoch {epoch} complete, next the start of epoch {epoch + 1}"
 
 
 def _say_without_logging(message: str) -> None:
