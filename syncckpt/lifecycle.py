@@ -101,6 +101,7 @@ class Lifecycle:
         self._before_exit = before_exit or (lambda: None)
         announce(deadline)
         self._done = threading.Event()
+        self._returned = threading.Event()  # the loop came back to a boundary after the signal: finish() owns the end
         self._installed = False
         self._int_at: float | None = None
         self._int_installed = False
@@ -194,7 +195,7 @@ class Lifecycle:
         decisions every rank agreed on (default: what this process saw); otherwise this returns at once."""
         if self.requested if terminating is None else terminating:
             self.request()
-            self.finish(save)
+            self.finish(save, last)
         if self.interrupted if interrupted is None else interrupted:
             self.interrupt()
             self.finish_interrupt(save, last)
@@ -203,17 +204,19 @@ class Lifecycle:
         """Seconds left of the grace period since the request."""
         return max(0.0, (self._term_at or time.monotonic()) + self.grace_period - time.monotonic())
 
-    def finish(self, save: Callable[[], None] | None) -> NoReturn | None:
+    def finish(self, save: Callable[[], None] | None, last: Callable[[], str | None] | None = None) -> NoReturn | None:
         """At a consistent point after a request: ``save()`` the last checkpoint (when saving on SIGTERM), flush
-        within the grace period, then exit with status 143. Returns at once if already finishing."""
+        within the grace period, say what ``last()`` names as saved, then exit with status 143. Returns at once if
+        already finishing. From here on the watchdog stands down: the flush is bounded by the grace period."""
         if self._done.is_set():
             return None
+        self._returned.set()
         try:
             if self.save_on_sigterm and save is not None:
                 save()
             ok = self._flush(self.remaining())
-            done = "checkpoint saved and mirrored" if self._mirrored else "checkpoint saved"
-            log.warning("%s: %s; exiting", self._why, done if ok else "flush incomplete")
+            log.warning("%s: %s; exiting", self._why, self._saved_line(last() if last is not None else None, ok))
+            self._exit_timeout = min(self._exit_timeout, self.remaining())  # the exit flush gets what is left
             self._end()
         finally:
             self._done.set()
@@ -272,10 +275,21 @@ class Lifecycle:
         self._int_at = time.monotonic()
         log.warning("Interrupted: saving a last checkpoint at the next step, then stopping (Ctrl-C again to stop now)")
 
+    def _saved_line(self, name: str | None, flushed: bool) -> str:
+        """What the exit line says was saved, and whether it is mirrored; when the flush did not finish, which
+        checkpoint (``name``, when known) only the local folder holds."""
+        if flushed:
+            return "checkpoint saved and mirrored" if self._mirrored else "checkpoint saved"
+        if not self._mirrored:
+            return "flush incomplete"
+        what = name or "the last checkpoint"
+        return f"{what} saved locally; flush incomplete: not mirrored yet, only the local copy has it"
+
     def _watchdog(self) -> None:
         # The loop did not come back to a step boundary in time (a long validation, a stalled DataLoader, a long
-        # save_epoch): save what the owner can save consistently from here (``on_stalled``), flush, exit.
-        if self._done.wait(self.grace_period * 0.5):
+        # save_epoch): save what the owner can save consistently from here (``on_stalled``), flush, exit. Once it
+        # came back, finish() owns the end (its flush is bounded by the grace period) and this stands down.
+        if self._returned.wait(self.grace_period * 0.5):
             return
         saved = None
         if self._on_stalled is not None and self.save_on_sigterm:

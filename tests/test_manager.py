@@ -1023,3 +1023,51 @@ def test_resume_from_a_remote_url_uses_the_storage_options_without_a_remote(
         info = mgr.resume(f"{s3_remote_url}/checkpoint-step-3")
     assert info is not None and info.global_step == 3
     assert_state_equal(fresh, saved)
+
+
+def test_sigterm_during_an_outage_names_the_checkpoint_only_the_local_folder_has(
+    tmp_path, fault_proxy, fault_s3_storage_options, s3_remote_url
+):
+    """The loop came back to step() at once and saved; then the mirror could not flush within the grace period.
+    The watchdog used to fire at half the grace period anyway, saying that training "did not come back to step()",
+    and exit before finish() could say what was saved."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, logging, os, signal, sys, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from syncckpt import CheckpointManager\n"
+        f"m = CheckpointManager({str(tmp_path / 'ck')!r}, save_every_n_steps=100, grace_period=6,\n"
+        f"                      remote={s3_remote_url!r}, storage_options=json.loads(sys.argv[1]))\n"
+        "m.register(model=torch.nn.Linear(2, 2))\n"
+        "m.save(1, batch_idx=0)\n"
+        "assert m.wait()\n"
+        "print('MIRRORED', flush=True)\n"
+        "sys.stdin.readline()  # the parent took the store down\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "for s in range(2, 10):\n"
+        "    m.step(s, batch_idx=s - 1)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(fault_s3_storage_options)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "MIRRORED"
+        fault_proxy.down()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        fault_proxy.up()
+    assert proc.returncode == 143, err
+    assert "SIGTERM: checkpoint-step-2 saved locally; flush incomplete: not mirrored yet" in err, err
+    assert "did not come back to step()" not in err, err
+    # (beside the upload's staging link of step 2, which the next session's mirror takes up)
+    assert [n for n in folders(tmp_path / "ck") if not n.startswith(".")] == ["checkpoint-step-2"]
