@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .deadline import parse_duration
+from .env import check_mirror_url
 from .errors import ConfigError
 
 __all__ = ["CheckpointingConfig", "load_config", "validate_config", "resolve_config_path"]
@@ -105,6 +106,17 @@ class CheckpointingConfig(BaseModel):
     def _deadline_value(cls, value: str) -> str:
         # A field validator, so the error names checkpointing.deadline (or the flag that set it).
         deadline_argument(value)
+        return value
+
+    @field_validator("remote")
+    @classmethod
+    def _remote_can_mirror(cls, value: str | None) -> str | None:
+        # A field validator, so the error names checkpointing.remote (or the flag that set it) and the file.
+        if value is not None:
+            try:
+                check_mirror_url(value)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         return value
 
     @field_validator("metric_for_best")

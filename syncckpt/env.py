@@ -161,6 +161,19 @@ def default_inputs(platform: str | None) -> list[Path]:
     return find_input_runs(KAGGLE_INPUT) if platform == "kaggle" else []
 
 
+def check_mirror_url(url: str) -> None:
+    """ConfigError when ``url`` cannot be this session's mirror: a mistyped ``://`` (``check_url``), or one of
+    :func:`mirror_problem`'s reasons for this platform and working directory. The uploader's check, and the
+    config's (so that a bad ``remote:`` is reported against the file and key)."""
+    from .errors import ConfigError
+    from .remote import check_url
+
+    check_url(url)  # a mistyped "://" first: its message names the URL that was meant
+    problem = mirror_problem(url, detect_platform(), os.getcwd())
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def mirror_problem(url: str, platform: str | None, cwd: str) -> str | None:
     """Why ``url`` cannot be the mirror of a run on ``platform`` (working directory ``cwd``), or None. Pure.
 

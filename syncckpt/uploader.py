@@ -39,11 +39,11 @@ from typing import Any
 from . import local
 from ._memory import release_free_memory
 from ._threads import lower_priority
-from .env import detect_platform, mirror_problem
+from .env import check_mirror_url
 from .errors import ConfigError, RemoteConflict, RemoteError
 from .manifest import MANIFEST_NAME, Manifest
 from .nodes import NodeMirror
-from .remote import check_url, open_remote
+from .remote import open_remote
 from .remote.early import EarlyPut, supports_early
 from .remote.run import RemoteRun, Retention
 
@@ -87,10 +87,7 @@ class Uploader:
         on_mirrored: Callable[[Manifest, list[str]], None] | None = None,
         dist: Any = None,
     ) -> None:
-        check_url(url)  # a mistyped "://" first: its message names the URL that was meant
-        problem = mirror_problem(url, detect_platform(), os.getcwd())
-        if problem is not None:
-            raise ConfigError(problem)
+        check_mirror_url(url)
         self.storage_options = storage_options
         self.remote = open_remote(url, storage_options, **(remote_options or {}))
         local_path = self.remote.url.removeprefix("file://")

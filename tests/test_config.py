@@ -135,6 +135,19 @@ def test_a_bad_deadline_names_the_key_and_what_is_expected(script, tmp_path, yam
     assert yaml_value in message
 
 
+@pytest.mark.parametrize(
+    ("yaml_value", "says"), [("bucket/run", "has no scheme"), ("s3:/bucket/run", "did you mean 's3://bucket/run'?")]
+)
+def test_a_remote_that_cannot_be_a_mirror_names_the_key_and_the_file(script, tmp_path, monkeypatch, yaml_value, says):
+    """It used to pass the config and fail later, at the manager, without the file or the key."""
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, f"checkpointing: {{remote: '{yaml_value}'}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, script.TrainConfig)
+    message = one_line_error(err)
+    assert message.startswith(f"{path}: checkpointing.remote: ") and says in message, message
+
+
 # ---- errors name the key path and the file -------------------------------------------------------------------
 
 
