@@ -107,7 +107,7 @@ class Lifecycle:
         self._int_installed = False
         exit_ref = weakref.WeakMethod(on_exit) if hasattr(on_exit, "__self__") else (lambda: on_exit)
         self._atexit = lambda: (f := exit_ref()) is not None and self._at_exit(f)
-        atexit.register(self._atexit)
+        _arm_exit(self._atexit)
         main = threading.current_thread() is threading.main_thread()
         shielded: list[int] = []
         self._prev_handlers: dict[int, Any] = {}
@@ -242,7 +242,7 @@ class Lifecycle:
 
     def close(self) -> None:
         """Stop handling: the handlers from before any owner are back and nothing runs at exit."""
-        atexit.unregister(self._atexit)
+        _disarm_exit(self._atexit)
         if self._installed and threading.current_thread() is threading.main_thread():
             for sig, prev in self._prev_handlers.items():
                 if signal.getsignal(sig) == self._on_sigterm:  # a newer owner's stays
@@ -310,6 +310,52 @@ class Lifecycle:
             requeue_slurm_job(os.environ)
         logging.shutdown()
         os._exit(143)
+
+
+# ---- interpreter exit -------------------------------------------------------------------------------------------
+# The exit flush uploads through thread pools (files in parallel, ranged reads), and concurrent.futures refuses new
+# work once its own exit hook has run ("cannot schedule new futures after interpreter shutdown"): an atexit
+# callback comes too late, and a checkpoint pending when a script crashed was never mirrored. threading's exit
+# hooks run first, newest first, while pools still take work and before non-daemon threads are joined; one hook,
+# registered after concurrent.futures' own, runs the armed owners' exit callbacks, newest first.
+_EXIT_CALLBACKS: dict[int, Callable[[], Any]] = {}  # id -> callback, in arming order
+_EXIT_LOCK = threading.Lock()
+_exit_hook_registered = False
+
+
+def _run_exit_callbacks() -> None:
+    with _EXIT_LOCK:
+        callbacks = list(_EXIT_CALLBACKS.values())
+        _EXIT_CALLBACKS.clear()
+    for callback in reversed(callbacks):
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - one owner's failure must not stop the others' flush
+            log.exception("syncckpt: exit flush failed")
+
+
+def _arm_exit(callback: Callable[[], Any]) -> None:
+    """Run ``callback`` at interpreter exit, before thread pools stop taking work (until :func:`_disarm_exit`)."""
+    global _exit_hook_registered
+    with _EXIT_LOCK:
+        _EXIT_CALLBACKS[id(callback)] = callback
+        if _exit_hook_registered:
+            return
+        _exit_hook_registered = True
+    import concurrent.futures.thread  # noqa: F401 - its exit hook is registered at import: ours must come after
+
+    register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9; the hook concurrent.futures uses
+    try:
+        if register is None:
+            raise RuntimeError("no threading exit hooks")
+        register(_run_exit_callbacks)
+    except RuntimeError:  # already shutting down, or another interpreter: atexit is the next best
+        atexit.register(_run_exit_callbacks)
+
+
+def _disarm_exit(callback: Callable[[], Any]) -> None:
+    with _EXIT_LOCK:
+        _EXIT_CALLBACKS.pop(id(callback), None)
 
 
 def _is_lifecycle(handler: Any) -> bool:

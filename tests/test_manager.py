@@ -1071,3 +1071,34 @@ def test_sigterm_during_an_outage_names_the_checkpoint_only_the_local_folder_has
     assert "did not come back to step()" not in err, err
     # (beside the upload's staging link of step 2, which the next session's mirror takes up)
     assert [n for n in folders(tmp_path / "ck") if not n.startswith(".")] == ["checkpoint-step-2"]
+
+
+@pytest.mark.parametrize("ending", ["crash", "falls off the end"])
+def test_a_checkpoint_pending_when_the_script_ends_is_mirrored_by_the_exit_flush(tmp_path, ending):
+    """A script that raises (or just ends, never closing the manager) right after a save: the exit flush mirrors
+    the pending checkpoint. It used to run after concurrent.futures stopped taking work, so every upload attempt
+    failed with "cannot schedule new futures after interpreter shutdown" and nothing was mirrored."""
+    import subprocess
+    import sys
+
+    remote = tmp_path / "remote"
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from syncckpt import CheckpointManager\n"
+        f"m = CheckpointManager({str(tmp_path / 'ck')!r}, remote={remote.as_uri()!r}, save_every_n_steps=1,\n"
+        "                      grace_period=30)\n"
+        "m.register(model=torch.nn.Linear(64, 64))\n"
+        "m.step(1, epoch=0, batch_idx=0)\n"
+        + ("raise RuntimeError('crash right after a save')\n" if ending == "crash" else "")
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == (1 if ending == "crash" else 0), out.stderr
+    assert "cannot schedule new futures" not in out.stderr, out.stderr
+    assert "Mirrored checkpoint-step-1" in out.stderr, out.stderr
+    assert sorted(p.name for p in remote.iterdir()) == ["LATEST", "checkpoint-step-1"]
+    fresh = torch.nn.Linear(64, 64)
+    with new_mgr(tmp_path / "fresh", remote=remote.as_uri()) as mgr:  # a wiped disk resumes from the mirror
+        mgr.register(model=fresh)
+        info = mgr.resume()
+    assert info is not None and info.global_step == 1
