@@ -47,6 +47,17 @@ def test_a_checkpoint_of_the_plain_trainer_is_refused_naming_its_pickle_and_noth
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_an_output_dir_holding_plain_trainer_checkpoints_is_refused_before_training(tmp_path):
+    """Training from scratch into it used to write the new checkpoint-N folders over the old ones, leaving their
+    pickles beside the new files, listed in the manifest and mirrored."""
+    build_trainer(str(tmp_path / "out"), [], max_steps=2, save_steps=2).train()  # a plain Trainer run
+    before = sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").iterdir())
+    trainer = build_trainer(str(tmp_path / "out"), [], max_steps=2, save_steps=2, picklefree=True)
+    with pytest.raises(UnsafeCheckpoint, match=r"holds checkpoints of the plain transformers Trainer"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").iterdir()) == before  # untouched
+
+
 def test_picklefree_checkpoints_hold_no_pickle_and_the_gradient_scaler_round_trips(tmp_path, monkeypatch):
     out = tmp_path / "out"
     trainer = build_trainer(str(out), [], max_steps=2, save_steps=2, picklefree=True)

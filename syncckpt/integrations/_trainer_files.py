@@ -8,7 +8,7 @@ JSON structure (:func:`syncckpt.format.encode_object_file`) and comes back the s
 replaces ``training_args.bin``. The model is already ``model.safetensors``.
 
 A checkpoint folder still holding the Trainer's pickles (written by a plain ``Trainer``) is refused with an error
-naming the file, never loaded. DeepSpeed, FSDP, XLA and SageMaker keep their own files; the mixin refuses them.
+naming the file, never loaded; so is training into an ``output_dir`` that holds such folders. DeepSpeed, FSDP, XLA and SageMaker keep their own files; the mixin refuses them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ OPTIMIZER, SCHEDULER, SCALER = "optimizer.safetensors", "scheduler.safetensors",
 ARGS = "training_args.json"
 #: What the plain Trainer writes instead, and loads with torch.load: refused when found without ours.
 _PICKLED = {OPTIMIZER: "optimizer.pt", SCHEDULER: "scheduler.pt", SCALER: "scaler.pt"}
+_PLAIN_FILES = {*_PICKLED.values(), "training_args.bin"}  # (and rng_state*.pth)
 
 
 def _write(path: Path, state: Any, name: str) -> None:
@@ -51,6 +52,25 @@ def _read(folder: str, name: str) -> Any | None:
     return None
 
 
+def _refuse_plain_folders(output_dir: Path) -> None:
+    """UnsafeCheckpoint when ``output_dir`` holds checkpoint folders of the plain Trainer: their pickles would stay
+    beside the new checkpoint files the Trainer writes into the same ``checkpoint-N`` folders, and be mirrored
+    with them. Nothing is deleted: the user decides."""
+    pickled = sorted(
+        p
+        for folder in (output_dir.glob("checkpoint-*") if output_dir.is_dir() else ())
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if p.name in _PLAIN_FILES or (p.name.startswith("rng_state") and p.name.endswith(".pth"))
+    )
+    if pickled:
+        raise UnsafeCheckpoint(
+            f"{pickled[0]}: {output_dir} holds checkpoints of the plain transformers Trainer (pickles); "
+            "PicklefreeTrainer would write its checkpoints into the same folders, beside them. Use another "
+            "output_dir, or move those folders away"
+        )
+
+
 class PicklefreeCheckpoints:
     """Mix into a ``transformers.Trainer`` subclass, before it, so its checkpoints hold no pickle.
 
@@ -64,6 +84,10 @@ class PicklefreeCheckpoints:
                 "PicklefreeTrainer covers single-process and DDP training; DeepSpeed and FSDP write their own "
                 "checkpoint files: use transformers.Trainer with them"
             )
+
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_plain_folders(Path(self.args.output_dir))
+        return super().train(*args, **kwargs)  # type: ignore[misc]
 
     def _rng_name(self: Any) -> str:
         return (
