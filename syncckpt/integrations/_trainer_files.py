@@ -3,7 +3,7 @@
 The Trainer writes its optimizer, scheduler, gradient scaler and RNG states with ``torch.save`` (``optimizer.pt``,
 ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth``) and its arguments as a pickled ``training_args.bin``, and
 loads them inside ``train()`` with ``torch.load``. A callback cannot change that: only a Trainer subclass can. The
-mixin replaces those five private methods, so each state goes to one safetensors file holding its tensors and its
+mixin overrides the private methods that save and load them, so each state goes to one safetensors file holding its tensors and its
 JSON structure (:func:`syncckpt.format.encode_object_file`) and comes back the same way; ``training_args.json``
 replaces ``training_args.bin``. The model is already ``model.safetensors``.
 
