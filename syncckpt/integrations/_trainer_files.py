@@ -1,14 +1,15 @@
 """The transformers Trainer's own checkpoint files without pickle: :class:`PicklefreeCheckpoints`.
 
 The Trainer writes its optimizer, scheduler, gradient scaler and RNG states with ``torch.save`` (``optimizer.pt``,
-``scheduler.pt``, ``scaler.pt``, ``rng_state.pth``) and its arguments as a pickled ``training_args.bin``, and
-loads them inside ``train()`` with ``torch.load``. A callback cannot change that: only a Trainer subclass can. The
-mixin overrides the private methods that save and load them, so each state goes to one safetensors file holding its tensors and its
-JSON structure (:func:`syncckpt.format.encode_object_file`) and comes back the same way; ``training_args.json``
-replaces ``training_args.bin``. The model is already ``model.safetensors``.
+``scheduler.pt``, ``scaler.pt``, ``rng_state.pth``) and its arguments as a pickled ``training_args.bin``, and loads
+them inside ``train()`` with ``torch.load``. A callback cannot change that: only a Trainer subclass can. The mixin
+overrides the private methods that save and load them, so each state goes to one safetensors file holding its
+tensors and its JSON structure (:func:`syncckpt.format.encode_object_file`) and comes back the same way;
+``training_args.json`` replaces ``training_args.bin``. The model is already ``model.safetensors``.
 
 A checkpoint folder still holding the Trainer's pickles (written by a plain ``Trainer``) is refused with an error
-naming the file, never loaded; so is training into an ``output_dir`` that holds such folders. DeepSpeed, FSDP, XLA and SageMaker keep their own files; the mixin refuses them.
+naming the file, never loaded; so is training into an ``output_dir`` that holds such folders. DeepSpeed, FSDP, XLA
+and SageMaker keep their own files; the mixin refuses them.
 """
 
 from __future__ import annotations
