@@ -83,6 +83,20 @@ log = logging.getLogger("syncckpt")
 __all__ = ["SyncCkptCallback", "SyncCkptIO"]
 
 
+_ONE_PROCESS = (
+    "SyncCkptIO runs in one process for now (this job has {n}): every rank would resume, pull and hold the remote "
+    "run at once"
+)
+
+
+def _refuse_pickling(obj: Any) -> Any:
+    """``__reduce__`` of the plugin and its callback: a strategy that starts processes by pickling the Trainer
+    (``ddp_spawn``, ``ddp_notebook`` with spawn) gets the one-process refusal, not "cannot pickle '_thread.lock'"."""
+    raise ConfigError(
+        _ONE_PROCESS.format(n="several processes: the Trainer is being pickled to start them, as ddp_spawn does")
+    )
+
+
 class SyncCkptIO(CheckpointIO):
     """A Lightning ``CheckpointIO`` writing syncckpt checkpoints and mirroring them to ``remote``.
 
@@ -102,6 +116,8 @@ class SyncCkptIO(CheckpointIO):
             Kaggle's and Colab's session limits by default; shortly before it a last checkpoint is saved at an
             optimizer step, mirrored, and the run exits with status 143, as on SIGTERM).
     """
+
+    __reduce__ = _refuse_pickling
 
     def __init__(
         self,
@@ -368,6 +384,8 @@ class SyncCkptCallback(OnExceptionCheckpoint):
     True
     """
 
+    __reduce__ = _refuse_pickling
+
     def __init__(self, io: SyncCkptIO) -> None:
         super().__init__(dirpath=".", filename="syncckpt")
         self.io = io
@@ -379,10 +397,7 @@ class SyncCkptCallback(OnExceptionCheckpoint):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if trainer.world_size > 1:
-            raise ConfigError(
-                f"SyncCkptIO runs in one process for now (this job has {trainer.world_size}): every rank would "
-                "resume, pull and hold the remote run at once"
-            )
+            raise ConfigError(_ONE_PROCESS.format(n=trainer.world_size))
         self.io.trainer = trainer
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
