@@ -19,7 +19,7 @@ from .distributed import Dist
 from .env import detect_platform
 from .lifecycle import Lifecycle, check_grace_period
 from .schedule import BestMetric
-from .writer import Writer, check_settings, open_directory
+from .writer import Writer, check_settings, clean_directory, open_directory
 
 
 @dataclass
@@ -81,6 +81,7 @@ def assemble(
             on_mirrored=lambda manifest, on_remote: writer.mirrored(manifest, on_remote),  # type: ignore[union-attr]
             dist=dist,
         )
+    clean_directory(directory, dist)
     writer = Writer(
         directory,
         dist,

@@ -65,10 +65,10 @@ def check_settings(
 
 
 def open_directory(directory: Path, dist: Dist) -> str:
-    """Create the checkpoint folder and (the process that commits into it) clean up what a killed save left
-    there. Under torch.distributed it also finds out whether every node sees rank 0's folder or each node keeps
-    its own (``dist.node_local``, see :mod:`syncckpt.nodes`). Returns the job's token for its temporary folders:
-    the same on every rank, and every rank waits until its folder is cleaned up."""
+    """Create the checkpoint folder. Under torch.distributed it also finds out whether every node sees rank 0's
+    folder or each node keeps its own (``dist.node_local``, see :mod:`syncckpt.nodes`). Returns the job's token
+    for its temporary folders: the same on every rank. Then :func:`clean_directory`, once the remote's lease is
+    taken."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, a read-only mount: the user's setting, not a bug
@@ -76,11 +76,17 @@ def open_directory(directory: Path, dist: Dist) -> str:
     token = dist.broadcast_json(uuid.uuid4().hex[:8]) if dist.active else ""
     if dist.active:
         dist.node_local, dist.token = nodes.private_directories(directory, dist, token), token
+    return token
+
+
+def clean_directory(directory: Path, dist: Dist) -> None:
+    """The process that commits into ``directory`` cleans up what a killed save left there; every rank waits until
+    its folder is clean. Called after the uploader took the remote's lease: a second session refused with
+    LeaseHeld must not delete the live session's temporary folders (its upload's staging copy among them)."""
     if dist.commits:
         for what in local.cleanup_leftovers(directory):
             log.info("Checkpoint folder %s: %s", directory, what)
     dist.barrier()
-    return token
 
 
 @dataclass

@@ -1102,3 +1102,25 @@ def test_a_checkpoint_pending_when_the_script_ends_is_mirrored_by_the_exit_flush
         mgr.register(model=fresh)
         info = mgr.resume()
     assert info is not None and info.global_step == 1
+
+
+def test_a_second_session_refused_by_the_lease_leaves_the_live_sessions_folder_alone(
+    tmp_path, fault_proxy, fault_s3_storage_options, s3_remote_url
+):
+    """Started on the same folder and run, it used to clean the folder's temporary folders before the lease
+    refused it, deleting the live session's upload staging copy (its upload then failed: 'missing ... listed in
+    the manifest')."""
+    from syncckpt.errors import LeaseHeld
+
+    model = make_model(1)
+    with new_mgr(tmp_path / "ck", remote=s3_remote_url, storage_options=fault_s3_storage_options) as live:
+        live.register(model=model)
+        fault_proxy.down()  # the upload cannot finish: its staging copy stays in the folder
+        live.save(1, batch_idx=0)
+        live._writer.wait()  # committed locally (the upload, with its staging copy, is under way)
+        staging = [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".upload-checkpoint-step-1")]
+        assert len(staging) == 1
+        fault_proxy.up()
+        with pytest.raises(LeaseHeld):
+            new_mgr(tmp_path / "ck", remote=s3_remote_url, storage_options=fault_s3_storage_options)
+        assert live.wait() and live.status()["mirrored"] == ["checkpoint-step-1"]

@@ -73,7 +73,7 @@ from ..manifest import Manifest, checkpoint_name
 from ..restore import restore
 from ..schedule import BestMetric, SaveSchedule
 from ..status import combined_status, wait_all
-from ..writer import Writer, check_settings, open_directory
+from ..writer import Writer, check_settings, clean_directory, open_directory
 from . import _lightning_state as state
 from ._lightning_resume import NEWEST, Loaded, has_checkpoints, locate, newest_marker, newest_valid
 from ._lightning_state import LAST_MARKER, SIGTERM_PREFIX, Part, local_path, write_pointer
@@ -263,6 +263,7 @@ class SyncCkptIO(CheckpointIO):
                 remote_options=self.remote_options,
                 background_nice=self.background_nice,
             )
+        clean_directory(directory, dist)
         self._writer = Writer(
             directory,
             dist,
