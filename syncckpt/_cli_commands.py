@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import shutil
 from collections.abc import Callable
@@ -347,10 +348,26 @@ def _plan_prune(
 
 
 # ---- rm -------------------------------------------------------------------------------------------------------------
+def _looks_like_a_checkpoint_name(last: str) -> bool:
+    """Whether the last part of a URL was meant as a checkpoint's name rather than as the run's folder. Pure.
+
+    >>> [_looks_like_a_checkpoint_name(n) for n in ("bestmodel", "best_modle", "checkpoint-step5", "nli-run-1")]
+    [True, True, True, False]
+    """
+    lowered = last.lower()
+    return lowered.startswith("checkpoint") or bool(difflib.get_close_matches(lowered, ["best_model"], cutoff=0.75))
+
+
 def cmd_rm(args: argparse.Namespace, ctx: Context) -> int:
     """``syncckpt rm URL/CHECKPOINT [--force]``: delete one checkpoint and its quarantined copies."""
     run, name = split_url(args.url)
     if name is None:
+        parent, _, last = args.url.rstrip("/").rpartition("/")
+        if _looks_like_a_checkpoint_name(last):  # a typo of one (bestmodel, checkpoint-step5): say so
+            raise UsageError(
+                f"{args.url}: {last!r} is not a checkpoint name (checkpoint-step-N, checkpoint-epoch-N, "
+                f"checkpoint-N or best_model); `syncckpt ls {parent}` lists them"
+            )
         raise UsageError(f"{args.url}: name one checkpoint, e.g. {args.url.rstrip('/')}/checkpoint-step-500")
     with open_store(run, ctx.open) as store:
         listing = store.listing()

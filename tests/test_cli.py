@@ -693,6 +693,9 @@ def test_rm_on_a_remote_run_repoints_latest_and_removes_the_quarantine_entry(cap
 def test_rm_needs_a_checkpoint_name(capsys, run: Path) -> None:
     code, _, err = cli(capsys, "rm", str(run))
     assert code == 2 and "name one checkpoint" in err
+    # a mistyped name is called one, not taken for the run's folder ("e.g. RUN/bestmodel/checkpoint-step-500")
+    code, _, err = cli(capsys, "rm", f"{run}/bestmodel")
+    assert code == 2 and "'bestmodel' is not a checkpoint name" in err and f"syncckpt ls {run}" in err
 
 
 def test_ls_fits_an_80_column_cell_even_with_long_names(tmp_path: Path) -> None:
