@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def train_steps(mgr, model, opt, steps, start):
+    """Time ``steps`` training steps; with ``mgr`` None the same steps without checkpointing (the baseline)."""
     times = []
     for step in range(start, start + steps):
         t0 = time.perf_counter()
@@ -26,7 +27,8 @@ def train_steps(mgr, model, opt, steps, start):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        mgr.step(step, epoch=0, batch_idx=step - 1)
+        if mgr is not None:
+            mgr.step(step, epoch=0, batch_idx=step - 1)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -53,10 +55,14 @@ def test_outage_keeps_training_speed_and_mirroring_resumes(
     before = train_steps(mgr, model, opt, 60, 1)
     assert mgr.wait(timeout=120)
     fault_proxy.down()
-    during, step = [], 61
-    while mgr.status()["upload_failures"] < 2 and step < 5000:  # train on until the uploader felt the outage
+    # Train on until the uploader felt the outage, in blocks that alternate with plain steps (no step() call): the
+    # baseline of the speed check shares the outage's time and the machine's load (the suite runs on 2 workers;
+    # a baseline taken before the outage read a busy neighbour as a slowdown).
+    during, plain, step = [], [], 61
+    while mgr.status()["upload_failures"] < 2 and step < 5000:
         during += train_steps(mgr, model, opt, 10, step)
-        step += 10
+        plain += train_steps(None, model, opt, 10, step + 10)
+        step += 20
     failures_during = mgr.status()["upload_failures"]
     fault_proxy.up()
     last = step + 59
@@ -65,16 +71,17 @@ def test_outage_keeps_training_speed_and_mirroring_resumes(
     status = mgr.status()
     mgr.close()
 
-    med_before, med_during = statistics.median(before), statistics.median(during)
+    med_before, med_during, med_plain = (statistics.median(t) for t in (before, during, plain))
     print(
         f"\noutage: median step {med_before * 1e3:.2f} ms before, {med_during * 1e3:.2f} ms during the outage "
-        f"(x{med_during / med_before:.2f}), {statistics.median(after) * 1e3:.2f} ms after; "
+        f"against {med_plain * 1e3:.2f} ms without step() in the blocks between (x{med_during / med_plain:.2f}), "
+        f"{statistics.median(after) * 1e3:.2f} ms after; "
         f"upload failures {status['upload_failures']}, "
         f"connections refused {fault_proxy.counts}; mirrored {status['mirrored']}"
     )
     final = f"checkpoint-step-{last // 10 * 10}"
     assert failures_during >= 2, "the outage was not felt by the uploader"
-    assert med_during <= 1.5 * med_before, "training slowed down during the outage"
+    assert med_during <= 1.5 * med_plain, "training slowed down during the outage"
     assert status["last_committed"] == final
     assert final in status["mirrored"] and not status["pending"] and status["uploading"] is None
     # every checkpoint committed after the store came back was mirrored or superseded by a newer one
