@@ -70,10 +70,9 @@ def parse_storage_options(items: list[str], *, flag: str = "--storage-option") -
             raise UsageError(f"{flag} expects KEY=VALUE, got {key!r} without '='")
         try:
             out[key] = json.loads(value)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             if value.lstrip()[:1] in ("{", "["):
-                detail = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else "does not parse"
-                raise UsageError(f"{flag} {key}=...: not valid JSON ({detail})") from None
+                raise UsageError(f"{flag} {key}=...: not valid JSON ({e.msg} at character {e.pos})") from None
             out[key] = value
     return out
 

@@ -25,7 +25,9 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+from .errors import ConfigError
 from .manifest import MANIFEST_NAME, parse_checkpoint_name
+from .remote import check_url
 from .status import size_text
 
 log = logging.getLogger("syncckpt")
@@ -165,8 +167,6 @@ def check_mirror_url(url: str) -> None:
     """ConfigError when ``url`` cannot be this session's mirror: a mistyped ``://`` (``check_url``), or one of
     :func:`mirror_problem`'s reasons for this platform and working directory. The uploader's check, and the
     config's (so that a bad ``remote:`` is reported against the file and key)."""
-    from .errors import ConfigError
-    from .remote import check_url
 
     check_url(url)  # a mistyped "://" first: its message names the URL that was meant
     problem = mirror_problem(url, detect_platform(), os.getcwd())

@@ -344,12 +344,10 @@ def _arm_exit(callback: Callable[[], Any]) -> None:
         _exit_hook_registered = True
     import concurrent.futures.thread  # noqa: F401 - its exit hook is registered at import: ours must come after
 
-    register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9; the hook concurrent.futures uses
+    register = getattr(threading, "_register_atexit", None) or atexit.register  # the hook concurrent.futures uses
     try:
-        if register is None:
-            raise RuntimeError("no threading exit hooks")
         register(_run_exit_callbacks)
-    except RuntimeError:  # already shutting down, or another interpreter: atexit is the next best
+    except RuntimeError:  # already shutting down: atexit is the next best
         atexit.register(_run_exit_callbacks)
 
 

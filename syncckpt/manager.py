@@ -125,7 +125,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()  # the clock is read here; the schedule only compares
         self._at: tuple[int, int, int | None] | None = None  # (global_step, epoch, batch_idx) of the last step()
         self._inputs = None if read_only_inputs is None else [Path(p) for p in read_only_inputs]
-        self._storage_options = storage_options  # also for resume(URL) without a remote, or on a rank not uploading
+        self._storage_options = storage_options  # resume's too: a URL without a remote, a rank not uploading
         settings = {k: v for k, v in locals().items() if k in SETTINGS}  # the arguments the parts take, by name
         parts = assemble(
             self.directory, self._best, flush=self.wait, on_exit=partial(self.close, timeout=0), status=self.status,
@@ -282,7 +282,7 @@ class CheckpointManager:
             self.directory,
             self._dist,
             up.remote if up is not None else None,
-            up.storage_options if up is not None else self._storage_options,
+            self._storage_options,
             None if path is None else str(path),
             start_fresh_if_damaged,
             default_inputs(self._platform) if self._inputs is None else self._inputs,

@@ -225,7 +225,7 @@ def newer_valid(
         won = first_valid(newer, check, failed)
         if won is not None:
             # the ones ordered after it (not verified); those before it failed and were quarantined
-            others = [c.name for c in newer[[c.name for c in newer].index(won[0].name) + 1 :]]
+            others = [c.name for c in newer[newer.index(won[0]) + 1 :]]
             also = f" (newer there too: {', '.join(others)})" if others else ""
             out.append(f"{directory if store is None else store.url}: {won[0].name}{also}")
     return out

@@ -323,37 +323,14 @@ def test_the_session_deadline_saves_mirrors_and_stops_the_run_before_it(tmp_path
     assert "Session deadline: checkpoint saved and mirrored; exiting" in caplog.text
 
 
-SPAWN_JOB = """
-import sys, torch, lightning as L
-from torch.utils.data import DataLoader, TensorDataset
-from syncckpt.integrations.lightning import SyncCkptIO
-
-class Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Linear(4, 2)
-    def training_step(self, batch, batch_idx):
-        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-if __name__ == "__main__":
-    sync = SyncCkptIO(remote=None, directory=sys.argv[1])
-    ds = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
-    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=sys.argv[1], plugins=[sync], callbacks=[sync.callback],
-                        strategy="ddp_spawn", devices=2, accelerator="cpu")
-    trainer.fit(Tiny(), DataLoader(ds, batch_size=4))
-"""
-
-
 def test_ddp_spawn_gets_the_one_process_refusal_not_a_pickling_error(tmp_path):
     """ddp_spawn pickles the Trainer to start its processes; that used to end in "TypeError: cannot pickle
     '_thread.lock' object" from multiprocessing, where strategy="ddp" gets a clear refusal at setup."""
-    script = tmp_path / "spawn_job.py"
-    script.write_text(SPAWN_JOB)
     out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True, timeout=180
+        [sys.executable, str(JOB), "--dir", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--spawn"],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]

@@ -82,7 +82,8 @@ def build(native: bool):
     return Tiny(), ds, loader
 
 
-def trainer_for(directory: str, plugins: list, callbacks: list):
+def trainer_for(directory: str, plugins: list, callbacks: list, spawn: bool = False):
+    """The job's Trainer; ``spawn``: strategy ``ddp_spawn`` on 2 CPU processes (SyncCkptIO refuses it)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -91,7 +92,8 @@ def trainer_for(directory: str, plugins: list, callbacks: list):
         accumulate_grad_batches=ACCUM,
         precision="bf16-mixed",
         accelerator="cpu",
-        devices=1,
+        devices=2 if spawn else 1,
+        **({"strategy": "ddp_spawn"} if spawn else {}),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -169,12 +171,14 @@ class Progress:
             threading.Event().wait()
 
 
-def fit(directory: str, sync, *, native: bool = False, ckpt_path=None, poison: bool = False, progress=None):
+def fit(
+    directory: str, sync, *, native: bool = False, ckpt_path=None, poison: bool = False, progress=None, spawn=False
+):
     """One ``trainer.fit`` of the job in this process: (model, optimizer and RNG tensors, ``__getitem__`` calls)."""
     model, ds, loader = build(native)
     plugins = [] if sync is None else [sync]
     extra = [] if sync is None else [sync.callback]
-    trainer = trainer_for(directory, plugins, [*extra, *([] if progress is None else [progress.callback])])
+    trainer = trainer_for(directory, plugins, [*extra, *([] if progress is None else [progress.callback])], spawn)
     if progress is not None:
         progress.t0 = time.perf_counter()
     with poisoned() if poison else contextlib.nullcontext():
@@ -202,6 +206,7 @@ def main() -> int:
     p.add_argument("--poison-pickle", action="store_true")
     p.add_argument("--native", action="store_true", help="Lightning's own TorchCheckpointIO and a shuffling loader")
     p.add_argument("--reference-out", default=None)
+    p.add_argument("--spawn", action="store_true", help="strategy='ddp_spawn' on 2 CPU processes")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s", force=True)
     torch.set_num_threads(1)
@@ -212,7 +217,13 @@ def main() -> int:
     sync = None if args.native else SyncCkptIO(remote=args.remote, storage_options=options, grace_period=30)
     progress = Progress(sync, args.sigterm_at_step, args.hold_at_step, say=say)
     tensors, calls = fit(
-        args.dir, sync, native=args.native, ckpt_path=args.ckpt_path, poison=args.poison_pickle, progress=progress
+        args.dir,
+        sync,
+        native=args.native,
+        ckpt_path=args.ckpt_path,
+        poison=args.poison_pickle,
+        progress=progress,
+        spawn=args.spawn,
     )
     say(f"fit {time.perf_counter() - progress.t0:.2f}s")
     say(f"getitem {calls}")
