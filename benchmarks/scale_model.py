@@ -4,7 +4,8 @@ manifest entry) and stated assumptions (:class:`Scenario`).
 
 The transfer parameters come from the code that sends the requests, not from copies: s3fs's part size and
 concurrency from ``FsspecRemote._put_options``, files in flight from ``FsspecRemote.max_workers``, the ranged-read
-size and depth from ``syncckpt.remote.streams``, the manifest size limit from ``syncckpt.manifest``.
+size and depth and the largest object read as one stream from ``syncckpt.remote.streams``, the manifest size limit
+from ``syncckpt.manifest``.
 
     python benchmarks/scale_model.py [--results benchmarks/results/scale.json] [--doc docs/SCALE.md]
 
@@ -46,6 +47,7 @@ def transfer_settings() -> dict[str, int]:
         "files_in_flight": s3.max_workers,
         "read_part_bytes": streams._PREFETCH_PART,
         "read_bytes_in_flight": streams._READ_BYTES_IN_FLIGHT,
+        "stream_max_bytes": streams.STREAM_MAX,
         "max_manifest_bytes": MAX_MANIFEST_BYTES,
     }
 
@@ -119,11 +121,15 @@ def extrapolate(m: dict[str, Any], s: Scenario, settings: dict[str, int] | None 
     upload_s = per_node_bytes / _throughput(s.node_bandwidth, in_flight, min(t["part_bytes"], shard), s)
     # the resume: every node stats and reads its own ranks' files, rank 0's small files and the DCP index (a
     # HEAD and ranged GETs per file) after the manifest; the coordinator also lists the run
-    reads_in_flight = max(1, t["read_bytes_in_flight"] // t["read_part_bytes"])
-    resume_s = per_node_bytes / _throughput(s.node_bandwidth, reads_in_flight, min(t["read_part_bytes"], shard), s)
+    streamed = shard <= t.get("stream_max_bytes", 0)  # one streamed GET per shard (streams.StreamReader)
+    if streamed:
+        reads_in_flight, read_piece = t["files_in_flight"], shard
+    else:
+        reads_in_flight, read_piece = max(1, t["read_bytes_in_flight"] // t["read_part_bytes"]), t["read_part_bytes"]
+    resume_s = per_node_bytes / _throughput(s.node_bandwidth, reads_in_flight, read_piece, s)
     files_per_node = (s.ranks_per_node + 1) * (small + 1)
     per_file = _r(m["resume_node"]["per_file"])  # a HEAD and one GET for a file of one ranged read
-    ranged_extra = s.ranks * (math.ceil(shard / t["read_part_bytes"]) - 1)
+    ranged_extra = 0 if streamed else s.ranks * (math.ceil(shard / t["read_part_bytes"]) - 1)
     resume_reads = nodes * (files_per_node * per_file + _r(m["resume_node"]["fixed"])) + ranged_extra
     resume_reads += _r(m["resume_coordinator"]["fixed"])
     # the commit: after the last part landed, the coordinator's poll pause, reading the parts it has not read yet

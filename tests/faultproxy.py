@@ -8,7 +8,10 @@ one of ``kinds``:
 - ``503`` / ``500`` / ``slowdown``: answer an S3-style XML error without asking upstream;
 - ``stall``: read the request and answer nothing for ``stall_s`` (set longer than the client's read timeout);
 - ``truncate``: forward the request (so it takes effect upstream), then relay only half the answer and reset;
-- ``403`` (only through ``inject``): answer AccessDenied, which a client must not retry.
+- ``403`` (only through ``inject``): answer AccessDenied, which a client must not retry;
+- ``cut`` (only through ``inject``): like ``truncate``, but after the half it sends nothing for ``stall_s`` before
+  the reset, so the client has read all of that half when its read timeout fires (a stream broken mid-object at
+  a known byte).
 
 ``inject(*kinds)`` forces the faults of the next requests, in order (for deterministic tests). ``down()`` resets
 every connection until ``up()`` (or until ``count`` connections were refused), which looks like an outage to the
@@ -31,6 +34,7 @@ from collections import Counter, deque
 
 KINDS = ("reset", "503", "500", "slowdown", "stall", "truncate")  # transient: a client should retry these
 PERMANENT_KINDS = ("403",)  # not retryable; only injected when asked for
+INJECT_ONLY_KINDS = ("cut",)  # transient, but only injected when asked for
 
 _ERRORS = {
     "503": (503, "Service Unavailable", "ServiceUnavailable", "Injected by FaultProxy: service unavailable"),
@@ -116,9 +120,10 @@ class FaultProxy:
 
     def inject(self, *kinds: str) -> None:
         """Give the next ``len(kinds)`` requests these faults, in order ("pass" lets one through untouched)."""
-        unknown = [k for k in kinds if k not in KINDS + PERMANENT_KINDS + ("pass",)]
+        known = KINDS + PERMANENT_KINDS + INJECT_ONLY_KINDS
+        unknown = [k for k in kinds if k not in (*known, "pass")]
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown}; known: {KINDS + PERMANENT_KINDS} and 'pass'")
+            raise ValueError(f"unknown fault kinds {unknown}; known: {known} and 'pass'")
         with self._lock:
             self._forced.extend(kinds)
 
@@ -194,8 +199,10 @@ class FaultProxy:
                 self._stopping.wait(self.stall_s)
             else:
                 response = self._forward(head, body)
-                if kind == "truncate":
+                if kind in ("truncate", "cut"):
                     conn.sendall(_truncated(response))
+                    if kind == "cut":
+                        self._stopping.wait(self.stall_s)
                     _reset(conn)
                     return
                 with self._lock:  # before the client can read the answer, so the order is the client's

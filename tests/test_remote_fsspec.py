@@ -348,20 +348,34 @@ def test_commits_survive_random_faults(
     assert sum(injected.values()) >= 10 and len(injected) >= 4, fault_proxy.counts
 
 
-def test_ranged_download_retries_one_range_and_bounds_memory(
+@pytest.mark.parametrize("reader", ["ranges", "stream"])
+def test_download_under_faults_retries_and_bounds_memory(
+    reader: str,
     fault_proxy: FaultProxy,
     fault_s3_storage_options: dict[str, Any],
     s3_remote_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
-    """Object-store downloads run as parallel ranged reads: with faults on 30% of requests every range is retried
-    on its own, the files come back byte-identical, and the bytes held by all readers of the remote (several
-    files download at once) never exceed its read budget and all return to it."""
+    """Object-store downloads, as parallel ranged reads or one streamed GET per object: with faults on 30% of
+    requests each range, or each stream from where it broke, is retried, the files come back byte-identical, and
+    the bytes held by all readers of the remote (several files download at once) never exceed its read budget and
+    all return to it."""
     import syncckpt.remote.streams as streams_mod
 
     monkeypatch.setattr(streams_mod, "_PREFETCH_PART", 64 << 10)
+    monkeypatch.setattr(streams_mod, "CHUNK", 32 << 10)  # streams: many chunks per object
+    monkeypatch.setattr(streams_mod, "STREAM_MAX", 0 if reader == "ranges" else 1 << 30)
     monkeypatch.setattr(streams_mod, "_READ_BYTES_IN_FLIGHT", 256 << 10)  # 4 ranges for all files together
+    opened: set[type] = set()
+    open_read = FsspecRemote.open_read
+
+    def spy(self, *args, **kwargs):
+        f = open_read(self, *args, **kwargs)
+        opened.add(type(f))
+        return f
+
+    monkeypatch.setattr(FsspecRemote, "open_read", spy)
     r = FsspecRemote(
         s3_remote_url,
         storage_options=fault_s3_storage_options,
@@ -401,9 +415,37 @@ def test_ranged_download_retries_one_range_and_bounds_memory(
     fault_proxy.set_rate(0.0)
     assert_same_files(folder, tmp_path / "dl", m)
     injected = {k: v for k, v in fault_proxy.counts.items() if k != "passed"}
-    assert sum(injected.values()) >= 5, fault_proxy.counts
-    assert 64 << 10 < peak <= 256 << 10, peak  # ranges were read ahead, within the budget
+    assert sum(injected.values()) >= (5 if reader == "ranges" else 2), fault_proxy.counts  # streams: fewer GETs
+    assert 64 << 10 <= peak <= 256 << 10, peak  # read ahead, within the budget
     assert budget.in_use == 0
+    want = streams_mod.PrefetchReader if reader == "ranges" else streams_mod.StreamReader
+    assert opened == {want}, opened
+
+
+def test_a_stream_cut_mid_object_carries_on_from_the_byte_reached(
+    fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str, monkeypatch
+):
+    """A streamed GET broken halfway (half the body, then silence past the client's read timeout, then a reset) is
+    reopened as a ranged GET at the byte the caller reached (answered 206), not from the start, and the caller
+    reads every byte once, in order."""
+    import syncckpt.remote.streams as streams_mod
+
+    monkeypatch.setattr(streams_mod, "CHUNK", 16 << 10)
+    r = FsspecRemote(s3_remote_url, storage_options=fault_s3_storage_options, retry=QUICK)
+    data = random.Random(3).randbytes(1 << 20)
+    r.write_bytes("big.bin", data)
+    opened_at: list[int] = []
+    open_at = streams_mod.StreamReader._open
+    monkeypatch.setattr(streams_mod.StreamReader, "_open", lambda self: opened_at.append(self._pos) or open_at(self))
+    fault_proxy.answered.clear()
+    fault_proxy.inject("cut")
+    with r.open_read("big.bin", len(data)) as f:
+        assert isinstance(f, streams_mod.StreamReader)
+        got = b"".join(bytes(c) for c in iter(lambda: f.read(10_000), b""))
+    assert got == data
+    assert opened_at == [0, len(data) // 2]  # the cut relayed half the body, all of which the caller read
+    gets = [status for method, _, status in fault_proxy.answered if method == "GET"]
+    assert gets == [206], fault_proxy.answered  # the cut answer is not listed: it never completed
 
 
 def test_lost_reply_to_a_conditional_create_still_counts_as_ours(

@@ -184,14 +184,18 @@ class FsspecRemote(Remote):
         return data
 
     def open_read(self, rel: str, size: int | None = None) -> BinaryIO:
-        """A sequential reader. On object stores it keeps ``_PREFETCH_DEPTH`` ranged reads in flight (one stream
-        per file is bound by request latency; s3fs/gcsfs ``get`` fetch parts concurrently too), each retried on its
-        own; elsewhere a stream that reopens at its offset and carries on after a transient failure."""
+        """A sequential reader. An S3 object of up to ``streams.STREAM_MAX`` bytes is one streamed GET, read a
+        chunk ahead (:class:`~syncckpt.remote.streams.StreamReader`); a larger object, or any on GCS, is read as
+        parallel ranges, each retried on its own (one stream per large file is bound by one connection; s3fs/gcsfs
+        ``get`` fetch parts concurrently too); elsewhere a stream that reopens at its offset and carries on after a
+        transient failure."""
         path = self._path(rel)
         if self._kind in ("local", "memory"):
             return streams.RetryingReader(self, rel, path)  # type: ignore[return-value]
         if size is None:
             size = self.stat(rel).size
+        if self._kind == "s3" and size <= streams.STREAM_MAX:
+            return streams.StreamReader(self, rel, path)  # type: ignore[return-value]
         return streams.PrefetchReader(self, rel, path, size)  # type: ignore[return-value]
 
     def stat(self, rel: str) -> RemoteStat:

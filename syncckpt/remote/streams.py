@@ -1,5 +1,5 @@
-"""Streaming transfers of the fsspec backend: readers that survive transient failures, ranged reads kept in
-flight within a byte budget, and the progress callback of uploads.
+"""Streaming transfers of the fsspec backend: readers that survive transient failures (one streamed GET per S3
+object, or ranged reads kept in flight within a byte budget), and the progress callback of uploads.
 
 >>> from syncckpt.remote.fsspec import FsspecRemote
 >>> r = FsspecRemote("memory://streams-doc/run")
@@ -11,10 +11,12 @@ flight within a byte budget, and the progress callback of uploads.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from fsspec.asyn import sync
 from fsspec.callbacks import Callback
 
 from .._memory import ByteBudget
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 _PREFETCH_PART = 64 << 20  # ranged reads this large (s3fs/gcsfs ``get`` use 50 MiB parts); each costs a request
 _PREFETCH_DEPTH = 4  # ranges in flight per open object
 _READ_BYTES_IN_FLIGHT = 512 << 20  # for all readers of one remote together (files download in parallel)
+STREAM_MAX = 4 * _PREFETCH_PART  # S3 objects up to this size download as one streamed GET (StreamReader)
 
 
 def read_budget() -> ByteBudget:
@@ -148,6 +151,101 @@ class PrefetchReader:
         self._buf = memoryview(b"")
 
     def __enter__(self) -> PrefetchReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamReader:
+    """File-like sequential reader over one streamed S3 GET: the next chunk is read on the filesystem's event loop
+    while the caller hashes and writes the last one. A transient failure reopens the object at the offset reached
+    (a ranged GET) and carries on. It holds two chunks of the remote's read budget.
+
+    Against parallel 64 MiB ranges (:class:`PrefetchReader`), an object of up to four ranges costs one request
+    instead of up to four, and the caller hashes the bytes as they arrive instead of after a whole range. The files
+    of a checkpoint download side by side (``max_workers``), so a file this size is not left on one connection
+    while the others idle; a larger one still goes as parallel ranges. 126 MB from moto with SHA-256: 0.20 s
+    against 0.34 s for ranges (medians of 4, interleaved); ``bench_peers.py``'s fresh resume of 0.19 GB: 0.73 s
+    (0.56x DCP's load in the same run) against 0.92 s (0.96x) before.
+    """
+
+    def __init__(self, remote: FsspecRemote, rel: str, path: str):
+        self._remote, self._rel = remote, rel
+        self._fs = remote._filesystem()
+        self._bucket, self._key, _ = self._fs.split_path(path)
+        self._budget = remote._read_budget
+        self._held = 2 * CHUNK  # the chunk being read and the one ahead
+        self._budget.acquire(self._held)
+        self._body: Any = None
+        self._ahead: Future[bytes] | None = None
+        self._pos = 0  # bytes handed to the caller, where a reopen starts
+        self._buf = memoryview(b"")
+        self._closed = False
+        try:
+            remote._run("open", rel, self._open, not_found=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+        resp = sync(self._fs.loop, self._fs._call_s3, "get_object", Bucket=self._bucket, Key=self._key, **extra)
+        self._body = resp["Body"]
+        self._ahead = self._read_ahead()
+
+    def _read_ahead(self) -> Future[bytes]:
+        return asyncio.run_coroutine_threadsafe(self._body.read(CHUNK), self._fs.loop)
+
+    def _next_chunk(self) -> bytes:
+        try:
+            if self._body is None:  # a retry after a failure: carry on where the caller is
+                self._open()
+            assert self._ahead is not None
+            data = self._ahead.result()
+            self._ahead = self._read_ahead() if data else None
+            return data
+        except BaseException:
+            self._discard()
+            raise
+
+    def read(self, n: int = -1) -> memoryview:
+        if self._closed:
+            raise ValueError("read from a closed reader")
+        if not self._buf:
+            if self._ahead is None and self._body is not None:  # the end was reached
+                return memoryview(b"")
+            self._buf = memoryview(self._remote._run("read", self._rel, self._next_chunk, not_found=True))
+        n = len(self._buf) if n < 0 else n
+        out, self._buf = self._buf[:n], self._buf[n:]
+        self._pos += len(out)
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _discard(self) -> None:
+        body, ahead, self._body, self._ahead = self._body, self._ahead, None, None
+        if ahead is not None:
+            ahead.cancel()
+        if body is not None:
+            try:
+                self._fs.loop.call_soon_threadsafe(body.close)  # aiohttp objects belong to the loop's thread
+            except RuntimeError:  # the loop is closed: so is its connection
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._discard()
+        self._budget.release(self._held)
+        self._buf = memoryview(b"")
+
+    def __enter__(self) -> StreamReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
