@@ -182,7 +182,8 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
             manifest = store.read_manifest(name)
             _, _, path, fetched = pull_or_reuse(store.remote, name, dest, manifest)
         else:
-            listing = remote_listing(store.remote, strict=True)  # unreachable raises, never reads as empty
+            # unreachable raises, never reads as empty; a plain path may be a training folder, which has no LATEST
+            listing = remote_listing(store.remote, strict=True, latest_expected=is_remote_url(run))
             if not listing.candidates:
                 raise CheckpointNotFound(f"{store.url}: no checkpoints there")
             # the one search resume makes: newest valid first, a damaged one skipped for the next

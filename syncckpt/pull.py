@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _bars, local, quarantine  # _bars: plain tqdm bars (tqdm.auto warns in kernels without ipywidgets)
 from .errors import CheckpointCorrupt, RemoteError
-from .manifest import MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content, sha256_hex
+from .manifest import LATEST_NAME, MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content, sha256_hex
 from .remote import Remote
 from .select import Candidate
 
@@ -43,12 +43,13 @@ class RemoteListing:
     listed: bool = True  # False: the store could not be listed (resume goes on with local checkpoints)
 
 
-def remote_listing(remote: Remote, *, strict: bool = False) -> RemoteListing:
+def remote_listing(remote: Remote, *, strict: bool = False, latest_expected: bool = True) -> RemoteListing:
     """List a remote run: every checkpoint whose manifest parses, minus the quarantined ones.
 
     The LATEST object is only a hint: when it is missing, stale or points at something that is not there the
     listing wins, and a warning names the problem. ``strict``: a store that cannot be listed raises instead of
-    reading as an empty run (the CLI).
+    reading as an empty run (the CLI). ``latest_expected=False``: no warning when there is no LATEST at all (a
+    training folder read as a store never has one; a stale or wrong one is still reported).
     """
     try:
         names = remote.list_checkpoints()
@@ -93,18 +94,19 @@ def remote_listing(remote: Remote, *, strict: bool = False) -> RemoteListing:
             continue
         out.candidates.append(Candidate(n, m.kind, m.global_step, m.epoch, "remote", digest or "", m.healthy))
         out.manifests[n] = m
-    _check_latest(remote, out.candidates, hidden)
+    _check_latest(remote, out.candidates, hidden, latest_expected)
     return out
 
 
-def _check_latest(remote: Remote, candidates: list[Candidate], hidden: set[str]) -> None:
-    """Warn when LATEST is missing, stale or wrong (the listing wins); LATEST naming a quarantined checkpoint was
-    reported when it was quarantined."""
+def _check_latest(remote: Remote, candidates: list[Candidate], hidden: set[str], expected: bool) -> None:
+    """Warn when LATEST is missing (if ``expected``), stale or wrong (the listing wins); LATEST naming a
+    quarantined checkpoint was reported when it was quarantined."""
     latest = remote.read_latest()
     if not candidates or (latest is not None and latest.name in hidden):
         return
     if latest is None:
-        log.warning("%s/LATEST is missing or damaged; found checkpoints by listing", remote.url)
+        if expected or _present(remote, LATEST_NAME):  # a damaged one is always worth a word
+            log.warning("%s/LATEST is missing or damaged; found checkpoints by listing", remote.url)
         return
     match = [c for c in candidates if c.name == latest.name]
     if not match:
@@ -119,6 +121,14 @@ def _check_latest(remote: Remote, candidates: list[Candidate], hidden: set[str])
             remote.url,
             latest.name,
         )
+
+
+def _present(remote: Remote, rel: str) -> bool:
+    try:
+        remote.stat(rel)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:

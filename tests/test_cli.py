@@ -324,6 +324,25 @@ def test_pull_named_checkpoint(capsys: pytest.CaptureFixture[str], run: Path, tm
     assert resume_step(dest3) == 2
 
 
+def test_pull_from_a_training_folder_says_nothing_of_latest_but_a_damaged_one_is_named(
+    capsys: pytest.CaptureFixture[str], run: Path, tmp_path: Path, remote_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A training folder never has LATEST (only mirrors do), so pulling from one used to warn that it was
+    missing. A mirror given as a URL without it, or any folder with a damaged one, is still reported."""
+    code, out, err = cli(capsys, "pull", str(run), str(tmp_path / "d1"))
+    assert code == 0 and "checkpoint-step-3" in out
+    assert "LATEST" not in err + caplog.text
+    assert cli(capsys, "push", str(run), remote_url)[0] == 0
+    remote_root = Path(remote_url.removeprefix("file://"))
+    (remote_root / "LATEST").unlink()
+    assert cli(capsys, "pull", remote_url, str(tmp_path / "d2"))[0] == 0
+    assert "LATEST is missing or damaged" in capsys.readouterr().err + caplog.text
+    caplog.clear()
+    (run / "LATEST").write_bytes(b"{not json")
+    assert cli(capsys, "pull", str(run), str(tmp_path / "d3"))[0] == 0
+    assert "LATEST is missing or damaged" in capsys.readouterr().err + caplog.text
+
+
 def test_pull_errors(capsys: pytest.CaptureFixture[str], run: Path, tmp_path: Path, remote_url: str) -> None:
     assert cli(capsys, "pull", remote_url, str(tmp_path / "d"))[0] == 2  # nothing there
     assert cli(capsys, "pull", remote_url, str(tmp_path / "d"), "--checkpoint", "not-a-name")[0] == 2
