@@ -18,7 +18,8 @@ Heartbeats compare wall clocks of different machines; TTLs are minutes, far abov
 ... except LeaseHeld as e:
 ...     print("refused")
 refused
->>> a.release(); b.acquire(); b.release()
+>>> a.release(), b.acquire(), b.release(timeout=5)  # a release at the end of a grace period is bounded
+(True, None, True)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .remote.base import Remote
 log = logging.getLogger("syncckpt")
 
 LEASE_NAME = "LEASE"
+RELEASE_FLOOR = 1.0  # seconds a bounded release always gets: a store that answers releases in milliseconds
 
 
 def _alive(pid: int) -> bool:
@@ -172,14 +174,35 @@ class Lease:
             log.error("Lease lost: %s; this session stops mirroring", self.lost)
         return True
 
-    def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+    def release(self, timeout: float | None = None) -> bool:
+        """Stop the heartbeat and delete the lease if it is still ours; True once that is done (or nothing was
+        held). With ``timeout`` (the end of a grace period: the process is about to exit) the heartbeat and the
+        delete get that many seconds, and at least ``RELEASE_FLOOR``, between them; a store that does not answer
+        in time is left to the lease's TTL, and False says the delete may still be running."""
+        end = None if timeout is None else time.monotonic() + max(timeout, RELEASE_FLOOR)
+        left = lambda: None if end is None else max(0.0, end - time.monotonic())  # noqa: E731
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=5 if end is None else min(5.0, left()))  # type: ignore[type-var]
         if not self._held:
-            return
+            return True
         self._held = False
+        if end is None:
+            self._delete_if_ours()
+            return True
+        worker = threading.Thread(target=self._delete_if_ours, name="syncckpt-lease-release", daemon=True)
+        worker.start()
+        worker.join(left())
+        if worker.is_alive():
+            log.warning(
+                "Could not release the lease on %s in the time left; it expires by itself within %.0fs",
+                self.remote.url,
+                self.ttl,
+            )
+            return False
+        return True
+
+    def _delete_if_ours(self) -> None:
         try:
             cur = self._read()
             if cur is not None and cur.get("session") == self.session:

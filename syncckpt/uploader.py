@@ -258,13 +258,16 @@ class Uploader:
         """Flush (until done, ``timeout``, or an upload failing for good: a dead remote must not hang the end of
         training), then stop the thread and release the lease. What is left stays local; a later session that
         resumes from it mirrors it."""
-        self.wait(timeout, stop_on_failure=True)
+        end = None if timeout is None else time.monotonic() + timeout
+        if not self.wait(timeout, stop_on_failure=True) and timeout is not None:
+            self.remote.stop_retrying()  # time is up: uploads in their retries give up, the lease gets one try
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._part is not None:
             self._part.stop()
-        self._thread.join(timeout=5)
+        # at the end of a grace period the thread may be in an upload's retries: it is a daemon, not waited for
+        self._thread.join(timeout=5 if end is None else min(5.0, max(0.0, end - time.monotonic())))
         pending = self.status()["pending"]
         if pending:
             log.warning(
@@ -278,7 +281,7 @@ class Uploader:
         for put in early:
             put.abandon()
         if self._remote_run is not None:
-            self._remote_run.close()
+            self._remote_run.close(None if end is None else max(0.0, end - time.monotonic()))
         else:
             self.remote.close()
 

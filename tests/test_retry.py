@@ -10,6 +10,7 @@ import errno
 import io
 import logging
 import re
+import threading
 import time
 import urllib.error
 
@@ -293,3 +294,26 @@ def test_no_attempt_starts_after_max_total(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(TimeoutError):
         policy.call(always_times_out)
     assert all(s <= 0.1 for s in starts), starts  # the next wait would have ended past max_total: no attempt
+
+
+def test_once_abort_is_set_the_wait_ends_and_no_attempt_follows():
+    """The end of a grace period: a call waiting out its backoff (60 s here) gives up at once with the last
+    failure, and a call that fails after the abort is not retried at all."""
+    abort = threading.Event()
+    calls = []
+
+    def failing():
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            threading.Thread(target=abort.set).start()  # while the policy waits
+        raise ConnectionResetError("store down")
+
+    policy = RetryPolicy(attempts=5, initial_wait=60, max_wait=60)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        policy.call(failing, abort=abort, retry_after=lambda e: 60.0)  # a 60 s wait, whatever the draw
+    assert len(calls) == 1 and time.monotonic() - t0 < 30
+    calls.clear()
+    with pytest.raises(ConnectionResetError):
+        policy.call(failing, abort=abort)
+    assert len(calls) == 1

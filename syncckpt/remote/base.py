@@ -334,6 +334,10 @@ class Remote(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients and pools. Safe to call twice."""
 
+    def stop_retrying(self) -> None:  # noqa: B027 - optional hook: a backend without retries has nothing to stop
+        """From now on no transient failure is retried and a wait between attempts ends at once (the end of a
+        grace period: the process is about to exit, and what did not reach the store stays local)."""
+
 
 #: How a checkpoint's data reaches the store: ``put(remote, name, local_dir, manifest, progress)`` sends the data
 #: of ``manifest``'s files from ``local_dir``, checks it in the store without downloading it, and returns the

@@ -88,6 +88,7 @@ class FsspecRemote(Remote):
         self.url = safe_url(url)
         self.max_workers = max_workers
         self.retry = retry or DEFAULT_POLICY
+        self._no_more_retries = threading.Event()  # set by stop_retrying()
         self._raw_url = url
         self._options = dict(storage_options or {})
         self._scrub = Scrubber(self._options, urls=[url])
@@ -102,6 +103,9 @@ class FsspecRemote(Remote):
 
     def __repr__(self) -> str:
         return f"FsspecRemote({self.url!r})"
+
+    def stop_retrying(self) -> None:
+        self._no_more_retries.set()
 
     # ---- the backend, rebuilt after fork ---------------------------------------------------------------------
     def _filesystem(self) -> AbstractFileSystem:
@@ -350,7 +354,9 @@ class FsspecRemote(Remote):
         where = f"{self.url}/{rel}" if rel else self.url
         err: BaseException
         try:
-            return self.retry.call(fn, *args, what=f"{op} {where}", scrub=self._scrub, **kwargs)
+            return self.retry.call(
+                fn, *args, what=f"{op} {where}", scrub=self._scrub, abort=self._no_more_retries, **kwargs
+            )
         except (SyncCkptError, FileExistsError):
             raise
         except FileNotFoundError as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
+    stop_when_event_set,
     wait_random_exponential,
 )
 
@@ -215,13 +217,15 @@ class RetryPolicy:
         what: str = "",
         scrub: Callable[[str], str] = str,
         retry_after: Callable[[BaseException], float | None] | None = None,
+        abort: threading.Event | None = None,
         **kwargs: Any,
     ) -> T:
         """Run ``fn(*args, **kwargs)``, retrying transient failures; the last exception is re-raised unchanged.
 
         ``what`` names the operation in log lines; ``scrub`` cleans exception text before it is logged (a backend
         passes one that removes its credentials); ``retry_after(exc)`` may return how long the store asked to wait
-        (an HTTP ``Retry-After``) instead of the backoff's draw.
+        (an HTTP ``Retry-After``) instead of the backoff's draw. Once ``abort`` is set no new attempt starts and a
+        wait between attempts ends at once (the process is exiting): the last failure is raised.
 
         >>> failures = iter([ConnectionResetError("throttled")])
         >>> def once():
@@ -239,14 +243,16 @@ class RetryPolicy:
             hinted = retry_after(exc) if retry_after is not None and exc is not None else None
             return hinted if hinted is not None else backoff(state)
 
+        stop = stop_after_attempt(self.attempts) | stop_before_delay(self.max_total)  # no attempt after max_total
         retrying = Retrying(
-            stop=stop_after_attempt(self.attempts) | stop_before_delay(self.max_total),  # no attempt after max_total
+            stop=stop if abort is None else stop | stop_when_event_set(abort),
             wait=wait,
             retry=retry_if_exception(is_transient),
             before_sleep=functools.partial(self._log_retry, what or getattr(fn, "__qualname__", "call"), scrub),
+            sleep=time.sleep if abort is None else abort.wait,
             reraise=True,
         )
-        return retrying(_Attempts(fn, self.max_total), *args, **kwargs)
+        return retrying(_Attempts(fn, self.max_total, abort), *args, **kwargs)
 
     def _log_retry(self, what: str, scrub: Callable[[str], str], state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -272,8 +278,8 @@ class _Attempts:
     failure that the late attempt would have retried.
     """
 
-    def __init__(self, fn: Callable[..., Any], max_total: float) -> None:
-        self.fn, self.max_total = fn, max_total
+    def __init__(self, fn: Callable[..., Any], max_total: float, abort: threading.Event | None = None) -> None:
+        self.fn, self.max_total, self.abort = fn, max_total, abort
         self.first: float | None = None
         self.last: BaseException | None = None
 
@@ -281,7 +287,7 @@ class _Attempts:
         now = time.monotonic()
         if self.first is None:
             self.first = now
-        elif self.last is not None and now - self.first > self.max_total:
+        elif self.last is not None and (now - self.first > self.max_total or (self.abort and self.abort.is_set())):
             raise self.last
         try:
             return self.fn(*args, **kwargs)

@@ -182,7 +182,8 @@ class RemoteRun:
             refs.append(Ref(name, m.kind, m.global_step, m.epoch, m.healthy))
         return [n for n in self._retention(refs) if n != new.name]
 
-    def close(self) -> None:
-        """Release the lease and the store's clients."""
-        self.lease.release()
-        self.remote.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Release the lease (within ``timeout``, see :meth:`Lease.release`) and the store's clients; the clients
+        stay open while a release that ran out of time may still be using them (the process is exiting)."""
+        if self.lease.release(timeout):
+            self.remote.close()
