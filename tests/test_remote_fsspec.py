@@ -448,6 +448,25 @@ def test_a_stream_cut_mid_object_carries_on_from_the_byte_reached(
     assert gets == [206], fault_proxy.answered  # the cut answer is not listed: it never completed
 
 
+def test_a_stream_broken_after_its_last_byte_ends_without_another_request(
+    fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str
+):
+    """Every promised byte was read and the connection then broke before the end was seen: a ranged GET from the
+    size would be answered 416 and fail the download, so the reader just ends. (The break is made by dropping the
+    reader's stream by hand: no proxy fault lands exactly there.)"""
+    import syncckpt.remote.streams as streams_mod
+
+    r = FsspecRemote(s3_remote_url, storage_options=fault_s3_storage_options, retry=QUICK)
+    r.write_bytes("small.bin", b"0123456789")
+    with r.open_read("small.bin", 10) as f:
+        assert isinstance(f, streams_mod.StreamReader)
+        assert bytes(f.read(10)) == b"0123456789"
+        f._discard()  # the connection broke here
+        fault_proxy.answered.clear()
+        assert bytes(f.read(1)) == b"" and bytes(f.read()) == b""
+    assert fault_proxy.answered == []
+
+
 def test_lost_reply_to_a_conditional_create_still_counts_as_ours(
     fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str
 ):

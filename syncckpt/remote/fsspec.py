@@ -199,7 +199,7 @@ class FsspecRemote(Remote):
         if size is None:
             size = self.stat(rel).size
         if self._kind == "s3" and size <= streams.STREAM_MAX:
-            return streams.StreamReader(self, rel, path)  # type: ignore[return-value]
+            return streams.StreamReader(self, rel, path, size)  # type: ignore[return-value]
         return streams.PrefetchReader(self, rel, path, size)  # type: ignore[return-value]
 
     def stat(self, rel: str) -> RemoteStat:

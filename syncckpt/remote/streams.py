@@ -157,6 +157,9 @@ class PrefetchReader:
         self.close()
 
 
+_ENDED = object()  # StreamReader's body once every promised byte was read and only the end is left
+
+
 class StreamReader:
     """File-like sequential reader over one streamed S3 GET: the next chunk is read on the filesystem's event loop
     while the caller hashes and writes the last one. A transient failure reopens the object at the offset reached
@@ -170,8 +173,8 @@ class StreamReader:
     (0.56x DCP's load in the same run) against 0.92 s (0.96x) before.
     """
 
-    def __init__(self, remote: FsspecRemote, rel: str, path: str):
-        self._remote, self._rel = remote, rel
+    def __init__(self, remote: FsspecRemote, rel: str, path: str, size: int):
+        self._remote, self._rel, self._size = remote, rel, size
         self._fs = remote._filesystem()
         self._bucket, self._key, _ = self._fs.split_path(path)
         self._budget = remote._read_budget
@@ -189,7 +192,10 @@ class StreamReader:
             raise
 
     def _open(self) -> None:
-        extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+        if self._pos and self._pos >= self._size:  # broken after the last promised byte: only the end is left
+            self._body, self._ahead = _ENDED, None
+            return
+        extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}  # s3fs adds requester-pays and the like
         resp = sync(self._fs.loop, self._fs._call_s3, "get_object", Bucket=self._bucket, Key=self._key, **extra)
         self._body = resp["Body"]
         self._ahead = self._read_ahead()
@@ -201,7 +207,8 @@ class StreamReader:
         try:
             if self._body is None:  # a retry after a failure: carry on where the caller is
                 self._open()
-            assert self._ahead is not None
+            if self._ahead is None:  # the end
+                return b""
             data = self._ahead.result()
             self._ahead = self._read_ahead() if data else None
             return data
@@ -231,7 +238,7 @@ class StreamReader:
         body, ahead, self._body, self._ahead = self._body, self._ahead, None, None
         if ahead is not None:
             ahead.cancel()
-        if body is not None:
+        if body is not None and body is not _ENDED:
             try:
                 self._fs.loop.call_soon_threadsafe(body.close)  # aiohttp objects belong to the loop's thread
             except RuntimeError:  # the loop is closed: so is its connection
