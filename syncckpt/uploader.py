@@ -259,8 +259,10 @@ class Uploader:
         training), then stop the thread and release the lease. What is left stays local; a later session that
         resumes from it mirrors it."""
         end = None if timeout is None else time.monotonic() + timeout
-        if not self.wait(timeout, stop_on_failure=True) and timeout is not None:
-            self.remote.stop_retrying()  # time is up: uploads in their retries give up, the lease gets one try
+        if not self.wait(timeout, stop_on_failure=True):
+            # time is up, or the store kept failing an upload past its retries: the uploads still in their retries
+            # give up, and the lease's release gets one try
+            self.remote.stop_retrying()
         with self._cond:
             self._closing = True
             self._cond.notify_all()

@@ -282,6 +282,30 @@ def test_close_with_an_unreachable_remote_leaves_the_upload_local_for_the_next_s
     assert remote_files(url, options, "checkpoint-step-10", tmp_path) == payload("checkpoint-step-10")
 
 
+def test_close_after_an_upload_failed_for_good_tries_the_lease_release_once_not_a_second_retry_run(
+    s3, tmp_path, caplog
+):
+    """close() at the end of a notebook while offline: it used to wait out the upload's retries and then the
+    lease release's own, as long again. Once an upload failed for good the store is taken as gone: the release is
+    tried once and the lease left to its TTL."""
+    url, options, proxy = s3
+    caplog.set_level(logging.WARNING, logger="syncckpt")
+    d = tmp_path / "ck"
+    m = commit_local(d, "checkpoint-step-10")
+    u = Uploader(url, options, remote_options={"retry": RetryPolicy(attempts=3, initial_wait=0.2)}, max_pause=1.0)
+    try:
+        proxy.down()
+        u.submit(d, m)
+        u.close()
+    finally:
+        proxy.up()
+    lines = [r.getMessage() for r in caplog.records]
+    failed = next(i for i, line in enumerate(lines) if "Upload of checkpoint-step-10" in line and "failed" in line)
+    after = lines[failed + 1 :]
+    assert not [line for line in after if "transient failure" in line], after  # no retry once it failed for good
+    assert any("Could not release the lease" in line for line in after), after
+
+
 def test_close_flushes_what_is_queued_when_the_remote_works(url: str, tmp_path: Path):
     d = tmp_path / "ck"
     u = Uploader(url)
