@@ -179,20 +179,19 @@ class Lease:
         held). With ``timeout`` (the end of a grace period: the process is about to exit) the heartbeat and the
         delete get that many seconds, and at least ``RELEASE_FLOOR``, between them; a store that does not answer
         in time is left to the lease's TTL, and False says the delete may still be running."""
-        end = None if timeout is None else time.monotonic() + max(timeout, RELEASE_FLOOR)
-        left = lambda: None if end is None else max(0.0, end - time.monotonic())  # noqa: E731
+        end = time.monotonic() + (5.0 if timeout is None else max(timeout, RELEASE_FLOOR))
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5 if end is None else min(5.0, left()))  # type: ignore[type-var]
+            self._thread.join(timeout=min(5.0, max(0.0, end - time.monotonic())))
         if not self._held:
             return True
         self._held = False
-        if end is None:
+        if timeout is None:
             self._delete_if_ours()
             return True
         worker = threading.Thread(target=self._delete_if_ours, name="syncckpt-lease-release", daemon=True)
         worker.start()
-        worker.join(left())
+        worker.join(max(0.0, end - time.monotonic()))
         if worker.is_alive():
             log.warning(
                 "Could not release the lease on %s in the time left; it expires by itself within %.0fs",

@@ -105,7 +105,7 @@ def _check_latest(remote: Remote, candidates: list[Candidate], hidden: set[str],
     if not candidates or (latest is not None and latest.name in hidden):
         return
     if latest is None:
-        if expected or _present(remote, LATEST_NAME):  # a damaged one is always worth a word
+        if expected or remote.exists(LATEST_NAME):  # a damaged one is always worth a word
             log.warning("%s/LATEST is missing or damaged; found checkpoints by listing", remote.url)
         return
     match = [c for c in candidates if c.name == latest.name]
@@ -121,14 +121,6 @@ def _check_latest(remote: Remote, candidates: list[Candidate], hidden: set[str],
             remote.url,
             latest.name,
         )
-
-
-def _present(remote: Remote, rel: str) -> bool:
-    try:
-        remote.stat(rel)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def remote_candidates(remote: Remote) -> tuple[list[Candidate], dict[str, Manifest]]:

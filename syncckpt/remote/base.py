@@ -107,6 +107,14 @@ class Remote(abc.ABC):
     def stat(self, rel: str) -> RemoteStat:
         """Size (and store checksums when kept) of one object. Raise FileNotFoundError when absent."""
 
+    def exists(self, rel: str) -> bool:
+        """Whether the object ``rel`` is in the store (one :meth:`stat`)."""
+        try:
+            self.stat(rel)
+            return True
+        except FileNotFoundError:
+            return False
+
     @abc.abstractmethod
     def delete_checkpoint(self, name: str) -> None:
         """Remove one checkpoint folder: its manifest first, then its data files."""

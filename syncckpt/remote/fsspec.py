@@ -170,7 +170,7 @@ class FsspecRemote(Remote):
             base = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
             if entry.get("type") == "directory" and parse_checkpoint_name(base) is not None:
                 names.append(base)
-        complete = self._parallel(lambda n: self._exists(f"{n}/{MANIFEST_NAME}"), names)
+        complete = self._parallel(lambda n: self.exists(f"{n}/{MANIFEST_NAME}"), names)
         return [n for n, ok in zip(names, complete, strict=True) if ok]
 
     def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
@@ -284,7 +284,7 @@ class FsspecRemote(Remote):
                 "so two writers racing can both believe they created the object",
                 self.url,
             )
-        if self._exists(rel):
+        if self.exists(rel):
             return False
         self.write_bytes(rel, data)
         return True
@@ -320,13 +320,6 @@ class FsspecRemote(Remote):
         fs = self._filesystem()
         fs.invalidate_cache(path)  # a listing cached earlier may hold an old size
         return fs.info(path)
-
-    def _exists(self, rel: str) -> bool:
-        try:
-            self.stat(rel)
-            return True
-        except FileNotFoundError:
-            return False
 
     def _holds(self, rel: str, data: bytes) -> bool:
         try:
