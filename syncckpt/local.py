@@ -3,15 +3,8 @@
 Atomicity is by rename (Orbax calls this strategy "rename"): a checkpoint is written into a hidden temporary
 sibling, every file and the folder are fsynced, ``manifest.json`` is written last, and one ``rename`` makes it
 visible. A crash at any instant leaves either the old set of checkpoints or the new one. Hidden leftovers
-(``.tmp-*``, ``.old-*``, ``.del-*``, ``.upload-*``, ``.pull-*``, ``.recycle-pool``) are cleaned up by
-:func:`cleanup_leftovers` on the next start; quarantined checkpoints (``.quarantine-*``, see
-:mod:`syncckpt.quarantine`) are never touched.
-
-Recycling: :func:`retire` deletes a checkpoint like :func:`delete` but first moves its large data files into
-``.recycle-pool``, and :func:`write_file` given that pool overwrites the file of the same name in place instead of
-creating a new one. Writing into pages the page cache already holds costs a tenth of the CPU of filling new ones
-(0.04 against 0.37 CPU-s for 126 MB on the CI machine kind, where fresh page-cache pages are first touched in the
-VM), and the blocks are already allocated. PostgreSQL recycles its WAL segments for the same reason.
+(``.tmp-*``, ``.old-*``, ``.del-*``, ``.upload-*``, ``.pull-*``) are cleaned up by :func:`cleanup_leftovers` on the
+next start; quarantined checkpoints (``.quarantine-*``, see :mod:`syncckpt.quarantine`) are never touched.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -30,7 +23,6 @@ import logging
 import mmap
 import os
 import shutil
-import stat
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,9 +43,7 @@ from .manifest import (
 
 log = logging.getLogger("syncckpt")
 
-_HIDDEN_PREFIXES = (".tmp-", ".old-", ".del-", ".upload-", ".pull-", ".recycle-")
-RECYCLE_POOL = ".recycle-pool"  # a retired checkpoint's data files, overwritten by the next write (see retire)
-RECYCLE_MIN_BYTES = 1 << 20  # smaller files are not worth keeping
+_HIDDEN_PREFIXES = (".tmp-", ".old-", ".del-", ".upload-", ".pull-")
 
 
 @dataclass(frozen=True)
@@ -81,36 +71,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(
-    folder: Path,
-    rel: str,
-    chunks: Iterable[bytes | memoryview],
-    *,
-    crc32c: bool = False,
-    recycle: Path | None = None,
-) -> FileEntry:
+def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview], *, crc32c: bool = False) -> FileEntry:
     """Write ``chunks`` to ``folder/rel``, hashing on the way, fsync, and return its manifest entry.
 
-    ``crc32c``: record the CRC32C as well (for a remote that keeps one per object: see ``Remote.keeps_crc32c``).
-    ``recycle``: a pool :func:`retire` filled; a file of the same ``rel`` there is moved to the target and
-    overwritten in place (then cut to the new size) instead of a new file being created. The target is inside a
-    temporary folder that only a commit makes visible, so a crash midway leaves nothing that could be taken
-    for a checkpoint."""
+    ``crc32c``: record the CRC32C as well (for a remote that keeps one per object: see ``Remote.keeps_crc32c``)."""
     check_relative_path(rel)
     target = folder / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb"
-    if recycle is not None:
-        try:
-            os.rename(recycle / rel, target)
-            mode = "r+b"
-        except OSError:  # none of that name in the pool (or taken by another writer): a new file
-            pass
-    with open(target, mode) as f:
+    with open(target, "wb") as f:
         w = HashingWriter(f, crc32c=crc32c)
         for c in chunks:
             w.write(c)
-        f.truncate()
         f.flush()
         os.fsync(f.fileno())
     return FileEntry(rel, w.size, w.hexdigest(), crc32c=w.crc32c())
@@ -347,38 +318,6 @@ def delete(directory: Path, name: str) -> None:
     trash = Path(directory) / f".del-{name}-{uuid.uuid4().hex[:8]}"
     os.rename(src, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def retire(directory: Path, name: str) -> None:
-    """Delete a checkpoint as :func:`delete` does, keeping its large data files in ``directory/.recycle-pool``
-    for :func:`write_file` to overwrite. Only files with no other hard link are kept (an epoch or best
-    checkpoint, or an upload's staging copy, may share the others). The pool holds the files of the newest
-    retired checkpoint only; :func:`drop_recycled` empties it."""
-    if parse_checkpoint_name(name) is None:
-        raise UnsafeCheckpoint(f"refusing to delete {name!r}: not a checkpoint folder name")
-    src = Path(directory) / name
-    if not src.exists():
-        return
-    trash = Path(directory) / f".del-{name}-{uuid.uuid4().hex[:8]}"
-    os.rename(src, trash)
-    pool = Path(directory) / RECYCLE_POOL
-    shutil.rmtree(pool, ignore_errors=True)  # the newest retired checkpoint replaces the last one's files
-    try:
-        manifest = Manifest.from_bytes((trash / MANIFEST_NAME).read_bytes(), where=str(trash))
-        for entry in manifest.files:
-            rel = check_relative_path(entry.path)
-            st = os.lstat(trash / rel)
-            if entry.size >= RECYCLE_MIN_BYTES and st.st_nlink == 1 and stat.S_ISREG(st.st_mode):
-                (pool / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(trash / rel, pool / rel)
-    except (OSError, CheckpointCorrupt, UnsafeCheckpoint):
-        pass  # recycling is an optimisation: whatever could not be moved is deleted below
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def drop_recycled(directory: Path) -> None:
-    """Delete the recycle pool (at the end of a session: it only saves work for a next write)."""
-    shutil.rmtree(Path(directory) / RECYCLE_POOL, ignore_errors=True)
 
 
 def cleanup_leftovers(directory: Path) -> list[str]:

@@ -141,9 +141,6 @@ class Writer:
         self._prefaulted = False
         # Files get a CRC32C only when the mirror's store can check an upload against it (GCS).
         self._crc32c = uploader is not None and uploader.remote.keeps_crc32c
-        # Retired checkpoints' files are overwritten by the next save (local.retire), in one process only: the
-        # ranks of a job write their files from several processes.
-        self._recycle = None if dist.active else directory / local.RECYCLE_POOL
         self._token = token  # the same on every rank of a job: names the shared temporary folders
         self._warned_no_batch = False
 
@@ -264,7 +261,6 @@ class Writer:
     def close(self, timeout: float | None = None) -> None:
         self.wait(timeout)
         self._executor.shutdown(wait=True)
-        local.drop_recycled(self.directory)
 
     def status(self) -> dict[str, Any]:
         """The local half of the manager's status: committed checkpoints, the last one, saves running, errors."""
@@ -368,11 +364,7 @@ class Writer:
             entries.extend(local.hash_file(tmp, rel) for rel in rels)
         staged = zip(job.snapshot.layouts, job.snapshot.buffers, strict=True)
         for lay, buf in sorted(staged, key=lambda s: -s[0].data_size):  # largest first: it goes early longest
-            entries.append(
-                local.write_file(
-                    tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c, recycle=self._recycle
-                )
-            )
+            entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c))
             if job.early is not None:
                 job.early.send(tmp, entries[-1])
             failpoint("serialize")
@@ -426,7 +418,7 @@ class Writer:
             keep_last, keep_epochs = 1, min(keep_epochs, 1)
         for name in plan_deletions(refs, keep_last, keep_epochs, self.protected_names()):
             failpoint("retention-delete")
-            self._remove(name)
+            local.delete(self.directory, name)
             log.info("Removed old checkpoint %s", name)
 
     def mirrored(self, manifest: Manifest, on_remote: list[str]) -> None:
@@ -457,11 +449,8 @@ class Writer:
         same = [c.name for c in listed if c.name in verified and same_content(c.manifest, verified[c.name])]
         refs = [Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch) for c in listed]
         for name in local_copies_to_drop(refs, same, self.keep_local):
-            self._remove(name)
+            local.delete(self.directory, name)
             log.info("Removed the local copy of %s: mirrored and verified (keep_local=%r)", name, self.keep_local)
-
-    def _remove(self, name: str) -> None:
-        (local.retire if self._recycle else local.delete)(self.directory, name)
 
     def protected_names(self) -> set[str]:
         return {self.protected} if self.protected else set()
