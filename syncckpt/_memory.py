@@ -18,7 +18,7 @@ import ctypes
 import functools
 import threading
 
-__all__ = ["ByteBudget", "release_free_memory"]
+__all__ = ["ByteBudget", "available_memory", "holds_in_memory", "release_free_memory"]
 
 
 class ByteBudget:
@@ -74,3 +74,27 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def available_memory() -> int | None:
+    """The kernel's estimate of the memory that can be taken without swapping (``MemAvailable``), in bytes;
+    None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def holds_in_memory(nbytes: int, available: int | None) -> bool:
+    """Whether a download of ``nbytes`` about to be loaded may be kept in anonymous memory (which, unlike the
+    page cache, the kernel cannot drop under pressure): up to a quarter of what is available, never when
+    that is unknown.
+
+    >>> holds_in_memory(1 << 30, 8 << 30), holds_in_memory(3 << 30, 8 << 30), holds_in_memory(1, None)
+    (True, False, False)
+    """
+    return available is not None and nbytes <= available // 4

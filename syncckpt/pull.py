@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _bars, local, quarantine  # _bars: plain tqdm bars (tqdm.auto warns in kernels without ipywidgets)
+from ._memory import available_memory, holds_in_memory
 from .errors import CheckpointCorrupt, RemoteError
 from .manifest import LATEST_NAME, MANIFEST_NAME, Manifest, parse_checkpoint_name, same_content, sha256_hex
 from .remote import Remote
@@ -148,13 +149,17 @@ def pull(
             disable=not progress or None,
             leave=False,
         ) as bar:
-            remote.download_checkpoint(name, manifest, tmp, progress=bar.update)
+            # Loaded next: kept in memory as it is written, so nothing is read back from the file.
+            keep = holds_in_memory(manifest.total_size, available_memory())
+            kept = remote.download_checkpoint(name, manifest, tmp, progress=bar.update, keep=keep)
         # Locally a checkpoint is plain files: drop the remote's blob layout from the manifest kept on disk.
         local_manifest = dataclasses.replace(
             manifest, files=[dataclasses.replace(e, parts=None) for e in manifest.files]
         )
         local.write_file(tmp, "manifest.json", [local_manifest.to_bytes()])
-        files = {e.path: local.read_file(tmp / e.path) for e in manifest.files}  # verified while downloading
+        files = {  # verified while downloading
+            e.path: _loadable(e.path, kept[e.path]) if keep else local.read_file(tmp / e.path) for e in manifest.files
+        }
         local.fsync_dir(tmp)
         final = directory / name
         old = None
@@ -176,6 +181,12 @@ def pull(
         manifest.total_size,
     )
     return local_manifest, files, final
+
+
+def _loadable(rel: str, buf: Any) -> Any:
+    """A kept download in the form :func:`local.read_file` gives it: a large tensor file as the mapping itself
+    (tensors become views of it), anything else as a ``bytearray`` (JSON is parsed from it)."""
+    return buf if len(buf) >= local.MAP_AT_BYTES and rel.endswith(".safetensors") else bytearray(buf)
 
 
 def pull_or_reuse(

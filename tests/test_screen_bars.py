@@ -80,13 +80,13 @@ remote = open_remote(url)
 download = remote.download_checkpoint
 
 
-def download_while_logging(name, manifest, dest, progress):
+def download_while_logging(name, manifest, dest, progress, **kwargs):
     for i in range(n):
         say(f"pull line {i}")
     # the pull bar is open (it is erased when the pull ends): the test captures the screen now
     subprocess.run(["tmux", "-L", tmux_server, "wait-for", "-S", shown], check=True)
     subprocess.run(["tmux", "-L", tmux_server, "wait-for", go], check=True)
-    return download(name, manifest, dest, progress=progress)
+    return download(name, manifest, dest, progress=progress, **kwargs)
 
 
 remote.download_checkpoint = download_while_logging

@@ -27,8 +27,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from .. import local
 from .._failpoints import failpoint
 from ..blobs import blob_rel
 from ..errors import CheckpointCorrupt, RemoteError, UnsafeCheckpoint
@@ -267,12 +268,20 @@ class Remote(abc.ABC):
                 )
 
     def download_checkpoint(
-        self, name: str, manifest: Manifest, dest_dir: Path, progress: ProgressFn | None = None
-    ) -> None:
+        self,
+        name: str,
+        manifest: Manifest,
+        dest_dir: Path,
+        progress: ProgressFn | None = None,
+        *,
+        keep: bool = False,
+    ) -> dict[str, Any]:
         """Download every file of ``manifest`` into ``dest_dir``, hashing while the bytes arrive.
 
         Sizes are checked against the store before any byte is fetched, and every file against its digest as it
         streams, so a hostile or damaged object is refused without a second read. Raises CheckpointCorrupt.
+        ``keep``: also return every file's verified bytes, by path, in anonymous memory the files were written
+        from (:class:`~syncckpt.local.KeptFile`), for a caller that loads them next; else an empty dict.
         """
         dest_dir = Path(dest_dir)
         for entry in manifest.files:
@@ -291,18 +300,26 @@ class Remote(abc.ABC):
                 f"{self.url}/{name}: needs {manifest.total_size} bytes but {dest_dir} has {free} free"
             )
         try:
-            self._parallel(lambda e: self._download_one(name, e, dest_dir, progress), manifest.files)
+            kept = self._parallel(lambda e: self._download_one(name, e, dest_dir, progress, keep), manifest.files)
         except FileNotFoundError as e:  # deleted between the size check and the download
             raise CheckpointCorrupt(f"{self.url}/{name}: a file vanished while downloading ({e})") from None
+        return {e.path: buf for e, buf in zip(manifest.files, kept, strict=True)} if keep else {}
 
-    def _download_one(self, name: str, entry: FileEntry, dest_dir: Path, progress: ProgressFn | None) -> None:
+    def _download_one(
+        self, name: str, entry: FileEntry, dest_dir: Path, progress: ProgressFn | None, keep: bool = False
+    ) -> Any:
         target = (dest_dir / entry.path).resolve()
         if not target.is_relative_to(dest_dir.resolve()):
             raise UnsafeCheckpoint(f"{entry.path}: resolves outside {dest_dir}")
         target.parent.mkdir(parents=True, exist_ok=True)
         whole = hashlib.sha256()
         total = 0
-        with open(target, "wb") as dst:
+        if keep:
+            dst: Any = local.KeptFile(target, entry.size)
+        else:
+            dst = open(target, "wb")  # noqa: SIM115 - closed below, on every path
+        kept = None
+        try:
             for rel, size, digest in _objects(name, entry):
                 part = hashlib.sha256() if digest else None
                 got = 0
@@ -323,12 +340,21 @@ class Remote(abc.ABC):
                 if part is not None and (got != size or part.hexdigest() != digest):
                     raise CheckpointCorrupt(f"{self.url}/{rel}: blob does not match its digest (part of {entry.path})")
                 total += got
-            dst.flush()
-            os.fsync(dst.fileno())
+            if keep:
+                kept = dst.close()
+            else:
+                dst.flush()
+                os.fsync(dst.fileno())
+        finally:
+            if not keep:
+                dst.close()
+            elif kept is None:
+                dst.abort()
         try:
             verify_digest(entry, total, whole.hexdigest())
         except CheckpointCorrupt as e:
             raise CheckpointCorrupt(f"{self.url}/{name}/{e}") from None
+        return kept
 
     def _parallel(self, fn, items):  # type: ignore[no-untyped-def]
         items = list(items)
