@@ -408,23 +408,14 @@ def verify(path: Path) -> tuple[Manifest, dict[str, bytearray | mmap.mmap]]:
 
 def delete(directory: Path, name: str) -> None:
     """Remove a checkpoint: first rename it out of view (atomic), then delete the files."""
-    trash = hide(directory, name)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def hide(directory: Path, name: str) -> Path | None:
-    """The first half of :func:`delete`: rename the checkpoint out of view (``.del-NAME-*``, which no listing
-    shows and :func:`cleanup_leftovers` removes) and return where it went, None when it does not exist. The
-    caller deletes it later with ``shutil.rmtree``; readers that opened or mapped its files keep their bytes."""
     if parse_checkpoint_name(name) is None:
         raise UnsafeCheckpoint(f"refusing to delete {name!r}: not a checkpoint folder name")
     src = Path(directory) / name
     if not src.exists():
-        return None
+        return
     trash = Path(directory) / f".del-{name}-{uuid.uuid4().hex[:8]}"
     os.rename(src, trash)
-    return trash
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def cleanup_leftovers(directory: Path) -> list[str]:

@@ -22,7 +22,6 @@ node's part (:mod:`syncckpt.nodes`).
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -142,9 +141,6 @@ class Writer:
         self._prefaulted = False
         # Files get a CRC32C only when the mirror's store can check an upload against it (GCS).
         self._crc32c = uploader is not None and uploader.remote.keeps_crc32c
-        # Checkpoints retention dropped, out of view; their files are unlinked when the next save starts
-        # writing (see _remove). Touched on the writer thread only.
-        self._hidden: list[Path] = []
         self._token = token  # the same on every rank of a job: names the shared temporary folders
         self._warned_no_batch = False
 
@@ -265,7 +261,6 @@ class Writer:
     def close(self, timeout: float | None = None) -> None:
         self.wait(timeout)
         self._executor.shutdown(wait=True)
-        self._purge_hidden()
 
     def status(self) -> dict[str, Any]:
         """The local half of the manager's status: committed checkpoints, the last one, saves running, errors."""
@@ -289,7 +284,6 @@ class Writer:
     def _write(self, job: _Job) -> None:
         """Health check, files + hashes, atomic commit, retention, hand-off to the uploader."""
         try:
-            self._purge_hidden()
             bad = job.snapshot.nonfinite_tensors()
             if bad:
                 log.warning(
@@ -424,7 +418,7 @@ class Writer:
             keep_last, keep_epochs = 1, min(keep_epochs, 1)
         for name in plan_deletions(refs, keep_last, keep_epochs, self.protected_names()):
             failpoint("retention-delete")
-            self._remove(name)
+            local.delete(self.directory, name)
             log.info("Removed old checkpoint %s", name)
 
     def mirrored(self, manifest: Manifest, on_remote: list[str]) -> None:
@@ -455,25 +449,8 @@ class Writer:
         same = [c.name for c in listed if c.name in verified and same_content(c.manifest, verified[c.name])]
         refs = [Ref(c.name, c.manifest.kind, c.manifest.global_step, c.manifest.epoch) for c in listed]
         for name in local_copies_to_drop(refs, same, self.keep_local):
-            self._remove(name)
+            local.delete(self.directory, name)
             log.info("Removed the local copy of %s: mirrored and verified (keep_local=%r)", name, self.keep_local)
-
-    def _remove(self, name: str) -> None:
-        """Take a checkpoint out of view now and unlink its files when the next save starts writing.
-
-        The page cache reuses the pages a deletion frees at once, and filling those costs a tenth of the CPU of
-        filling pages the machine has not used lately (0.02-0.05 against 0.26-0.30 kernel CPU-s for 126 MB on
-        the CI machine kind). Deleted right after the commit, their pages go to whatever allocates next, here
-        the upload's buffers and a store on the same machine, so the next save fills cold ones. The folder is
-        hidden at once (``.del-*``: no listing, resume or retention sees it; a start-up cleans up what a crash
-        left), and the disk peak is the same: the files go just before the next ones are written."""
-        hidden = local.hide(self.directory, name)
-        if hidden is not None:
-            self._hidden.append(hidden)
-
-    def _purge_hidden(self) -> None:
-        while self._hidden:
-            shutil.rmtree(self._hidden.pop(), ignore_errors=True)
 
     def protected_names(self) -> set[str]:
         return {self.protected} if self.protected else set()
