@@ -873,7 +873,10 @@ def train_epoch(
                     mgr.save(global_step, epoch=epoch, batch_idx=batch_idx, metrics=metrics)
                 return global_step, True
     finally:
-        bar.close()
+        # Under tqdm's lock: close() takes the bar off the screen's list before it draws its last line, and a log
+        # line another thread writes in between (the writer's "Removed old checkpoint") would land in the bar.
+        with tqdm.get_lock():
+            bar.close()
     return global_step, False
 
 

@@ -48,6 +48,10 @@ def progress(tqdm_class: type[std_tqdm] = std_tqdm, **kwargs: Any) -> Iterator[s
         try:
             yield bar
         finally:
+            # Closed before the handlers go back, and under tqdm's lock: close() takes the bar off tqdm's list
+            # before it draws its last line, and a log line written in between would land in that line.
+            with tqdm_class.get_lock():
+                bar.close()
             _restore()
 
 
