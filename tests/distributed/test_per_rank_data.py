@@ -7,6 +7,7 @@ Before, rank 0's state was saved once and loaded on every rank: rank 1 trained r
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -22,12 +23,17 @@ pytestmark = pytest.mark.slow
 JOB = Path(__file__).with_name("per_rank_job.py")
 
 
+_IDS = re.compile(r"ids (\d+) (\d+) (\[[0-9, ]*\])$")
+
+
 def _by_rank_and_step(lines: list[str]) -> dict[int, dict[int, list[int]]]:
+    """Each rank's batch per step, from its ``ids STEP RANK [..]`` lines. Searched, not matched at the start: the
+    ranks' stderr shares the pipe, and a warning written in pieces can leave part of a line just before one."""
     out: dict[int, dict[int, list[int]]] = defaultdict(dict)
     for ln in lines:
-        if ln.startswith("ids "):
-            _, step, rank, batch = ln.split(" ", 3)
-            out[int(rank)][int(step)] = json.loads(batch)
+        m = _IDS.search(ln)
+        if m:
+            out[int(m.group(2))][int(m.group(1))] = json.loads(m.group(3))
     return out
 
 
