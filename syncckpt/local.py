@@ -157,12 +157,20 @@ class KeptFile:
             self._write_out(self._pos)
             os.fsync(self._fd)
         finally:
-            os.close(self._fd)
+            self.abort()
         return self._buffer
 
     def abort(self) -> None:
-        """Close the file without finishing it (the caller removes it)."""
-        os.close(self._fd)
+        """Close the file without finishing it (the caller removes it); nothing once :meth:`close` ran."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> KeptFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
 
     def _write_out(self, end: int) -> None:
         if end <= self._flushed:
@@ -352,6 +360,12 @@ def _warn_once(message: str) -> None:
 MAP_AT_BYTES = 1 << 20
 
 
+def loads_as_views(path: str, size: int) -> bool:
+    """Whether a checkpoint file is handed to the loader as a mapping whose tensors are views (a tensor file of
+    ``MAP_AT_BYTES`` or more) rather than as a ``bytearray`` (anything else; JSON is parsed from it)."""
+    return size >= MAP_AT_BYTES and path.endswith(".safetensors")
+
+
 def read_file(path: Path) -> bytearray | mmap.mmap:
     """A file's bytes in a writable buffer, so that tensors loaded from it are views of it, not copies
     (:func:`syncckpt.format.load_safetensors_bytes`).
@@ -364,7 +378,7 @@ def read_file(path: Path) -> bytearray | mmap.mmap:
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size >= MAP_AT_BYTES and str(path).endswith(".safetensors"):
+        if loads_as_views(str(path), size):
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         buf = bytearray(size)
         n = f.readinto(buf)

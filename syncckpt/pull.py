@@ -184,9 +184,8 @@ def pull(
 
 
 def _loadable(rel: str, buf: Any) -> Any:
-    """A kept download in the form :func:`local.read_file` gives it: a large tensor file as the mapping itself
-    (tensors become views of it), anything else as a ``bytearray`` (JSON is parsed from it)."""
-    return buf if len(buf) >= local.MAP_AT_BYTES and rel.endswith(".safetensors") else bytearray(buf)
+    """A kept download in the form :func:`local.read_file` gives it (see :func:`local.loads_as_views`)."""
+    return buf if local.loads_as_views(rel, len(buf)) else bytearray(buf)
 
 
 def pull_or_reuse(

@@ -314,12 +314,8 @@ class Remote(abc.ABC):
         target.parent.mkdir(parents=True, exist_ok=True)
         whole = hashlib.sha256()
         total = 0
-        if keep:
-            dst: Any = local.KeptFile(target, entry.size)
-        else:
-            dst = open(target, "wb")  # noqa: SIM115 - closed below, on every path
         kept = None
-        try:
+        with local.KeptFile(target, entry.size) if keep else open(target, "wb") as dst:
             for rel, size, digest in _objects(name, entry):
                 part = hashlib.sha256() if digest else None
                 got = 0
@@ -340,16 +336,11 @@ class Remote(abc.ABC):
                 if part is not None and (got != size or part.hexdigest() != digest):
                     raise CheckpointCorrupt(f"{self.url}/{rel}: blob does not match its digest (part of {entry.path})")
                 total += got
-            if keep:
+            if isinstance(dst, local.KeptFile):
                 kept = dst.close()
             else:
                 dst.flush()
                 os.fsync(dst.fileno())
-        finally:
-            if not keep:
-                dst.close()
-            elif kept is None:
-                dst.abort()
         try:
             verify_digest(entry, total, whole.hexdigest())
         except CheckpointCorrupt as e:
