@@ -16,7 +16,9 @@ one of ``kinds``:
 ``inject(*kinds)`` forces the faults of the next requests, in order (for deterministic tests). ``down()`` resets
 every connection until ``up()`` (or until ``count`` connections were refused), which looks like an outage to the
 client. ``counts`` says how many of each fault were injected; ``answered`` lists the requests upstream answered
-(method, target, status), in the order their answers reached the client.
+(method, target, status), in the order their answers reached the client; ``requests`` lists every request read
+(method, target, its headers by lower-case name). ``fail_agent(text, kind)`` gives fault ``kind`` to every
+request whose User-Agent contains ``text`` (one client of two sharing a store).
 
 >>> FaultProxy("127.0.0.1", 9, kinds=("teleport",))
 Traceback (most recent call last):
@@ -69,6 +71,8 @@ class FaultProxy:
         self.stall_s = stall_s
         self.counts: Counter[str] = Counter()
         self.answered: list[tuple[str, str, int]] = []
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self._agent_fault: tuple[str, str] | None = None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -126,6 +130,11 @@ class FaultProxy:
             raise ValueError(f"unknown fault kinds {unknown}; known: {known} and 'pass'")
         with self._lock:
             self._forced.extend(kinds)
+
+    def fail_agent(self, text: str | None, kind: str = "403") -> None:
+        """Fault ``kind`` for every request whose User-Agent contains ``text`` (None: stop)."""
+        with self._lock:
+            self._agent_fault = None if text is None else (text, kind)
 
     def down(self, count: int | None = None) -> None:
         """Reset every new connection: until ``up()``, or for the next ``count`` connections only."""
@@ -190,7 +199,11 @@ class FaultProxy:
             if request is None:
                 return
             method, head, body = request
-            kind = self._pick()
+            headers = _headers(head)
+            with self._lock:
+                self.requests.append((method, _target(head), headers))
+                agent = self._agent_fault
+            kind = agent[1] if agent and agent[0] in headers.get("user-agent", "") else self._pick()
             if kind == "reset":
                 _reset(conn)
             elif kind in _ERRORS:
@@ -231,6 +244,15 @@ class FaultProxy:
 def _target(head: bytes) -> str:
     parts = head.split(b"\r\n", 1)[0].split(b" ")
     return parts[1].decode("latin-1") if len(parts) > 1 else ""
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return out
 
 
 def _status(response: bytes) -> int:

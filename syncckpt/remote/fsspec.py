@@ -40,7 +40,7 @@ from .._secrets import Scrubber, safe_url
 from ..blobs import BLOB_DIR
 from ..errors import RemoteError, SyncCkptError, UnsafeCheckpoint
 from ..manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, check_relative_path, parse_checkpoint_name
-from . import localfs, streams
+from . import localfs, s3_direct, streams
 from .base import ProgressFn, Remote, RemoteStat, _check_name
 from .client_options import put_options, with_client_defaults
 from .retry import DEFAULT_POLICY, RetryPolicy, describe, is_transient
@@ -98,6 +98,8 @@ class FsspecRemote(Remote):
         self._root = ""
         self._warned_not_atomic = False
         self._read_budget = streams.read_budget()
+        self._direct: s3_direct.DirectS3Put | None = None  # S3 data files through obstore (s3_direct)
+        self._direct_pid = -1  # the process _direct was built in (-1: not yet; rebuilt after fork)
         self._filesystem()
         self.keeps_crc32c = self._kind == "gcs"
 
@@ -146,6 +148,7 @@ class FsspecRemote(Remote):
         """Drop the backend instance; the next call builds a fresh one."""
         with self._lock:
             self._fs = None
+            self._direct, self._direct_pid = None, -1
 
     # ---- paths ----------------------------------------------------------------------------------------------
     def _path(self, rel: str) -> str:
@@ -299,7 +302,8 @@ class FsspecRemote(Remote):
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:
         """Upload one file; on object stores fsspec's ``put_file`` streams it from disk and switches to multipart
-        or resumable uploads for large files. A retry starts the file again; its bytes are not counted twice."""
+        or resumable uploads for large files, and on S3 the file goes through obstore where it can
+        (:mod:`~syncckpt.remote.s3_direct`). A retry starts the file again; its bytes are not counted twice."""
         path = self._path(rel)
         counter = streams.Progress(progress, size)
 
@@ -307,11 +311,43 @@ class FsspecRemote(Remote):
             counter.restart()
             if self._kind == "local":
                 localfs.copy_durable(local, path, counter)
-            else:
-                self._filesystem().put_file(str(local), path, callback=counter, **self._put_options())
+                return
+            direct = self._direct_put()
+            failure: BaseException | None = None
+            if direct is not None:
+                try:
+                    direct.put(local, path.split("/", 1)[1], size)
+                    return
+                except Exception as e:  # s3fs tries the same file next; what it says decides
+                    failure = e
+            self._filesystem().put_file(str(local), path, callback=counter, **self._put_options())
+            if failure is not None and self._direct is direct:
+                # s3fs uploaded what the direct path could not: not the store failing, so keep to s3fs
+                self._direct = None
+                log.warning(
+                    "%s: S3 uploads go through s3fs from now on; the direct path failed where s3fs did not: %s",
+                    self.url,
+                    self._scrub(describe(failure)),
+                )
 
         self._run("upload", rel, once)
         counter.finish()
+
+    def _direct_put(self) -> s3_direct.DirectS3Put | None:
+        """The obstore path for S3 uploads, built once per process (None: uploads stay on s3fs)."""
+        if self._kind != "s3":
+            return None
+        fs = self._filesystem()
+        with self._lock:
+            if self._direct_pid != os.getpid():
+                self._direct_pid = os.getpid()
+                try:
+                    bucket = self._root.split("/", 1)[0]
+                    self._direct = s3_direct.DirectS3Put.for_filesystem(fs, bucket, self._options)
+                except Exception as e:  # s3fs opened this store; what it uploads still gets there
+                    self._direct = None
+                    log.info("%s: S3 uploads go through s3fs: %s", self.url, self._scrub(describe(e)))
+            return self._direct
 
     def _put_options(self) -> dict[str, Any]:
         return put_options(self._kind, self._options)

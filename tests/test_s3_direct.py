@@ -1,0 +1,116 @@
+"""S3 data files through obstore (syncckpt/remote/s3_direct.py), against moto behind the FaultProxy, whose log
+of requests (with their headers) says which client sent what: obstore's User-Agent names ``object_store``.
+
+Real parts only: moto's server, s3fs, obstore; a failure of the direct path is a real HTTP error the proxy
+answers to obstore's requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultproxy import FaultProxy
+from servers import S3_SECRET
+
+from syncckpt import local
+from syncckpt.manifest import Latest, Manifest
+from syncckpt.remote import open_remote
+
+NAME = "checkpoint-step-3"
+OBSTORE = "object_store"
+
+
+def data_puts(proxy: FaultProxy, part: str) -> list[tuple[str, str, dict[str, str]]]:
+    return [r for r in proxy.requests if r[0] in ("PUT", "POST") and part in r[1]]
+
+
+def commit(remote: Any, folder: Path, files: dict[str, bytes], name: str = NAME) -> Manifest:
+    entries = [local.write_file(folder, rel, [data]) for rel, data in files.items()]
+    m = Manifest(name=name, kind="step", global_step=3, epoch=0, batch_idx=2, files=entries)
+    remote.commit_checkpoint(name, folder, m, m.to_bytes(), Latest(name, 3, ""))
+    return m
+
+
+@pytest.fixture
+def proxied(s3_server, s3_storage_options, fault_proxy) -> dict[str, Any]:
+    options = s3_server.options()
+    options["client_kwargs"]["endpoint_url"] = fault_proxy.url
+    return options
+
+
+def test_data_files_go_through_obstore_with_a_checked_sha256_and_arrive_exact(
+    proxied, fault_proxy, s3_remote_url, tmp_path
+):
+    files = {"model.safetensors": os.urandom(70 << 20), "small.bin": os.urandom(1000), "empty.bin": b""}
+    remote = open_remote(s3_remote_url, proxied)
+    try:
+        m = commit(remote, tmp_path / "src", files)
+        got = remote.download_checkpoint(NAME, m, tmp_path / "down")
+        assert got == {}
+        for rel, data in files.items():
+            assert (tmp_path / "down" / rel).read_bytes() == data
+    finally:
+        remote.close()
+    model = data_puts(fault_proxy, "/model.safetensors")
+    assert model and all(OBSTORE in h.get("user-agent", "") for _, _, h in model), model
+    assert sum(1 for method, target, _ in model if method == "PUT" and "partNumber=" in target) == 3  # 32+32+6 MiB
+    small = data_puts(fault_proxy, "/small.bin")
+    assert len(small) == 1 and OBSTORE in small[0][2]["user-agent"]
+    # plain http: no TLS, so each request carries the SHA-256 of its bytes for the store to check
+    want = base64.b64encode(hashlib.sha256(files["small.bin"]).digest()).decode()
+    assert small[0][2].get("x-amz-checksum-sha256") == want
+    # everything but the data files stays with s3fs: the manifest and LATEST among them
+    manifest = data_puts(fault_proxy, "/manifest.json")
+    assert manifest and all(OBSTORE not in h.get("user-agent", "") for _, _, h in manifest)
+
+
+def test_a_direct_path_that_fails_where_s3fs_succeeds_is_dropped_with_one_warning(
+    proxied, fault_proxy, s3_remote_url, tmp_path, caplog
+):
+    fault_proxy.fail_agent(OBSTORE, "403")  # this store refuses obstore's requests and takes s3fs's
+    files = {"model.safetensors": os.urandom(3 << 20), "optimizer.safetensors": os.urandom(2 << 20)}
+    remote = open_remote(s3_remote_url, proxied)
+    try:
+        with caplog.at_level(logging.INFO, logger="syncckpt"):
+            m = commit(remote, tmp_path / "src", files)
+            remote.download_checkpoint(NAME, m, tmp_path / "down")
+            assert any(OBSTORE in h.get("user-agent", "") for _, _, h in fault_proxy.requests)
+            fault_proxy.requests.clear()
+            commit(remote, tmp_path / "src2", files, name="checkpoint-step-4")  # the next save: s3fs only
+    finally:
+        remote.close()
+    for rel, data in files.items():
+        assert (tmp_path / "down" / rel).read_bytes() == data
+    warnings = [r.getMessage() for r in caplog.records if "go through s3fs from now on" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text  # files sent side by side failed together: still one warning
+    assert "403" in warnings[0] and S3_SECRET not in caplog.text
+    assert data_puts(fault_proxy, "/checkpoint-step-4/")
+    assert not any(OBSTORE in h.get("user-agent", "") for _, _, h in fault_proxy.requests)
+
+
+@pytest.mark.parametrize("how", ["s3_additional_kwargs", "environment"])
+def test_options_the_direct_path_does_not_translate_keep_every_upload_on_s3fs(
+    how, proxied, fault_proxy, s3_remote_url, tmp_path, monkeypatch
+):
+    if how == "environment":
+        monkeypatch.setenv("SYNCCKPT_S3_TRANSFER", "s3fs")
+    else:
+        proxied["s3_additional_kwargs"] = {"ServerSideEncryption": "AES256"}
+    files = {"model.safetensors": os.urandom(1 << 20)}
+    remote = open_remote(s3_remote_url, proxied)
+    try:
+        m = commit(remote, tmp_path / "src", files)
+        remote.download_checkpoint(NAME, m, tmp_path / "down")
+    finally:
+        remote.close()
+    assert (tmp_path / "down" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    puts = data_puts(fault_proxy, "/model.safetensors")
+    assert puts and not any(OBSTORE in h.get("user-agent", "") for _, _, h in puts)
+    if how == "s3_additional_kwargs":
+        assert all(h.get("x-amz-server-side-encryption") == "AES256" for _, _, h in puts)
