@@ -13,6 +13,8 @@ do uploads whenever this path cannot stand in for s3fs exactly:
 * ``storage_options`` holding something it does not translate (server-side encryption or ACLs in
   ``s3_additional_kwargs``, requester pays, a custom CA, a proxy, a signature setting): :func:`plan` says why;
 * ``obstore`` is not installed, or ``SYNCCKPT_S3_TRANSFER=s3fs`` is set;
+* this process was forked from one that had used obstore (its runtime's threads did not come along, and a
+  request would hang);
 * it failed on a file that s3fs then uploaded (:class:`~syncckpt.remote.fsspec.FsspecRemote` drops it for the
   rest of the session, with one warning).
 
@@ -45,6 +47,7 @@ __all__ = ["DirectS3Put", "plan"]
 
 PART_BYTES = 32 << 20  # as put_options gives s3fs: a file under 2 parts is one PUT
 ENV = "SYNCCKPT_S3_TRANSFER"  # "s3fs": every upload through s3fs
+_started_in: int | None = None  # the process that built an obstore store (its runtime) first
 
 # What the direct path reproduces exactly; anything else in storage_options keeps uploads on s3fs.
 _TOP = {
@@ -95,6 +98,8 @@ def plan(options: dict[str, Any]) -> str | None:
             return f"config_kwargs s3 {key}"
     if s3.get("payload_signing_enabled"):  # an endpoint that wants signed payloads: s3fs signs them
         return "config_kwargs s3 payload_signing_enabled"
+    if _started_in is not None and _started_in != os.getpid():
+        return "this process was forked from one that used obstore"
     try:
         import obstore  # noqa: F401
     except ImportError:
@@ -151,6 +156,8 @@ class DirectS3Put:
             "read_timeout": f"{int(read_timeout)}s",  # a stalled connection, as botocore's read_timeout
             "timeout": "6h",  # the whole request: a slow uplink takes long for a part, which is no failure
         }
+        global _started_in
+        _started_in = _started_in or os.getpid()
         store = S3Store(
             bucket,
             region=region,
