@@ -64,25 +64,100 @@ def s3_options(endpoint_url: str, *, fast: bool = False) -> dict[str, Any]:
     return options
 
 
+def self_signed_cert(folder: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate it signed for 127.0.0.1: PEM files ``cert.pem`` (the server's), ``key.pem``
+    (its key) and ``ca.pem`` (what a client trusts). rustls, unlike OpenSSL, refuses a CA certificate used as the
+    server's own, so the two are apart, as with a real private CA."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def build(subject: str, issuer: str, public: Any, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = build("syncckpt test CA", "syncckpt test CA", ca_key.public_key(), ca_key, True)
+    cert = build("127.0.0.1", "syncckpt test CA", key.public_key(), ca_key, False)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    paths[2].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+class _TlsMotoServer:
+    """ThreadedMotoServer's interface (start, stop, ``_server``) over https with the given certificate."""
+
+    def __init__(self, port: int, tls: tuple[Path, Path, Path]) -> None:
+        self._port, self._tls = port, tls
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import ssl
+        import threading
+
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(self._tls[0]), str(self._tls[1]))
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", self._port, app, threaded=True, ssl_context=context)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
 @dataclass
 class MotoS3Server:
     """moto's ThreadedMotoServer on a fixed 127.0.0.1 port that can be stopped and restarted (an outage).
 
-    Its buckets live in moto's in-process backend, so they survive a restart.
+    Its buckets live in moto's in-process backend, so they survive a restart. ``tls``: (certificate, key, CA) PEM
+    files (:func:`self_signed_cert`) to serve https instead; :meth:`options` then trust that CA.
     """
 
     port: int = field(default_factory=free_port)
+    tls: tuple[Path, Path, Path] | None = None
     _server: Any = None
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> MotoS3Server:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        if self.tls:
+            self._server = _TlsMotoServer(self.port, self.tls)
+        else:
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         return self
 
@@ -107,11 +182,15 @@ class MotoS3Server:
             region_name=S3_REGION,
             aws_access_key_id=S3_KEY,
             aws_secret_access_key=S3_SECRET,
+            verify=str(self.tls[2]) if self.tls else None,
         )
         client.create_bucket(Bucket=name)
 
     def options(self, *, fast: bool = False) -> dict[str, Any]:
-        return s3_options(self.endpoint_url, fast=fast)
+        options = s3_options(self.endpoint_url, fast=fast)
+        if self.tls:
+            options["client_kwargs"]["verify"] = str(self.tls[2])
+        return options
 
 
 def fake_gcs_binary() -> Path:

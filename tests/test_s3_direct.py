@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from servers import S3_SECRET
+from servers import S3_KEY, S3_SECRET, MotoS3Server, self_signed_cert
 
 from syncckpt import local
 from syncckpt.manifest import Latest, Manifest
@@ -114,3 +114,57 @@ def test_options_the_direct_path_does_not_translate_keep_every_upload_on_s3fs(
     assert puts and not any(OBSTORE in h.get("user-agent", "") for _, _, h in puts)
     if how == "s3_additional_kwargs":
         assert all(h.get("x-amz-server-side-encryption") == "AES256" for _, _, h in puts)
+
+
+@pytest.mark.parametrize("where", ["options", "client_kwargs", "environment"])
+def test_obstore_signs_with_the_credentials_s3fs_would_use(
+    where, proxied, fault_proxy, s3_remote_url, tmp_path, monkeypatch
+):
+    # moto takes any signature, so what is checked is the key id each obstore request was signed with
+    key = {"options": S3_KEY, "client_kwargs": "AKIACLIENTKWARGS", "environment": "AKIAFROMENVIRONMENT"}[where]
+    proxied.pop("key"), proxied.pop("secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTTHISONE")  # what the environment holds when it must not win
+    if where == "options":
+        proxied |= {"key": S3_KEY, "secret": S3_SECRET}
+    elif where == "client_kwargs":
+        proxied["client_kwargs"] |= {"aws_access_key_id": key, "aws_secret_access_key": "client-secret"}
+    else:  # botocore's chain: here the environment (a profile or an instance role resolve the same way)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    remote = open_remote(s3_remote_url, proxied)
+    try:
+        m = commit(remote, tmp_path / "src", {"model.safetensors": os.urandom(1 << 20)})
+        remote.download_checkpoint(NAME, m, tmp_path / "down")
+    finally:
+        remote.close()
+    signed = [h.get("authorization", "") for _, _, h in data_puts(fault_proxy, "/model.safetensors")]
+    assert signed and all(OBSTORE in h.get("user-agent", "") for _, _, h in data_puts(fault_proxy, "/model.s"))
+    assert all(f"Credential={key}/" in auth for auth in signed), signed
+
+
+@pytest.mark.parametrize("verify", ["ca", False])
+def test_over_https_with_a_private_ca_or_no_check_obstore_sends_without_a_second_hash(
+    verify, s3_storage_options, tmp_path, caplog
+):
+    # moto over TLS with a self-signed certificate, as a MinIO with its own CA; the proxy speaks plain http only,
+    # so here the remote itself says which path its uploads took
+    server = MotoS3Server(tls=self_signed_cert(tmp_path / "tls")).start()
+    try:
+        server.create_bucket("tls-bucket")
+        options = server.options()
+        if verify is False:
+            options["client_kwargs"]["verify"] = False
+        files = {"model.safetensors": os.urandom(3 << 20)}
+        remote = open_remote("s3://tls-bucket/run", options)
+        try:
+            with caplog.at_level(logging.INFO, logger="syncckpt"):
+                m = commit(remote, tmp_path / "src", files)
+                remote.download_checkpoint(NAME, m, tmp_path / "down")
+            assert remote._direct is not None, caplog.text  # not dropped for s3fs
+            assert "checksum_algorithm" not in remote._direct._store.config  # TLS protects the bytes
+        finally:
+            remote.close()
+    finally:
+        server.stop()
+    assert (tmp_path / "down" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert "go through s3fs" not in caplog.text

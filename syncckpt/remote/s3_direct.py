@@ -11,7 +11,9 @@ other request (listing, the lease's conditional create, the manifest, LATEST, de
 do uploads whenever this path cannot stand in for s3fs exactly:
 
 * ``storage_options`` holding something it does not translate (server-side encryption or ACLs in
-  ``s3_additional_kwargs``, requester pays, a custom CA, a proxy, a signature setting): :func:`plan` says why;
+  ``s3_additional_kwargs``, requester pays, a proxy in ``config_kwargs``, a signature setting): :func:`plan` says
+  why (a custom CA in ``client_kwargs["verify"]``, a PEM file, is trusted here too; ``verify=False`` skips the
+  certificate check, as it does for botocore);
 * ``obstore`` is not installed, or ``SYNCCKPT_S3_TRANSFER=s3fs`` is set;
 * this process was forked from one that had used obstore (its runtime's threads did not come along, and a
   request would hang);
@@ -27,8 +29,8 @@ checks before it accepts the bytes. Either way the manifest's SHA-256 is checked
 >>> plan({"key": "K", "secret": "S", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}})
 >>> plan({"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}})
 'storage_options s3_additional_kwargs'
->>> plan({"client_kwargs": {"verify": "/etc/ca.pem"}})
-'client_kwargs verify'
+>>> plan({"config_kwargs": {"proxies": {"https": "http://proxy:3128"}}})
+'config_kwargs proxies'
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ _TOP = {
     "cache_regions",
     "use_ssl",
 }
-_CLIENT = {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+_CLIENT = {"endpoint_url", "region_name", "verify", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
 _CONFIG = {
     "s3",
     "retries",
@@ -150,12 +152,17 @@ class DirectS3Put:
         else:
             provider = _credentials(fs, sync)
         read_timeout = config.get("read_timeout", 60)
-        client_options = {
+        client_options: dict[str, Any] = {
             "allow_http": True,
             "connect_timeout": f"{int(config.get('connect_timeout', 60))}s",
             "read_timeout": f"{int(read_timeout)}s",  # a stalled connection, as botocore's read_timeout
             "timeout": "6h",  # the whole request: a slow uplink takes long for a part, which is no failure
         }
+        verify = (options.get("client_kwargs") or {}).get("verify")
+        if verify is False:
+            client_options["allow_invalid_certificates"] = True
+        elif isinstance(verify, (str, Path)):
+            client_options["root_certificate"] = Path(verify).read_bytes()
         global _started_in
         _started_in = _started_in or os.getpid()
         store = S3Store(
@@ -193,8 +200,12 @@ class DirectS3Put:
 def _credentials(fs: Any, sync: Any) -> Any:
     """obstore's credential provider: the key s3fs was given, or what botocore's chain resolves (refreshed by
     botocore, asked again every few minutes)."""
-    if fs.key and fs.secret:
-        static = {"access_key_id": fs.key, "secret_access_key": fs.secret, "token": fs.token, "expires_at": None}
+    given = fs.client_kwargs or {}
+    key = fs.key or given.get("aws_access_key_id")
+    secret = fs.secret or given.get("aws_secret_access_key")
+    if key and secret:
+        token = fs.token or given.get("aws_session_token")
+        static = {"access_key_id": key, "secret_access_key": secret, "token": token, "expires_at": None}
         return lambda: static
 
     def resolve() -> dict[str, Any]:
