@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resumes: dict[str, list[float]] = {m: [] for m in methods}
     verified: dict[str, bool | str] = {}
     try:
-        with moto_s3() as s3:
+        with moto_s3(tls=args.https) as s3:
             pin_server(s3.pid, server_cpus)
             options = s3.options()
             fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
@@ -428,12 +428,19 @@ def main() -> None:
         help="moto on the last CPU, the benchmark (every method alike) on the others: a real store is not on the "
         "training machine's CPUs",
     )
+    ap.add_argument(
+        "--https",
+        action="store_true",
+        help="moto over https (its own CA, trusted by every method): the transport of a real store, where TLS "
+        "protects the bytes and syncckpt's uploads carry no second hash",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     load0 = load_average()
     result = run(args)
     title = (
-        f"Peers, same moto S3, same run: {result['params'] / 1e6:.1f}M params + AdamW = "
+        f"Peers, same moto S3{' over https' if args.https else ''}, same run: "
+        f"{result['params'] / 1e6:.1f}M params + AdamW = "
         f"{result['state_bytes'] / 1e9:.3f} GB, {os.cpu_count()} CPUs, load {load0:.1f} -> "
         f"{result['load_average_end']:.1f}, median of {args.repeat} rounds (rotated order)"
     )
@@ -450,8 +457,10 @@ def main() -> None:
     if "syncckpt_resume_setup_s" in result:
         print(f"syncckpt resume_s includes {result['syncckpt_resume_setup_s']:.2f}s of manager setup (lease write)")
     print("torch.save resume = s3fs get only (no torch.load: never unpickled here), a lower bound for that method")
-    name = "peers_isolated" if args.isolate_server else "peers"
-    path = write_json(name, {"load_average_start": load0, "isolate_server": args.isolate_server, **result})
+    name = ("peers_isolated" if args.isolate_server else "peers") + ("_https" if args.https else "")
+    path = write_json(
+        name, {"load_average_start": load0, "isolate_server": args.isolate_server, "https": args.https, **result}
+    )
     print(f"\nwrote {path}")
 
 

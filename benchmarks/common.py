@@ -9,6 +9,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -235,9 +236,10 @@ class MotoProcess:
     process; a real object store is on another machine. Here it still shares the CPUs (see the README).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         servers = servers_module()
-        self._server = servers.MotoS3Server(port=servers.free_port())
+        certs = servers.self_signed_cert(Path(tempfile.mkdtemp(prefix="moto-tls-"))) if tls else None
+        self._server = servers.MotoS3Server(port=servers.free_port(), tls=certs)
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -247,7 +249,9 @@ class MotoProcess:
     def start(self, timeout: float = 60.0) -> MotoProcess:
         code = (
             f"import sys; sys.path.insert(0, {str(TESTS)!r}); from servers import MotoS3Server; "
-            f"MotoS3Server(port={self._server.port}).start(); print('ready', flush=True); sys.stdin.read()"
+            f"from pathlib import Path; tls = {[str(p) for p in self._server.tls] if self._server.tls else None!r}; "
+            f"MotoS3Server(port={self._server.port}, tls=tls and tuple(map(Path, tls))).start(); "
+            "print('ready', flush=True); sys.stdin.read()"
         )
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = self._proc.stdout.readline() if self._proc.stdout else b""
@@ -290,9 +294,10 @@ class MotoProcess:
 
 
 @contextmanager
-def moto_s3() -> Iterator[MotoProcess]:
-    """A moto S3 server in a child process with bucket ``BUCKET``."""
-    server = MotoProcess().start()
+def moto_s3(tls: bool = False) -> Iterator[MotoProcess]:
+    """A moto S3 server in a child process with bucket ``BUCKET``; ``tls``: over https, with a private CA that
+    :meth:`MotoProcess.options` trust (every client alike)."""
+    server = MotoProcess(tls).start()
     try:
         yield server
     finally:
