@@ -58,6 +58,7 @@ except ImportError:
 from syncckpt._cli_common import parse_storage_options  # noqa: E402
 from syncckpt.config import CheckpointingConfig, load_config  # noqa: E402
 from syncckpt.errors import SyncCkptError  # noqa: E402
+from syncckpt.lifecycle import INTERRUPTED_EVENT  # noqa: E402
 
 log = logging.getLogger("train_hallucination")
 
@@ -1026,8 +1027,27 @@ def load_train_config(args: argparse.Namespace) -> TrainConfig:
     return load_config(args.config, TrainConfig, search_dirs=[REPO_ROOT], overrides=overrides, override_names=flags)
 
 
+class SaysInterruptedItself(logging.Filter):
+    """This trainer ends a Ctrl-C with its own line (the global step, where the checkpoint is, the command to
+    rerun); syncckpt's closing line would say the same a second time, so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "syncckpt_event", None) != INTERRUPTED_EVENT
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(message)s", force=True)
+
+
+@contextmanager
+def saying_interrupted_itself() -> Iterator[None]:
+    """While the trainer runs (and only then: a caller in the same process keeps syncckpt's line)."""
+    lib, said = logging.getLogger("syncckpt"), SaysInterruptedItself()
+    lib.addFilter(said)
+    try:
+        yield
+    finally:
+        lib.removeFilter(said)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1036,7 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_train_config(args)
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), saying_interrupted_itself():
             train(
                 cfg,
                 resume_from=args.resume_from,

@@ -51,6 +51,10 @@ from .errors import ConfigError, SyncCkptError
 
 log = logging.getLogger("syncckpt")
 
+# ``record.syncckpt_event`` of the line that ends a Ctrl-C (what was saved): a program that reports the end
+# itself (scripts/train_hallucination.py) drops that line with a logging filter instead of saying it twice.
+INTERRUPTED_EVENT = "interrupted"
+
 
 def check_grace_period(grace_period: float) -> float:
     """``grace_period`` when it is a positive, finite number of seconds, else ConfigError (a negative one used to
@@ -157,8 +161,9 @@ class Lifecycle:
             save()
             ok = self._flush(self.grace_period)
             name = last()
+            said = {"syncckpt_event": INTERRUPTED_EVENT}  # a caller with a last word of its own filters on it
             if name is None:
-                log.warning("Interrupted: no checkpoint was saved")
+                log.warning("Interrupted: no checkpoint was saved", extra=said)
             else:
                 done = "saved and mirrored" if self._mirrored else "saved"
                 log.warning(
@@ -166,6 +171,7 @@ class Lifecycle:
                     name,
                     done,
                     "" if ok else " (flush incomplete: still uploading)",
+                    extra=said,
                 )
         finally:
             self._int_at = None

@@ -735,9 +735,11 @@ def test_ctrl_c_saves_a_last_checkpoint_and_the_same_command_resumes_there(tmp_p
     job.proc.send_signal(signal.SIGINT)
     rc = job.finish()
     assert rc == 130, job.text()
-    saved = [m.group(1) for line in job.lines if (m := re.search(r"Interrupted: (checkpoint-\S+) saved;", line))]
+    saved = [m.group(1) for line in job.lines if (m := re.search(r"last checkpoint (checkpoint-\S+) saved;", line))]
     assert saved and saved[0] != "checkpoint-epoch-0", job.text()
     name = saved[0]
+    # said once, by the trainer: syncckpt's own closing line ("Interrupted: NAME saved; run again ...") is dropped
+    assert len(saved) == 1 and not any("run again to resume" in line for line in job.lines), job.text()
     step = next(int(m.group(2)) for line in job.lines if (m := COMMITTED.search(line)) and m.group(1) == name)
     assert (tmp_path / "ck" / name).is_dir() and step > BATCHES_PER_EPOCH // 2  # past epoch 1's checkpoint
     # the trainer's last word names that checkpoint, not "the newest checkpoint"
