@@ -18,7 +18,7 @@ every connection until ``up()`` (or until ``count`` connections were refused), w
 client. ``counts`` says how many of each fault were injected; ``answered`` lists the requests upstream answered
 (method, target, status), in the order their answers reached the client; ``requests`` lists every request read
 (method, target, its headers by lower-case name). ``fail_agent(text, kind)`` gives fault ``kind`` to every
-request whose User-Agent contains ``text`` (one client of two sharing a store).
+request whose User-Agent contains ``text`` (one client of two sharing a store), or to the next ``count`` of them.
 
 >>> FaultProxy("127.0.0.1", 9, kinds=("teleport",))
 Traceback (most recent call last):
@@ -73,6 +73,7 @@ class FaultProxy:
         self.answered: list[tuple[str, str, int]] = []
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._agent_fault: tuple[str, str] | None = None
+        self._agent_left: int | None = None  # faults left for that agent (None: no limit)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -131,10 +132,12 @@ class FaultProxy:
         with self._lock:
             self._forced.extend(kinds)
 
-    def fail_agent(self, text: str | None, kind: str = "403") -> None:
-        """Fault ``kind`` for every request whose User-Agent contains ``text`` (None: stop)."""
+    def fail_agent(self, text: str | None, kind: str = "403", count: int | None = None) -> None:
+        """Fault ``kind`` for the requests whose User-Agent contains ``text`` (None: stop): every one, or the
+        next ``count``."""
         with self._lock:
             self._agent_fault = None if text is None else (text, kind)
+            self._agent_left = count
 
     def down(self, count: int | None = None) -> None:
         """Reset every new connection: until ``up()``, or for the next ``count`` connections only."""
@@ -203,7 +206,10 @@ class FaultProxy:
             with self._lock:
                 self.requests.append((method, _target(head), headers))
                 agent = self._agent_fault
-            kind = agent[1] if agent and agent[0] in headers.get("user-agent", "") else self._pick()
+                hit = agent is not None and agent[0] in headers.get("user-agent", "") and self._agent_left != 0
+                if hit and self._agent_left is not None:
+                    self._agent_left -= 1
+            kind = agent[1] if hit and agent else self._pick()
             if kind == "reset":
                 _reset(conn)
             elif kind in _ERRORS:

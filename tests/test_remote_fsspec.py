@@ -306,6 +306,7 @@ def test_fork_child_rebuilds_the_filesystem(s3_remote_url: str, s3_storage_optio
     r = FsspecRemote(s3_remote_url, storage_options=s3_storage_options, retry=QUICK)
     commit(r, *step_checkpoint(tmp_path, 10))
     assert r.list_checkpoints() == ["checkpoint-step-10"]  # the parent's instance now owns a loop and a session
+    assert r._direct is not None  # and its upload went through obstore, whose runtime started in this process
     pid = os.fork()
     if pid == 0:  # child: report through the exit code, never return into pytest
         code = 3

@@ -168,3 +168,26 @@ def test_over_https_with_a_private_ca_or_no_check_obstore_sends_without_a_second
         server.stop()
     assert (tmp_path / "down" / "model.safetensors").read_bytes() == files["model.safetensors"]
     assert "go through s3fs" not in caplog.text
+
+
+def test_a_store_that_fails_obstores_requests_for_a_while_is_retried_on_the_direct_path(
+    proxied, fault_proxy, s3_remote_url, tmp_path, caplog
+):
+    # 503s through all of obstore's own tries (5: botocore's legacy default of 4 retries), so the upload fails:
+    # the store's passing trouble, which syncckpt's retry policy retries on the same path; no reason to give
+    # that path up
+    fault_proxy.fail_agent(OBSTORE, "503", count=5)
+    files = {"model.safetensors": os.urandom(1 << 20)}
+    remote = open_remote(s3_remote_url, proxied)
+    try:
+        with caplog.at_level(logging.INFO, logger="syncckpt"):
+            m = commit(remote, tmp_path / "src", files)
+            remote.download_checkpoint(NAME, m, tmp_path / "down")
+        assert remote._direct is not None
+    finally:
+        remote.close()
+    assert (tmp_path / "down" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert "go through s3fs" not in caplog.text, caplog.text
+    puts = data_puts(fault_proxy, "/model.safetensors")
+    assert len(puts) == 6 and all(OBSTORE in h.get("user-agent", "") for _, _, h in puts), puts
+    assert "upload" in caplog.text and "503" in caplog.text  # the policy's retry, logged as one

@@ -107,7 +107,8 @@ class EarlyPut:
     def _send_one(self, entry: FileEntry) -> None:
         if not self._ready.result():
             raise FileExistsError(f"{self.name} is committed in the store already")
-        self.remote._upload(self.staging / entry.path, f"{self.name}/{entry.path}", entry.size)
+        # the writer's own file, never rewritten in place: it may go from a mapping (s3_direct)
+        self.remote._upload(self.staging / entry.path, f"{self.name}/{entry.path}", entry.size, mapped=True)
         failpoint("remote-early-data")
 
     def wait(self) -> bool:

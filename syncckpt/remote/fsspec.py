@@ -100,6 +100,7 @@ class FsspecRemote(Remote):
         self._read_budget = streams.read_budget()
         self._direct: s3_direct.DirectS3Put | None = None  # S3 data files through obstore (s3_direct)
         self._direct_pid = -1  # the process _direct was built in (-1: not yet; rebuilt after fork)
+        self._direct_refused = False  # it failed where s3fs did not: s3fs for good
         self._filesystem()
         self.keeps_crc32c = self._kind == "gcs"
 
@@ -300,10 +301,13 @@ class FsspecRemote(Remote):
             localfs.read_back(self._path(name), manifest, f"{self.url}/{name}")
 
     # ---- helpers ----------------------------------------------------------------------------------------------
-    def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:
+    def _upload(
+        self, local: Path, rel: str, size: int, progress: ProgressFn | None = None, *, mapped: bool = False
+    ) -> None:
         """Upload one file; on object stores fsspec's ``put_file`` streams it from disk and switches to multipart
         or resumable uploads for large files, and on S3 the file goes through obstore where it can
-        (:mod:`~syncckpt.remote.s3_direct`). A retry starts the file again; its bytes are not counted twice."""
+        (:mod:`~syncckpt.remote.s3_direct`; ``mapped``: from a mapping of the file, which syncckpt wrote and
+        never rewrites). A retry starts the file again; its bytes are not counted twice."""
         path = self._path(rel)
         counter = streams.Progress(progress, size)
 
@@ -316,38 +320,51 @@ class FsspecRemote(Remote):
             failure: BaseException | None = None
             if direct is not None:
                 try:
-                    direct.put(local, path.split("/", 1)[1], size)
+                    direct.put(local, path.split("/", 1)[1], size, mapped=mapped)
                     return
-                except Exception as e:  # s3fs tries the same file next; what it says decides
-                    failure = e
+                except Exception as e:
+                    if s3_direct.transient_status(e):  # the store's passing trouble: retried, on this path
+                        raise ConnectionError(self._scrub(describe(e))) from None
+                    failure = e  # refused, or no HTTP answer at all: s3fs tries the same file next
+                if self._no_more_retries.is_set():
+                    raise ConnectionError(self._scrub(describe(failure))) from None
             self._filesystem().put_file(str(local), path, callback=counter, **self._put_options())
-            if failure is not None and self._direct is direct:
-                # s3fs uploaded what the direct path could not: not the store failing, so keep to s3fs
-                self._direct = None
-                log.warning(
-                    "%s: S3 uploads go through s3fs from now on; the direct path failed where s3fs did not: %s",
-                    self.url,
-                    self._scrub(describe(failure)),
-                )
+            if failure is not None:
+                self._drop_direct(direct, failure)
 
         self._run("upload", rel, once)
         counter.finish()
 
     def _direct_put(self) -> s3_direct.DirectS3Put | None:
         """The obstore path for S3 uploads, built once per process (None: uploads stay on s3fs)."""
-        if self._kind != "s3":
+        if self._kind != "s3" or self._direct_refused:
             return None
-        fs = self._filesystem()
+        fs, pid = self._filesystem(), os.getpid()
         with self._lock:
-            if self._direct_pid != os.getpid():
-                self._direct_pid = os.getpid()
-                try:
-                    bucket = self._root.split("/", 1)[0]
-                    self._direct = s3_direct.DirectS3Put.for_filesystem(fs, bucket, self._options)
-                except Exception as e:  # s3fs opened this store; what it uploads still gets there
-                    self._direct = None
-                    log.info("%s: S3 uploads go through s3fs: %s", self.url, self._scrub(describe(e)))
+            if self._direct_pid == pid:
+                return self._direct
+        built = None
+        try:  # outside the lock: on AWS it asks the bucket's region, which close() must not wait for
+            built = s3_direct.DirectS3Put.for_filesystem(fs, self._root.split("/", 1)[0], self._options)
+        except Exception as e:  # s3fs opened this store; what it uploads still gets there
+            log.info("%s: S3 uploads go through s3fs: %s", self.url, self._scrub(describe(e)))
+        with self._lock:
+            if self._direct_pid != pid and not self._direct_refused:
+                self._direct, self._direct_pid = built, pid
             return self._direct
+
+    def _drop_direct(self, direct: Any, failure: BaseException) -> None:
+        """s3fs uploaded what the direct path could not: not the store failing, so keep to s3fs from now on (for
+        this remote, also after :meth:`close`); one warning, from the thread that dropped it."""
+        with self._lock:
+            if self._direct is not direct or self._direct_refused:
+                return
+            self._direct, self._direct_refused = None, True
+        log.warning(
+            "%s: S3 uploads go through s3fs from now on; the direct path failed where s3fs did not: %s",
+            self.url,
+            self._scrub(describe(failure)),
+        )
 
     def _put_options(self) -> dict[str, Any]:
         return put_options(self._kind, self._options)

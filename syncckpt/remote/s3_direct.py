@@ -39,13 +39,14 @@ import datetime as dt
 import logging
 import mmap
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 log = logging.getLogger("syncckpt")
 
-__all__ = ["DirectS3Put", "plan"]
+__all__ = ["DirectS3Put", "plan", "transient_status"]
 
 PART_BYTES = 32 << 20  # as put_options gives s3fs: a file under 2 parts is one PUT
 ENV = "SYNCCKPT_S3_TRANSFER"  # "s3fs": every upload through s3fs
@@ -83,10 +84,47 @@ _CONFIG = {
 _CONFIG_S3 = {"payload_signing_enabled", "addressing_style"}
 
 
-def plan(options: dict[str, Any]) -> str | None:
-    """Why uploads with these s3fs ``storage_options`` must stay on s3fs (a few words), or None."""
-    if os.environ.get(ENV, "").strip().lower() == "s3fs":
+# AWS_* variables that mean the same to botocore and to obstore here (credentials go through the provider, the
+# region and endpoint are passed explicitly); any other one set (AWS_ENDPOINT, AWS_CA_BUNDLE, server-side
+# encryption, request payer, ...) is read by one client and not the other, so uploads stay on s3fs.
+_ENV_SAME = {
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "AWS_EXECUTION_ENV",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CA_BUNDLE",  # read through botocore's session below, as botocore does
+}
+
+
+def plan(options: dict[str, Any], environ: dict[str, str] | None = None) -> str | None:
+    """Why uploads with these s3fs ``storage_options`` (and this environment) must stay on s3fs, or None.
+
+    >>> plan({}, {"AWS_SERVER_SIDE_ENCRYPTION": "aws:kms"})
+    'environment AWS_SERVER_SIDE_ENCRYPTION'
+    """
+    env = os.environ if environ is None else environ
+    if env.get(ENV, "").strip().lower() == "s3fs":
         return f"{ENV}=s3fs"
+    for name in sorted(env):
+        if name.startswith("AWS_") and name not in _ENV_SAME and env[name]:
+            return f"environment {name}"
     for key in options:
         if key not in _TOP:
             return f"storage_options {key}"
@@ -133,35 +171,41 @@ class DirectS3Put:
         client = fs.connect()
         endpoint = client.meta.endpoint_url
         region = client.meta.region_name or "us-east-1"
-        config = dict(options.get("config_kwargs") or {})
-        aws = urlsplit(endpoint).hostname is not None and urlsplit(endpoint).hostname.endswith(".amazonaws.com")
+        host = urlsplit(endpoint).hostname or ""
+        # botocore's own AWS endpoint (no endpoint_url given): obstore builds it from the bucket's region, which
+        # botocore would reach through a redirect. Any other endpoint (a VPC endpoint, FIPS, dual-stack, MinIO)
+        # is passed as it is.
+        default = host in ("s3.amazonaws.com", f"s3.{region}.amazonaws.com")
         kwargs: dict[str, Any] = {"unsigned_payload": True}
         if urlsplit(endpoint).scheme == "http":
             kwargs["checksum_algorithm"] = "sha256"  # no TLS to protect the bytes: the store checks them
-        if aws:
-            region = _bucket_region(fs, bucket) or region  # botocore follows a region redirect; obstore does not
+        if default:
+            region = _bucket_region(fs, bucket) or region
         else:
             kwargs["endpoint"] = endpoint
-        if (config.get("s3") or {}).get("addressing_style") == "virtual":
+        if (client.meta.config.s3 or {}).get("addressing_style") == "virtual":
             kwargs["virtual_hosted_style_request"] = True
-            if not aws:
+            if not default:
                 kwargs["endpoint"] = _with_bucket(endpoint, bucket)
         if fs.anon:
             kwargs["skip_signature"] = True
             provider = None
         else:
             provider = _credentials(fs, sync)
-        read_timeout = config.get("read_timeout", 60)
         client_options: dict[str, Any] = {
             "allow_http": True,
-            "connect_timeout": f"{int(config.get('connect_timeout', 60))}s",
-            "read_timeout": f"{int(read_timeout)}s",  # a stalled connection, as botocore's read_timeout
+            "connect_timeout": _duration(client.meta.config.connect_timeout),
+            "read_timeout": _duration(client.meta.config.read_timeout),  # a stalled connection, as botocore's
             "timeout": "6h",  # the whole request: a slow uplink takes long for a part, which is no failure
         }
         verify = (options.get("client_kwargs") or {}).get("verify")
+        if verify is None:  # as botocore: then AWS_CA_BUNDLE, then the profile's ca_bundle
+            verify = fs.session.get_config_variable("ca_bundle")
         if verify is False:
             client_options["allow_invalid_certificates"] = True
         elif isinstance(verify, (str, Path)):
+            # trusted beside the system's roots (botocore trusts the bundle alone): a private CA's store is
+            # reached either way, and a bundle that is the system's own changes nothing
             client_options["root_certificate"] = Path(verify).read_bytes()
         global _started_in
         _started_in = _started_in or os.getpid()
@@ -169,32 +213,56 @@ class DirectS3Put:
             bucket,
             region=region,
             client_options=client_options,
-            retry_config={"max_retries": _retries(config)},
+            retry_config={"max_retries": _retries(client.meta.config.retries)},
             credential_provider=provider,
             **kwargs,
         )
         return cls(store, bucket, concurrency=int(options.get("max_concurrency") or 4))
 
-    def put(self, local: Path, key: str, size: int) -> None:
-        """Send the file ``local`` (``size`` bytes, not changed meanwhile) to ``key`` in the bucket."""
+    def put(self, local: Path, key: str, size: int, *, mapped: bool = False) -> None:
+        """Send the file ``local`` (``size`` bytes) to ``key`` in the bucket.
+
+        ``mapped``: the file is one syncckpt wrote and never rewrites (a save's data file): its bytes go from a
+        read-only mapping, with no copy. Otherwise obstore reads the file itself, so a file another program
+        truncates meanwhile fails this upload instead of the process (a mapping read past the new end is a
+        SIGBUS)."""
         import obstore
 
+        shape = {
+            "use_multipart": size >= 2 * self.part_bytes,
+            "chunk_size": self.part_bytes,
+            "max_concurrency": self.concurrency,
+        }
         if size == 0:
             obstore.put(self._store, key, b"")
-            return
-        with open(local, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as data:
-            view = memoryview(data)
+        elif not mapped:
+            obstore.put(self._store, key, Path(local), **shape)
+        else:
+            with open(local, "rb") as f:
+                data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
             try:
-                obstore.put(
-                    self._store,
-                    key,
-                    view,
-                    use_multipart=size >= 2 * self.part_bytes,
-                    chunk_size=self.part_bytes,
-                    max_concurrency=self.concurrency,
-                )
+                obstore.put(self._store, key, memoryview(data), **shape)
             finally:
-                view.release()
+                try:
+                    data.close()
+                except BufferError:  # a request obstore gave up on may still hold it: closed when released
+                    pass
+
+
+def transient_status(e: BaseException) -> bool | None:
+    """Whether obstore's failure ``e`` was the store's or the network's passing trouble (5xx, 408, 429: True), a
+    refusal of the request (another 4xx: False), or neither said (no HTTP status: None).
+
+    >>> transient_status(Exception("Server returned non-2xx status code: 503 Service Unavailable"))
+    True
+    >>> transient_status(Exception("Server returned non-2xx status code: 403 Forbidden")), transient_status(OSError())
+    (False, None)
+    """
+    found = re.search(r"status code: (\d{3})", str(e))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return code >= 500 or code in (408, 429)
 
 
 def _credentials(fs: Any, sync: Any) -> Any:
@@ -227,11 +295,24 @@ def _credentials(fs: Any, sync: Any) -> Any:
     return resolve
 
 
-def _retries(config: dict[str, Any]) -> int:
-    """Retries per request, as botocore would make them (``retries`` in ``config_kwargs``), 3 by default."""
-    retries = config.get("retries") or {}
-    attempts = retries.get("total_max_attempts", retries.get("max_attempts"))
-    return 3 if attempts is None else max(0, int(attempts) - 1)
+def _retries(retries: dict[str, Any] | None) -> int:
+    """Retries per request as the botocore client makes them (its resolved ``retries``: ``total_max_attempts``
+    counts the first try, ``max_attempts`` only the retries), else its mode's default (legacy 4, standard 2).
+
+    >>> _retries({"total_max_attempts": 3, "mode": "legacy"}), _retries({"mode": "legacy"}), _retries(None)
+    (2, 4, 4)
+    """
+    retries = retries or {}
+    if retries.get("total_max_attempts") is not None:
+        return max(0, int(retries["total_max_attempts"]) - 1)
+    if retries.get("max_attempts") is not None:
+        return max(0, int(retries["max_attempts"]))
+    return 4 if retries.get("mode", "legacy") == "legacy" else 2
+
+
+def _duration(seconds: float | None) -> str:
+    """botocore's timeout (seconds, maybe fractional) as obstore's duration string."""
+    return f"{int(round(1000 * (60 if seconds is None else seconds)))}ms"
 
 
 def _bucket_region(fs: Any, bucket: str) -> str | None:
