@@ -324,10 +324,10 @@ class FsspecRemote(Remote):
                     return
                 except Exception as e:
                     if s3_direct.transient_status(e):  # the store's passing trouble: retried, on this path
-                        raise ConnectionError(self._scrub(describe(e))) from None
+                        raise ConnectionError(self._scrub(s3_direct.summary(e))) from None
                     failure = e  # refused, or no HTTP answer at all: s3fs tries the same file next
                 if self._no_more_retries.is_set():
-                    raise ConnectionError(self._scrub(describe(failure))) from None
+                    raise ConnectionError(self._scrub(s3_direct.summary(failure))) from None
             self._filesystem().put_file(str(local), path, callback=counter, **self._put_options())
             if failure is not None:
                 self._drop_direct(direct, failure)
@@ -363,7 +363,7 @@ class FsspecRemote(Remote):
         log.warning(
             "%s: S3 uploads go through s3fs from now on; the direct path failed where s3fs did not: %s",
             self.url,
-            self._scrub(describe(failure)),
+            self._scrub(s3_direct.summary(failure)),
         )
 
     def _put_options(self) -> dict[str, Any]:

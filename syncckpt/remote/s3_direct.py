@@ -1,5 +1,6 @@
-"""Data files to S3 through obstore (Rust ``object_store``): the bytes go from a read-only mapping of the local
-file to the socket, with no Python copy and no per-chunk Python work.
+"""Data files to S3 through obstore (Rust ``object_store``): a save's own data files go from a read-only mapping
+of the local file to the socket, with no Python copy and no per-chunk Python work; other files (which another
+program might truncate under a mapping: a SIGBUS) are read by obstore itself.
 
 s3fs's ``put_file`` reads each part into a ``bytes``, botocore wraps it in a ``BytesIO`` and CRC32s it, aiohttp
 copies it again, and asyncio copies what the socket did not take at once into its buffer: about 2 client CPU-s
@@ -14,11 +15,14 @@ do uploads whenever this path cannot stand in for s3fs exactly:
   ``s3_additional_kwargs``, requester pays, a proxy in ``config_kwargs``, a signature setting): :func:`plan` says
   why (a custom CA in ``client_kwargs["verify"]``, a PEM file, is trusted here too; ``verify=False`` skips the
   certificate check, as it does for botocore);
+* an ``AWS_*`` variable is set that obstore reads and botocore does not, or the other way round (``AWS_ENDPOINT``,
+  ``AWS_SERVER_SIDE_ENCRYPTION``, ...): credentials, region, profile and ``AWS_CA_BUNDLE`` are fine;
 * ``obstore`` is not installed, or ``SYNCCKPT_S3_TRANSFER=s3fs`` is set;
 * this process was forked from one that had used obstore (its runtime's threads did not come along, and a
   request would hang);
-* it failed on a file that s3fs then uploaded (:class:`~syncckpt.remote.fsspec.FsspecRemote` drops it for the
-  rest of the session, with one warning).
+* the store refused it (a 4xx), or it got no answer, and s3fs then uploaded that file
+  (:class:`~syncckpt.remote.fsspec.FsspecRemote` drops it for the rest of the session, with one warning). A 5xx,
+  408 or 429 (:func:`transient_status`) is the store's passing trouble: the retry policy retries it on this path.
 
 Credentials are the ones s3fs resolved (the options' key and secret, or botocore's chain: environment, profile,
 instance role), handed over in memory through obstore's credential provider; they are never logged. The shape of
@@ -26,10 +30,10 @@ the upload is s3fs's: a file under 64 MiB is one PUT, a larger one goes in 32 Mi
 over https, TLS; over plain http (a local MinIO), each request carries ``x-amz-checksum-sha256``, which the store
 checks before it accepts the bytes. Either way the manifest's SHA-256 is checked on every download.
 
->>> plan({"key": "K", "secret": "S", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}})
->>> plan({"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}})
+>>> plan({"key": "K", "secret": "S", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}, {})
+>>> plan({"s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}}, {})
 'storage_options s3_additional_kwargs'
->>> plan({"config_kwargs": {"proxies": {"https": "http://proxy:3128"}}})
+>>> plan({"config_kwargs": {"proxies": {"https": "http://proxy:3128"}}}, {})
 'config_kwargs proxies'
 """
 
@@ -46,7 +50,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger("syncckpt")
 
-__all__ = ["DirectS3Put", "plan", "transient_status"]
+__all__ = ["DirectS3Put", "plan", "summary", "transient_status"]
 
 PART_BYTES = 32 << 20  # as put_options gives s3fs: a file under 2 parts is one PUT
 ENV = "SYNCCKPT_S3_TRANSFER"  # "s3fs": every upload through s3fs
@@ -247,6 +251,23 @@ class DirectS3Put:
                     data.close()
                 except BufferError:  # a request obstore gave up on may still hold it: closed when released
                     pass
+
+
+def summary(e: BaseException) -> str:
+    """obstore's failure on one line, without the store's response body: an S3 ``SignatureDoesNotMatch`` body
+    echoes the signed request, session token included, and a token from botocore's chain is none the remote's
+    scrubber knows.
+
+    >>> summary(Exception("Error performing PUT http://h/b/k - status code: 403 Forbidden: <?xml ...><Error>..."))
+    'Exception: Error performing PUT http://h/b/k - status code: 403 Forbidden: (response body left out)'
+    """
+    text = " ".join(str(e).split())
+    cut = text.find("<")
+    if cut >= 0:
+        text = text[:cut] + "(response body left out)"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def transient_status(e: BaseException) -> bool | None:
