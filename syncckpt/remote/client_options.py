@@ -33,7 +33,7 @@ from typing import Any
 __all__ = ["put_options", "with_client_defaults"]
 
 _S3_SCHEMES = ("s3", "s3a")
-_PART_BYTES = 32 << 20  # S3 multipart part size (see put_options)
+PART_BYTES = 32 << 20  # S3 multipart part size, for s3fs (put_options) and obstore (s3_direct)
 
 
 def with_client_defaults(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -62,4 +62,4 @@ def put_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     bandwidth (docs/SCALE.md). ``max_concurrency`` in ``storage_options`` still wins."""
     if kind != "s3":
         return {}
-    return {"chunksize": _PART_BYTES, "max_concurrency": options.get("max_concurrency", 2)}
+    return {"chunksize": PART_BYTES, "max_concurrency": options.get("max_concurrency", 2)}

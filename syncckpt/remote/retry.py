@@ -296,13 +296,14 @@ class _Attempts:
             raise
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, message: str | None = None) -> str:
     """``Type: message`` of an exception, on one line and at most 300 characters; for messages and logs.
+    ``message``: said instead of the exception's own (a part of it that is safe to show).
 
     >>> describe(ConnectionResetError(104, "Connection reset by peer"))
     'ConnectionResetError: [Errno 104] Connection reset by peer'
     """
-    text = " ".join(str(exc).split())
+    text = " ".join(str(exc if message is None else message).split())
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -48,11 +48,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .client_options import PART_BYTES  # the parts s3fs sends too: a file under 2 of them is one PUT
+from .retry import describe
+
 log = logging.getLogger("syncckpt")
 
 __all__ = ["DirectS3Put", "plan", "summary", "transient_status"]
 
-PART_BYTES = 32 << 20  # as put_options gives s3fs: a file under 2 parts is one PUT
 ENV = "SYNCCKPT_S3_TRANSFER"  # "s3fs": every upload through s3fs
 _started_in: int | None = None  # the process that built an obstore store (its runtime) first
 
@@ -261,13 +263,9 @@ def summary(e: BaseException) -> str:
     >>> summary(Exception("Error performing PUT http://h/b/k - status code: 403 Forbidden: <?xml ...><Error>..."))
     'Exception: Error performing PUT http://h/b/k - status code: 403 Forbidden: (response body left out)'
     """
-    text = " ".join(str(e).split())
+    text = str(e)
     cut = text.find("<")
-    if cut >= 0:
-        text = text[:cut] + "(response body left out)"
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return describe(e, text if cut < 0 else text[:cut] + "(response body left out)")
 
 
 def transient_status(e: BaseException) -> bool | None:
