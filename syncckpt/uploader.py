@@ -136,9 +136,12 @@ class Uploader:
         if self._part is not None or self.incremental or not supports_early(self.remote):
             return None
         with self._cond:
+            stale = self._early.pop(name, None)
+        if stale is not None:  # removed from the store before the new put's first byte goes to the same paths
+            stale.abandon()
+        with self._cond:
             if self._stopped or self._closing or self._queue or self._inflight is not None:
                 return None
-            stale = self._early.pop(name, None)
             staging = Path(directory) / f".upload-{name}-{uuid.uuid4().hex[:8]}"
             try:
                 staging.mkdir()
@@ -147,8 +150,6 @@ class Uploader:
                 log.debug("%s: no early upload (%s)", name, e)
                 shutil.rmtree(staging, ignore_errors=True)
                 return None
-        if stale is not None:
-            stale.abandon()
         return put
 
     def abandon_early(self, name: str) -> None:

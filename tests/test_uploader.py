@@ -133,6 +133,44 @@ def test_close_releases_the_lease_and_a_second_uploader_meanwhile_is_refused(url
     Uploader(url).close()  # the lease was released
 
 
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_a_checkpoint_sent_early_then_superseded_before_its_upload_leaves_nothing_under_its_name(
+    store: str, url: str, request: pytest.FixtureRequest, tmp_path: Path
+):
+    """Step 1's data went while it was written; step 2 was committed before the uploader's thread took step 1 up,
+    so step 1 is skipped. Its folder goes from the store too: a folder store (a mounted Drive) keeps no
+    checkpoint-step-1/ that holds nothing, an object store no objects under it."""
+    options = None
+    if store == "s3":
+        url, options, _ = request.getfixturevalue("s3")
+    d = tmp_path / "ck"
+    d.mkdir()
+    u = Uploader(url, options)
+    try:
+        put = u.begin_early(d, "checkpoint-step-1")
+        assert put is not None
+        m1 = commit_local(d, "checkpoint-step-1")
+        for e in m1.files:
+            put.send(d / m1.name, e)
+        assert put.wait()
+        r = open_remote(url, options)
+        fs, folder = r._filesystem(), r._path("checkpoint-step-1")
+        assert fs.exists(folder)  # its data is in the store, no manifest yet
+        # Holding the uploader's condition keeps its thread from taking step 1 up until step 2 is queued (the
+        # race CI hit, made certain): the thread waits on that condition, and submit() re-enters it.
+        with u._cond:
+            u.submit(d, m1)
+            u.submit(d, commit_local(d, "checkpoint-step-2"))
+        assert u.wait(60)
+        assert u.status()["skipped"] == ["checkpoint-step-1"]
+    finally:
+        u.close()
+    assert remote_names(url, options) == ["checkpoint-step-2"]
+    fs.invalidate_cache()
+    assert not fs.exists(folder), fs.find(folder)
+    r.close()
+
+
 def test_checkpoints_submitted_in_a_burst_all_reach_the_remote_or_are_skipped_as_superseded(url: str, tmp_path: Path):
     d = tmp_path / "ck"
     names = [

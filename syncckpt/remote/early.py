@@ -157,14 +157,15 @@ class EarlyPut:
         self._pool.shutdown(wait=True)
 
     def abandon(self) -> None:
-        """No commit follows (the local write failed, the upload was dropped): stop, remove what went early from
-        the store (best effort: it is invisible there anyway) and the staging folder."""
+        """No commit follows (the local write failed, the upload was dropped as superseded): stop, remove ``NAME/``
+        from the store (best effort: it is invisible there anyway) and the staging folder."""
         self.close()
         ready = not self._ready.cancelled() and self._ready.exception() is None and self._ready.result() is True
-        for path, (_, fut) in self._sent.items():
-            if ready and not fut.cancelled() and fut.exception() is None:
-                try:
-                    self.remote.delete(f"{self.name}/{path}")
-                except Exception as e:  # noqa: BLE001 - a leftover without a manifest harms no reader
-                    log.debug("Could not remove %s/%s/%s: %s", self.remote.url, self.name, path, e)
+        if ready:
+            # NAME held no committed checkpoint when this put began, and only this put's commit could make one: the
+            # whole folder goes, so that a folder store (a mounted Drive, NFS) keeps no empty NAME/ either
+            try:
+                self.remote.delete_checkpoint(self.name)
+            except Exception as e:  # noqa: BLE001 - a leftover without a manifest harms no reader
+                log.debug("Could not remove %s/%s: %s", self.remote.url, self.name, e)
         shutil.rmtree(self.staging, ignore_errors=True)
