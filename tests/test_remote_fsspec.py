@@ -427,6 +427,28 @@ def test_download_under_faults_retries_and_bounds_memory(
     assert opened == {want}, opened
 
 
+@pytest.mark.parametrize("reader", ["ranges", "stream"])
+def test_read_without_a_size_returns_every_byte_to_the_end_like_a_file(
+    reader: str, s3_remote_url: str, s3_storage_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+):
+    """``read()`` is a file's: the rest of the object, not the chunk or range at hand (a streamed GET hands over
+    what has arrived, so a 40 kB object could come back as its first 32 kB)."""
+    import syncckpt.remote.streams as streams_mod
+
+    monkeypatch.setattr(streams_mod, "_PREFETCH_PART", 16 << 10)
+    monkeypatch.setattr(streams_mod, "CHUNK", 16 << 10)
+    monkeypatch.setattr(streams_mod, "STREAM_MAX", 0 if reader == "ranges" else 1 << 30)
+    r = FsspecRemote(s3_remote_url, storage_options=s3_storage_options, retry=QUICK)
+    data = random.Random(5).randbytes(100_000)
+    r.write_bytes("obj.bin", data)
+    with r.open_read("obj.bin", len(data)) as f:
+        assert type(f) is (streams_mod.PrefetchReader if reader == "ranges" else streams_mod.StreamReader)
+        assert bytes(f.read(10)) == data[:10]
+        assert bytes(f.read()) == data[10:]
+        assert bytes(f.read()) == b""
+    r.close()
+
+
 def test_a_stream_cut_mid_object_carries_on_from_the_byte_reached(
     fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str, monkeypatch
 ):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,8 @@ class PrefetchReader:
     def read(self, n: int = -1) -> memoryview:
         if self._closed:
             raise ValueError("read from a closed reader")
+        if n < 0:
+            return _read_to_end(self.read)
         if not self._buf:
             self._budget.release(self._held)
             self._held = 0
@@ -133,7 +136,6 @@ class PrefetchReader:
             fut, self._held = self._pending.popleft()
             self._buf = memoryview(fut.result())
             self._fill()
-        n = len(self._buf) if n < 0 else n
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
@@ -155,6 +157,12 @@ class PrefetchReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_to_end(read: Callable[[int], memoryview]) -> memoryview:
+    """``read()`` as a file's: every byte up to the end, not the chunk at hand (one streamed GET hands over what
+    arrived, a 40 kB object may come as 32 kB and the rest)."""
+    return memoryview(b"".join(iter(lambda: read(CHUNK), b"")))
 
 
 _ENDED = object()  # StreamReader's body once every promised byte was read and only the end is left
@@ -219,11 +227,12 @@ class StreamReader:
     def read(self, n: int = -1) -> memoryview:
         if self._closed:
             raise ValueError("read from a closed reader")
+        if n < 0:
+            return _read_to_end(self.read)
         if not self._buf:
             if self._ahead is None and self._body is not None:  # the end was reached
                 return memoryview(b"")
             self._buf = memoryview(self._remote._run("read", self._rel, self._next_chunk, not_found=True))
-        n = len(self._buf) if n < 0 else n
         out, self._buf = self._buf[:n], self._buf[n:]
         self._pos += len(out)
         return out
