@@ -169,8 +169,8 @@ def measured_inputs(
     data1 = _ops(on(1, lambda r, cat, ck: cat == "data" and ck == name))
     node_level = _ops(on(1, lambda r, cat, ck: cat != "data"))  # a node that is not the coordinator
     polls = on(0, lambda r, cat, ck: cat == "part" and ck == name and not r.path.endswith("node-0.json"))
-    part_reads = _ops([r for r in polls if r.status < 400])  # the part is there: HEAD (its size), GET
-    misses = sum(1 for r in polls if r.op == "HEAD" and r.status == 404)
+    part_reads = _ops([r for r in polls if r.status < 400])  # the part is there: one GET
+    misses = sum(1 for r in polls if r.status == 404)
     # retention: the checkpoints the coordinator deleted, their DELETEs and the LIST that found their objects
     gone = {ck for r, cat, ck in window if r.node == 0 and r.op == "DELETE" and ck not in (None, name)}
     deletion = on(0, lambda r, cat, ck: ck in gone and r.op in ("DELETE", "LIST"))
@@ -192,7 +192,7 @@ def measured_inputs(
         "check_requests_per_file": _per({k: v for k, v in data1.items() if k in READ_OPS}, len(node_files[1])),
         "node_requests": node_level,
         "part_read_requests_per_node": part_reads,
-        "part_polls_missed": misses,  # each a HEAD answered 404 and a LIST; timing, not scale
+        "part_polls_missed": misses,  # each a GET answered 404; timing, not scale
         "coordinator_requests": coordinator,
         "delete_requests_per_object": _per(_ops([r for r in deletion if r.op == "DELETE"]), deleted_objects),
         "delete_list_requests": sum(1 for r in deletion if r.op == "LIST"),

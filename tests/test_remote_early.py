@@ -128,6 +128,70 @@ def test_leftovers_of_a_killed_attempt_are_removed_and_an_abandoned_put_removes_
     assert not (tmp_path / "staging").exists()
 
 
+def test_before_the_first_byte_one_listing_tells_a_new_name_from_a_committed_one_and_clears_leftovers(
+    fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str, tmp_path: Path
+):
+    """What the store is asked before a save's data goes (S3 through the proxy's log): one listing of NAME/, not a
+    HEAD of its manifest, a DELETE of it and a listing; a leftover of a killed attempt costs its DELETE only, and
+    a committed checkpoint of that name is left as it is."""
+    r = open_remote(s3_remote_url, fault_s3_storage_options)
+
+    def asked(name: str) -> list[str]:
+        fault_proxy.answered.clear()
+        (tmp_path / name).mkdir()
+        put = EarlyPut(r, name, tmp_path / name)
+        put.wait()
+        put.close()
+        return [m for m, _, _ in fault_proxy.answered]
+
+    try:
+        assert asked("checkpoint-step-1") == ["GET"]  # ListObjectsV2 of checkpoint-step-1/: nothing there
+        r.write_bytes("checkpoint-step-2/model.safetensors", b"from an attempt killed before its manifest")
+        assert asked("checkpoint-step-2") == ["GET", "DELETE"]
+        assert not r.exists("checkpoint-step-2/model.safetensors")
+        entries = written(tmp_path / "old", files_of("old"))
+        commit(r, tmp_path / "old", manifest(entries))
+        assert asked(NAME) == ["GET"]
+        assert (
+            r.list_checkpoints() == [NAME]
+            and stored(r, NAME, "model.safetensors") == files_of("old")["model.safetensors"]
+        )
+    finally:
+        r.close()
+
+
+def test_a_steady_state_save_to_s3_asks_the_store_22_times_each_request_once(
+    fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str, tmp_path: Path
+):
+    """Every request a save costs, from the proxy's log (keep_last 3, so each save also deletes one): per data
+    file a PUT and a HEAD (its size, checked in the store); the lease read twice (before the first byte and before
+    the commit), the quarantine index, the run's listing, a HEAD per checkpoint retention weighs, one listing of
+    the new name and one of the old, the manifest, LATEST and the old checkpoint's objects. Stop 28 cost 32: every
+    small read was a HEAD and then a GET, and a missing key was a HEAD and a listing."""
+    model = torch.nn.Sequential(*(torch.nn.Linear(128, 128) for _ in range(2)))
+    prefix = s3_remote_url.split("://", 1)[1]
+    costs = []
+    with CheckpointManager(
+        tmp_path / "ck", remote=s3_remote_url, storage_options=fault_s3_storage_options, keep_last=3,
+        handle_sigterm=False,
+    ) as mgr:  # fmt: skip
+        mgr.register(model=model)
+        for step in range(1, 7):
+            fault_proxy.answered.clear()
+            mgr.save(step, epoch=0, batch_idx=step)
+            assert mgr.wait()
+            asked = [(m, t) for m, t, _ in fault_proxy.answered if not (m == "PUT" and t.endswith("/LEASE"))]
+            costs.append(len(asked))
+            if step > 4:  # steady state: three kept, one deleted per save
+                lease = ("GET", f"/{prefix}/LEASE")
+                assert asked.count(lease) == 2, asked  # before the first byte, and again before the commit
+                rest = [a for a in asked if a != lease]
+                assert len(rest) == len(set(rest)) == 20, asked  # nothing else asked twice
+                deleted = f"/{prefix}/checkpoint-step-{step - 3}/"
+                assert sum(m == "DELETE" and t.startswith(deleted) for m, t in asked) == 4, asked
+    assert costs[-1] == costs[-2] == 22, costs
+
+
 def test_the_store_sees_every_data_file_then_the_manifest_then_latest_and_the_data_went_while_written(
     fault_proxy: FaultProxy,
     fault_s3_storage_options: dict[str, Any],

@@ -120,6 +120,14 @@ class Remote(abc.ABC):
     def delete_checkpoint(self, name: str) -> None:
         """Remove one checkpoint folder: its manifest first, then its data files."""
 
+    def clear_uncommitted(self, name: str) -> bool:
+        """Before new data goes under ``NAME/``: False, touching nothing, when a committed checkpoint of that name is
+        there (it holds a manifest); else remove what an interrupted attempt left there and return True."""
+        if self.exists(f"{name}/{MANIFEST_NAME}"):
+            return False
+        self.delete_checkpoint(name)
+        return True
+
     @abc.abstractmethod
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create an object only if it does not exist (conditional write). True when created."""

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from .._failpoints import failpoint
 from ..local import link_files
-from ..manifest import MANIFEST_NAME, FileEntry, Manifest
+from ..manifest import FileEntry, Manifest
 from .base import ProgressFn, Remote, put_whole_files, send_files
 
 log = logging.getLogger("syncckpt")
@@ -82,14 +82,10 @@ class EarlyPut:
         """True when files may go now; False when a committed checkpoint of that name is in the store."""
         if before is not None:
             before()
-        try:
-            self.remote.stat(f"{self.name}/{MANIFEST_NAME}")
-            log.debug("%s/%s is committed already: its new data waits for the local commit", self.remote.url, self.name)
-            return False
-        except FileNotFoundError:
-            pass
-        self.remote.delete_checkpoint(self.name)  # leftovers of a killed attempt, so no stray object stays
-        return True
+        if self.remote.clear_uncommitted(self.name):  # leftovers of a killed attempt are gone, no stray object stays
+            return True
+        log.debug("%s/%s is committed already: its new data waits for the local commit", self.remote.url, self.name)
+        return False
 
     def send(self, folder: Path, entry: FileEntry) -> None:
         """Send ``folder/entry.path`` (written and fsynced, described by ``entry``) from now on, in the

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from fsspec.asyn import AsyncFileSystem
+from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
@@ -180,15 +180,25 @@ class FsspecRemote(Remote):
     def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
         """Read a small object whole; FileNotFoundError when absent, UnsafeCheckpoint when over ``max_size``."""
         path = self._path(rel)
-        size = self.stat(rel).size
-        if size > max_size:
-            raise UnsafeCheckpoint(f"{self.url}/{rel}: {size} bytes is over the {max_size}-byte limit; refusing it")
-        if size == 0:
-            return b""  # a ranged read of an empty S3 object is answered 416
-        # max_size + 1 bytes at most: an object replaced by a larger one after stat is still caught.
-        data = self._run("read", rel, self._filesystem().cat_file, path, start=0, end=max_size + 1, not_found=True)
+        fs = self._filesystem()
+
+        def ranged() -> bytes:
+            # One request: the first max_size + 1 bytes (one more than allowed tells an object that is too large),
+            # instead of a metadata request first; S3 answers 404 for a missing key (s3fs's info would list too).
+            try:
+                return fs.cat_file(path, start=0, end=max_size + 1)
+            except FileNotFoundError:
+                raise
+            except IsADirectoryError as e:  # a folder (a local store) is no object, as on S3
+                raise FileNotFoundError(path) from e
+            except Exception as e:  # a ranged read of an empty object is answered 416 (S3, GCS); others stay errors
+                if not _range_refused(e) or self._info(path).get("size") != 0:
+                    raise
+                return b""
+
+        data = self._run("read", rel, ranged, not_found=True)
         if len(data) > max_size:
-            raise UnsafeCheckpoint(f"{self.url}/{rel}: grew over the {max_size}-byte limit while read; refusing it")
+            raise UnsafeCheckpoint(f"{self.url}/{rel}: over the {max_size}-byte limit; refusing it")
         return data
 
     def open_read(self, rel: str, size: int | None = None) -> BinaryIO:
@@ -216,6 +226,15 @@ class FsspecRemote(Remote):
             raise FileNotFoundError(f"{self.url}/{rel}: is a folder, not an object")
         return RemoteStat(size=int(info.get("size") or 0), checksums=_checksums(info))
 
+    def exists(self, rel: str) -> bool:
+        """On S3 one HEAD: s3fs's info of a missing key lists its prefix too (is it a folder?), a second request
+        for every checkpoint retention weighs while the newest one's manifest is not written yet."""
+        if self._kind != "s3":
+            return super().exists(rel)
+        fs = self._filesystem()
+        bucket, key, _ = fs.split_path(self._path(rel))
+        return self._run("stat", rel, _head_s3, fs, bucket, key)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Create or overwrite a small object; on a local path the replacement is atomic (rename)."""
         path = self._path(rel)
@@ -242,13 +261,25 @@ class FsspecRemote(Remote):
             self._run("delete", name, localfs.rmtree_quiet, folder)
             return
         fs = self._filesystem()
-        fs.invalidate_cache(folder)
-        paths = self._run("list", name, _find_quiet, fs, folder)
-        # Only exact descendants of the folder: checkpoint-step-1 must never take checkpoint-step-10 with it.
-        inside = [p for p in paths if fs._strip_protocol(p).startswith(folder + "/")]
+        inside = self._objects_under(name)
         self._parallel(lambda p: self._delete_path(name, p), inside)
         if not isinstance(fs, AsyncFileSystem):
             self._run("delete", name, _rmdir_quiet, fs, folder)
+
+    def clear_uncommitted(self, name: str) -> bool:
+        """One listing of ``NAME/`` instead of a metadata request for its manifest and then the deletion's own
+        requests (on S3 four requests before a save's first byte, against one): a manifest among the objects means
+        committed; otherwise the objects listed, usually none, are deleted."""
+        _check_name(name)
+        fs = self._filesystem()
+        inside = self._objects_under(name)
+        if f"{self._path(name)}/{MANIFEST_NAME}" in inside:
+            return False
+        if self._kind == "local" or not isinstance(fs, AsyncFileSystem):
+            self.delete_checkpoint(name)  # also the folder itself, and any empty folders below it
+        else:
+            self._parallel(lambda p: self._delete_path(name, p), inside)
+        return True
 
     def list_blobs(self) -> list[str]:
         """Digests of the blobs under ``blobs/`` (incremental mirroring), bypassing listing caches."""
@@ -380,6 +411,20 @@ class FsspecRemote(Remote):
         except (FileNotFoundError, UnsafeCheckpoint):
             return False
 
+    def _objects_under(self, name: str) -> list[str]:
+        """Every object under ``NAME/`` (paths without the protocol), bypassing listing caches. On S3 one
+        ListObjectsV2 per 1,000 keys: s3fs's ``find`` of an empty prefix asks twice more (a HEAD and a listing) to
+        tell a missing folder from an object, and an empty answer is the usual one before a save's first byte."""
+        fs = self._filesystem()
+        folder = self._path(name)
+        fs.invalidate_cache(folder)
+        if self._kind == "s3":
+            bucket, key, _ = fs.split_path(folder)
+            return self._run("list", name, _list_s3, fs, bucket, key + "/")
+        paths = self._run("list", name, _find_quiet, fs, folder)
+        # Only exact descendants of the folder: checkpoint-step-1 must never take checkpoint-step-10 with it.
+        return [p for p in map(fs._strip_protocol, paths) if p.startswith(folder + "/")]
+
     def _delete_path(self, rel: str, path: str) -> None:
         fs = self._filesystem()
 
@@ -452,6 +497,32 @@ def _find_quiet(fs: AbstractFileSystem, path: str) -> list[str]:
         return list(fs.find(path))
     except FileNotFoundError:
         return []
+
+
+def _list_s3(fs: Any, bucket: str, prefix: str) -> list[str]:
+    """``bucket/key`` of every object whose key starts with ``prefix`` (through s3fs's client, which adds what the
+    storage options ask of every request, requester-pays included)."""
+    out: list[str] = []
+    token: dict[str, str] = {}
+    while True:
+        resp = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **token)
+        out.extend(f"{bucket}/{o['Key']}" for o in resp.get("Contents", []))
+        if not resp.get("IsTruncated"):
+            return out
+        token = {"ContinuationToken": resp["NextContinuationToken"]}
+
+
+def _range_refused(e: BaseException) -> bool:
+    """A 416, as gcsfs (``HttpError.code``) or s3fs (its InvalidRange message) raise it."""
+    return getattr(e, "code", None) == 416 or "range is not satisfiable" in str(e)
+
+
+def _head_s3(fs: Any, bucket: str, key: str) -> bool:
+    try:
+        sync(fs.loop, fs._call_s3, "head_object", Bucket=bucket, Key=key)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _rmdir_quiet(fs: AbstractFileSystem, path: str) -> None:
