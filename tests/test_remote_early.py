@@ -128,6 +128,29 @@ def test_leftovers_of_a_killed_attempt_are_removed_and_an_abandoned_put_removes_
     assert not (tmp_path / "staging").exists()
 
 
+def test_an_abandoned_put_leaves_the_name_alone_once_another_session_took_the_run_over(remote, tmp_path):
+    """Session A's data of NAME went early; session B took the run over and committed NAME itself; A's local
+    commit then fails. A's abandon() must not delete B's checkpoint: it checks its lease before deleting."""
+    from syncckpt.lease import Lease
+
+    a = Lease(remote, heartbeat=None)
+    a.acquire()
+    entries = written(tmp_path / "tmp", files_of("a"))
+    (tmp_path / "staging").mkdir()
+    put = EarlyPut(remote, NAME, tmp_path / "staging", before=a.check)
+    for e in entries:
+        put.send(tmp_path / "tmp", e)
+    assert put.wait()
+    b = Lease(remote, takeover=True, heartbeat=None)
+    b.acquire()
+    theirs = written(tmp_path / "b", files_of("b"))
+    commit(remote, tmp_path / "b", manifest(theirs))
+    put.abandon()
+    assert remote.list_checkpoints() == [NAME]
+    assert stored(remote, NAME, "model.safetensors") == files_of("b")["model.safetensors"]
+    b.release()
+
+
 def test_before_the_first_byte_one_listing_tells_a_new_name_from_a_committed_one_and_clears_leftovers(
     fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str, tmp_path: Path
 ):

@@ -449,6 +449,46 @@ def test_read_without_a_size_returns_every_byte_to_the_end_like_a_file(
     r.close()
 
 
+def test_requester_pays_travels_with_the_listing_the_head_and_the_stream_syncckpt_sends_itself(
+    fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str
+):
+    """The requests syncckpt makes through s3fs's client directly (one ListObjectsV2 of a checkpoint, one HEAD,
+    one streamed GET) carry ``x-amz-request-payer`` as s3fs's own do: s3fs before 2026.9 does not add it there."""
+    r = FsspecRemote(s3_remote_url, storage_options={**fault_s3_storage_options, "requester_pays": True}, retry=QUICK)
+    r.write_bytes("checkpoint-step-1/model.safetensors", b"weights")
+    fault_proxy.requests.clear()
+    assert r.clear_uncommitted("checkpoint-step-1")  # a listing, then the leftover's DELETE
+    assert not r.exists("checkpoint-step-1/model.safetensors")
+    r.write_bytes("obj.bin", b"0123456789")
+    assert r.exists("obj.bin")
+    with r.open_read("obj.bin", 10) as f:
+        assert bytes(f.read()) == b"0123456789"
+    r.close()
+    seen = [(m, headers.get("x-amz-request-payer")) for m, _, headers in fault_proxy.requests]
+    assert {m for m, _ in seen} >= {"GET", "HEAD", "DELETE", "PUT"}, seen
+    assert all(payer == "requester" for _, payer in seen), seen
+
+
+def test_an_empty_object_is_told_by_the_416_code_whatever_message_the_store_sends() -> None:
+    """``_range_refused`` reads botocore's error code under s3fs's OSError, not only the message moto sends."""
+    from botocore.exceptions import ClientError
+
+    from syncckpt.remote.fsspec import _range_refused
+
+    def raised(response: dict[str, Any]) -> OSError:
+        try:
+            try:
+                raise ClientError(response, "GetObject")
+            except ClientError as e:
+                raise OSError(22, "An error occurred (InvalidRange) when calling GetObject: Unknown") from e
+        except OSError as e:
+            return e
+
+    assert _range_refused(raised({"Error": {"Code": "InvalidRange"}}))
+    assert _range_refused(raised({"Error": {}, "ResponseMetadata": {"HTTPStatusCode": 416}}))
+    assert not _range_refused(raised({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}))
+
+
 def test_a_stream_cut_mid_object_carries_on_from_the_byte_reached(
     fault_proxy: FaultProxy, fault_s3_storage_options: dict[str, Any], s3_remote_url: str, monkeypatch
 ):

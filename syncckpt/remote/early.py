@@ -76,6 +76,7 @@ class EarlyPut:
         self._closed = False
         self._sent: dict[str, tuple[FileEntry, Future[None]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=remote.max_workers, thread_name_prefix="syncckpt-early")
+        self._before = before
         self._ready = self._pool.submit(self._prepare, before)  # first in the queue: every send waits on it
 
     def _prepare(self, before: Callable[[], None] | None) -> bool:
@@ -158,10 +159,13 @@ class EarlyPut:
         self.close()
         ready = not self._ready.cancelled() and self._ready.exception() is None and self._ready.result() is True
         if ready:
-            # NAME held no committed checkpoint when this put began, and only this put's commit could make one: the
-            # whole folder goes, so that a folder store (a mounted Drive, NFS) keeps no empty NAME/ either
+            # NAME held no committed checkpoint when this put began, and only this put's commit could make one while
+            # the run is this session's (the lease, checked again first: a session that took the run over may have
+            # committed NAME since). The whole folder goes, so a folder store (a mounted Drive) keeps no empty NAME/.
             try:
+                if self._before is not None:
+                    self._before()
                 self.remote.delete_checkpoint(self.name)
             except Exception as e:  # noqa: BLE001 - a leftover without a manifest harms no reader
-                log.debug("Could not remove %s/%s: %s", self.remote.url, self.name, e)
+                log.debug("Did not remove %s/%s: %s", self.remote.url, self.name, e)
         shutil.rmtree(self.staging, ignore_errors=True)

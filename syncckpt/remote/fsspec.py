@@ -181,6 +181,10 @@ class FsspecRemote(Remote):
         """Read a small object whole; FileNotFoundError when absent, UnsafeCheckpoint when over ``max_size``."""
         path = self._path(rel)
         fs = self._filesystem()
+        if self._kind not in ("s3", "gcs"):  # a store that may not honour ranges: the size is checked first
+            size = self.stat(rel).size
+            if size > max_size:
+                raise UnsafeCheckpoint(f"{self.url}/{rel}: {size} bytes is over the {max_size}-byte limit; refusing it")
 
         def ranged() -> bytes:
             # One request: the first max_size + 1 bytes (one more than allowed tells an object that is too large),
@@ -267,18 +271,16 @@ class FsspecRemote(Remote):
             self._run("delete", name, _rmdir_quiet, fs, folder)
 
     def clear_uncommitted(self, name: str) -> bool:
-        """One listing of ``NAME/`` instead of a metadata request for its manifest and then the deletion's own
-        requests (on S3 four requests before a save's first byte, against one): a manifest among the objects means
-        committed; otherwise the objects listed, usually none, are deleted."""
+        """On S3 one listing of ``NAME/`` instead of a HEAD of its manifest and then the deletion's own requests
+        (four requests before a save's first byte, against one): a manifest among the objects means committed;
+        otherwise the objects listed, usually none, are deleted. Elsewhere the base's stat, then delete."""
+        if self._kind != "s3":  # a metadata request is as cheap there, and needs no consistent listing
+            return super().clear_uncommitted(name)
         _check_name(name)
-        fs = self._filesystem()
         inside = self._objects_under(name)
-        if f"{self._path(name)}/{MANIFEST_NAME}" in inside:
+        if f"{self._path(name)}/{MANIFEST_NAME}" in inside:  # S3 lists what was written, at once
             return False
-        if self._kind == "local" or not isinstance(fs, AsyncFileSystem):
-            self.delete_checkpoint(name)  # also the folder itself, and any empty folders below it
-        else:
-            self._parallel(lambda p: self._delete_path(name, p), inside)
+        self._parallel(lambda p: self._delete_path(name, p), inside)
         return True
 
     def list_blobs(self) -> list[str]:
@@ -500,26 +502,36 @@ def _find_quiet(fs: AbstractFileSystem, path: str) -> list[str]:
 
 
 def _list_s3(fs: Any, bucket: str, prefix: str) -> list[str]:
-    """``bucket/key`` of every object whose key starts with ``prefix`` (through s3fs's client, which adds what the
-    storage options ask of every request, requester-pays included)."""
+    """``bucket/key`` of every object whose key starts with ``prefix``, through s3fs's client (which adds the
+    storage options' ``s3_additional_kwargs``; requester pays is passed here, as s3fs before 2026.9 does not)."""
     out: list[str] = []
     token: dict[str, str] = {}
     while True:
-        resp = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **token)
+        resp = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, **token, **fs.req_kw)
         out.extend(f"{bucket}/{o['Key']}" for o in resp.get("Contents", []))
         if not resp.get("IsTruncated"):
             return out
         token = {"ContinuationToken": resp["NextContinuationToken"]}
 
 
-def _range_refused(e: BaseException) -> bool:
-    """A 416, as gcsfs (``HttpError.code``) or s3fs (its InvalidRange message) raise it."""
-    return getattr(e, "code", None) == 416 or "range is not satisfiable" in str(e)
+def _range_refused(e: BaseException | None) -> bool:
+    """A 416: gcsfs's ``HttpError.code``, or s3fs's error with botocore's InvalidRange (or a 416 status) as its
+    cause, whatever message the store sent."""
+    while e is not None:
+        if getattr(e, "code", None) == 416 or "range is not satisfiable" in str(e):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if code in ("InvalidRange", "416") or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416:
+                return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _head_s3(fs: Any, bucket: str, key: str) -> bool:
     try:
-        sync(fs.loop, fs._call_s3, "head_object", Bucket=bucket, Key=key)
+        sync(fs.loop, fs._call_s3, "head_object", Bucket=bucket, Key=key, **fs.req_kw)
         return True
     except FileNotFoundError:
         return False

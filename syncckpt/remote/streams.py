@@ -203,7 +203,8 @@ class StreamReader:
         if self._pos and self._pos >= self._size:  # broken after the last promised byte: only the end is left
             self._body, self._ahead = _ENDED, None
             return
-        extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}  # s3fs adds requester-pays and the like
+        extra = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+        extra.update(self._fs.req_kw)  # requester pays: s3fs adds only s3_additional_kwargs before 2026.9
         resp = sync(self._fs.loop, self._fs._call_s3, "get_object", Bucket=self._bucket, Key=self._key, **extra)
         self._body = resp["Body"]
         self._ahead = self._read_ahead()
