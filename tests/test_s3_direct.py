@@ -191,3 +191,32 @@ def test_a_store_that_fails_obstores_requests_for_a_while_is_retried_on_the_dire
     puts = data_puts(fault_proxy, "/model.safetensors")
     assert len(puts) == 6 and all(OBSTORE in h.get("user-agent", "") for _, _, h in puts), puts
     assert "upload" in caplog.text and "503" in caplog.text  # the policy's retry, logged as one
+
+
+def test_a_push_someone_watches_reports_progress_as_obstore_takes_the_bytes_not_at_the_files_end(
+    proxied, fault_proxy, s3_remote_url, tmp_path
+):
+    """``syncckpt push`` shows a byte bar: with the direct path a 70 MiB file (three 32 MiB parts) is reported
+    8 MiB at a time as obstore takes it, the first report before any part is answered, and the total is the
+    data's size, once. Without a watcher (the background mirror) nothing changes: it goes from a mapping."""
+    files = {"model.safetensors": os.urandom(70 << 20), "state.json": b"{}"}
+    remote = open_remote(s3_remote_url, proxied)
+    reports: list[tuple[int, int]] = []  # (bytes reported, model parts answered by then)
+
+    def progress(n: int) -> None:
+        answered = [t for m, t, s in fault_proxy.answered if m == "PUT" and "/model.safetensors?" in t]
+        reports.append((n, len(answered)))
+
+    try:
+        entries = [local.write_file(tmp_path / "src", rel, [data]) for rel, data in files.items()]
+        m = Manifest(name=NAME, kind="step", global_step=3, epoch=0, batch_idx=2, files=entries)
+        remote.commit_checkpoint(NAME, tmp_path / "src", m, m.to_bytes(), Latest(NAME, 3, ""), progress=progress)
+        got = remote.download_checkpoint(NAME, m, tmp_path / "down")
+        assert got == {} and (tmp_path / "down" / "model.safetensors").read_bytes() == files["model.safetensors"]
+    finally:
+        remote.close()
+    model = data_puts(fault_proxy, "/model.safetensors")
+    assert all(OBSTORE in h.get("user-agent", "") for _, _, h in model), model
+    assert sum(n for n, _ in reports) == m.total_size
+    assert len(reports) >= 9 and max(n for n, _ in reports) <= 8 << 20, reports
+    assert reports[0][1] == 0, reports  # the bar moved before the first part was answered

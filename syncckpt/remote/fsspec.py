@@ -353,7 +353,8 @@ class FsspecRemote(Remote):
             failure: BaseException | None = None
             if direct is not None:
                 try:
-                    direct.put(local, path.split("/", 1)[1], size, mapped=mapped)
+                    report = None if progress is None else counter.relative_update
+                    direct.put(local, path.split("/", 1)[1], size, mapped=mapped, progress=report)
                     return
                 except Exception as e:
                     if s3_direct.transient_status(e):  # the store's passing trouble: retried, on this path
@@ -361,6 +362,7 @@ class FsspecRemote(Remote):
                     failure = e  # refused, or no HTTP answer at all: s3fs tries the same file next
                 if self._no_more_retries.is_set():
                     raise ConnectionError(self._scrub(s3_direct.summary(failure))) from None
+            counter.restart()  # obstore may have reported part of the file: s3fs counts from 0 (never twice)
             self._filesystem().put_file(str(local), path, callback=counter, **self._put_options())
             if failure is not None:
                 self._drop_direct(direct, failure)

@@ -44,10 +44,12 @@ import logging
 import mmap
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .base import CHUNK
 from .client_options import PART_BYTES  # the parts s3fs sends too: a file under 2 of them is one PUT
 from .retry import describe
 
@@ -225,13 +227,17 @@ class DirectS3Put:
         )
         return cls(store, bucket, concurrency=int(options.get("max_concurrency") or 4))
 
-    def put(self, local: Path, key: str, size: int, *, mapped: bool = False) -> None:
+    def put(
+        self, local: Path, key: str, size: int, *, mapped: bool = False, progress: Callable[[int], None] | None = None
+    ) -> None:
         """Send the file ``local`` (``size`` bytes) to ``key`` in the bucket.
 
         ``mapped``: the file is one syncckpt wrote and never rewrites (a save's data file): its bytes go from a
         read-only mapping, with no copy. Otherwise obstore reads the file itself, so a file another program
         truncates meanwhile fails this upload instead of the process (a mapping read past the new end is a
-        SIGBUS)."""
+        SIGBUS). ``progress``: called with each chunk's byte count as obstore takes it (someone watches a bar:
+        ``syncckpt push``); the file is then read in chunks here, a copy per byte, so that a 5 GB file's bar moves
+        instead of jumping at its end."""
         import obstore
 
         shape = {
@@ -241,6 +247,8 @@ class DirectS3Put:
         }
         if size == 0:
             obstore.put(self._store, key, b"")
+        elif progress is not None and size >= 2 * self.part_bytes:
+            obstore.put(self._store, key, _chunks(local, size, progress), **shape)
         elif not mapped:
             obstore.put(self._store, key, Path(local), **shape)
         else:
@@ -253,6 +261,20 @@ class DirectS3Put:
                     data.close()
                 except BufferError:  # a request obstore gave up on may still hold it: closed when released
                     pass
+
+
+def _chunks(local: Path, size: int, progress: Callable[[int], None]) -> Iterator[bytes]:
+    """``local``'s first ``size`` bytes, 8 MiB at a time, reporting each as it is handed over; a file that is
+    shorter now fails the upload (its check in the store would too)."""
+    with open(local, "rb") as f:
+        left = size
+        while left:
+            data = f.read(min(CHUNK, left))
+            if not data:
+                raise OSError(f"{local}: ended {left} bytes before its {size}")
+            left -= len(data)
+            yield data
+            progress(len(data))
 
 
 def summary(e: BaseException) -> str:
