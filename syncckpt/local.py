@@ -82,9 +82,12 @@ def write_file(folder: Path, rel: str, chunks: Iterable[bytes | memoryview], *, 
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as f:
         w = HashingWriter(f, crc32c=crc32c)
-        for c in chunks:
-            w.write(c)
-        f.flush()
+        try:
+            for c in chunks:
+                w.write(c)
+            f.flush()
+        finally:
+            w.close()
         os.fsync(f.fileno())
     return FileEntry(rel, w.size, w.hexdigest(), crc32c=w.crc32c())
 

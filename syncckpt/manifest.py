@@ -26,6 +26,7 @@ import json
 import math
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -349,6 +350,9 @@ class Latest:
         return latest
 
 
+PIPELINE_MIN = 1 << 20  # HashingWriter hashes chunks this large beside the write
+
+
 class HashingWriter:
     """Wrap a binary file: every byte written is hashed on the way, so no second read is needed.
 
@@ -367,21 +371,45 @@ class HashingWriter:
         self._h = hashlib.sha256()
         self._crc = _crc32c() if crc32c else None
         self.size = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def write(self, data: bytes | memoryview) -> int:
-        self._h.update(data)
-        if self._crc is not None:
-            self._crc.update(data if isinstance(data, bytes) else bytes(data))
-        n = self._f.write(data)
+        """Hash and write ``data``. A chunk of ``PIPELINE_MIN`` bytes or more is hashed on a helper thread while
+        it is written (both release the GIL), so a large file takes the longer of the two, not their sum; the
+        hash of a chunk is done when ``write`` returns, so the caller may reuse its buffer."""
+        if len(data) < PIPELINE_MIN:
+            self._hash(data)
+            n = self._f.write(data)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="syncckpt-hash")
+            hashing = self._pool.submit(self._hash, data)
+            try:
+                n = self._f.write(data)
+            finally:
+                hashing.result()
         self.size += len(data)
         return n if n is not None else len(data)
 
+    def _hash(self, data: bytes | memoryview) -> None:
+        self._h.update(data)
+        if self._crc is not None:
+            self._crc.update(data if isinstance(data, bytes) else bytes(data))
+
+    def close(self) -> None:
+        """Stop the helper thread (the file is done, or a write failed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def hexdigest(self) -> str:
+        self.close()
         return self._h.hexdigest()
 
     def crc32c(self) -> str | None:
         """CRC32C of the bytes written (the checksum GCS keeps for every object); None when not asked for or
         without google-crc32c."""
+        self.close()
         return self._crc.digest().hex() if self._crc is not None else None
 
 

@@ -327,3 +327,37 @@ def test_a_folder_without_its_manifest_is_warned_about_once_not_at_every_save(tm
                 assert mgr.wait()
     ignoring = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ignoring ")]
     assert len(ignoring) == 1 and "checkpoint-step-200" in ignoring[0] and "manifest.json: missing" in ignoring[0]
+
+
+def test_write_file_hashes_large_chunks_beside_the_write_and_a_reused_buffer_still_hashes_right(tmp_path: Path):
+    """Chunks of a MiB or more are hashed on a helper thread while they are written: the digest is the file's,
+    also when the caller refills one buffer for every chunk, and no helper thread outlives the file."""
+    import hashlib
+    import random
+    import threading
+
+    data = random.Random(1).randbytes(5 << 20)
+    buf = bytearray(1 << 20)
+
+    def refilled():  # one buffer, refilled after each chunk is handed over
+        for start in range(0, len(data), len(buf)):
+            buf[:] = data[start : start + len(buf)]
+            yield memoryview(buf)
+        yield b"tail"
+
+    entry = local.write_file(tmp_path, "f.bin", refilled())
+    assert entry.size == len(data) + 4
+    assert entry.sha256 == hashlib.sha256(data + b"tail").hexdigest() == sha256_hex((tmp_path / "f.bin").read_bytes())
+    assert not [t for t in threading.enumerate() if t.name.startswith("syncckpt-hash")]
+
+
+def test_a_chunk_that_fails_to_write_stops_the_hash_thread_and_raises(tmp_path: Path):
+    import threading
+
+    def chunks():
+        yield bytes(2 << 20)
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        local.write_file(tmp_path, "f.bin", chunks())
+    assert not [t for t in threading.enumerate() if t.name.startswith("syncckpt-hash")]
