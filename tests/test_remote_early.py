@@ -189,8 +189,8 @@ def test_a_steady_state_save_to_s3_asks_the_store_22_times_each_request_once(
     """Every request a save costs, from the proxy's log (keep_last 3, so each save also deletes one): per data
     file a PUT and a HEAD (its size, checked in the store); the lease read twice (before the first byte and before
     the commit), the quarantine index, the run's listing, a HEAD per checkpoint retention weighs, one listing of
-    the new name and one of the old, the manifest, LATEST and the old checkpoint's objects. Stop 28 cost 32: every
-    small read was a HEAD and then a GET, and a missing key was a HEAD and a listing."""
+    the new name and one of the old, the manifest, LATEST and the old checkpoint's objects. It was 32 while every small
+    read was a HEAD and then a GET, and a missing key a HEAD and a listing."""
     model = torch.nn.Sequential(*(torch.nn.Linear(128, 128) for _ in range(2)))
     prefix = s3_remote_url.split("://", 1)[1]
     costs = []
