@@ -92,8 +92,10 @@ class Remote(abc.ABC):
 
     # ---- primitives each backend implements -------------------------------------------------------------
     @abc.abstractmethod
-    def list_checkpoints(self) -> list[str]:
-        """Names of the checkpoint folders under the prefix that hold a manifest.json, bypassing listing caches."""
+    def list_checkpoints(self, *, besides: Iterable[str] = ()) -> list[str]:
+        """Names of the checkpoint folders under the prefix that hold a manifest.json, bypassing listing caches;
+        never those in ``besides``, which are not looked at (the save being committed: its data may be in the
+        store already, its manifest not yet)."""
 
     @abc.abstractmethod
     def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:

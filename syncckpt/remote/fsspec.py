@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -158,8 +158,9 @@ class FsspecRemote(Remote):
         return f"{self._root}/{rel}"
 
     # ---- Remote primitives ------------------------------------------------------------------------------------
-    def list_checkpoints(self) -> list[str]:
-        """Checkpoint folders that hold a manifest.json; listing caches are dropped first (others may write)."""
+    def list_checkpoints(self, *, besides: Iterable[str] = ()) -> list[str]:
+        """Checkpoint folders that hold a manifest.json (but ``besides``: no HEAD for those); listing caches are
+        dropped first (others may write)."""
         fs = self._filesystem()
         fs.invalidate_cache()
         try:
@@ -169,10 +170,10 @@ class FsspecRemote(Remote):
             if missing is not None:
                 raise missing from None
             return []
-        names = []
+        names, skip = [], set(besides)
         for entry in entries:
             base = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-            if entry.get("type") == "directory" and parse_checkpoint_name(base) is not None:
+            if entry.get("type") == "directory" and parse_checkpoint_name(base) is not None and base not in skip:
                 names.append(base)
         complete = self._parallel(lambda n: self.exists(f"{n}/{MANIFEST_NAME}"), names)
         return [n for n, ok in zip(names, complete, strict=True) if ok]

@@ -136,7 +136,7 @@ class HubRemote(Remote):
         self._branch.retry_policy = policy
 
     # ---- reads ---------------------------------------------------------------------------------------------
-    def list_checkpoints(self) -> list[str]:
+    def list_checkpoints(self, *, besides: Iterable[str] = ()) -> list[str]:
         """Checkpoint folders under the prefix holding a manifest.json, from one recursive tree listing."""
         entries = self._branch.tree(self.prefix or None, "list checkpoints")
         names = set()
@@ -148,7 +148,7 @@ class HubRemote(Remote):
                 except UnsafeCheckpoint:
                     continue
                 names.add(parts[0])
-        return sorted(names)
+        return sorted(names - set(besides))
 
     def read_bytes(self, rel: str, *, max_size: int = MAX_MANIFEST_BYTES) -> bytes:
         """Read a small object; its size is checked from the response headers before the body is read."""

@@ -162,7 +162,7 @@ class RemoteRun:
         """The run's committed checkpoints retention may weigh (but ``besides``), by name: quarantined ones take
         no slot and are never deleted by it, and a damaged one is left for a human, never guessed about."""
         out = {}
-        for name in set(self.remote.list_checkpoints()) - set(index) - {besides}:
+        for name in set(self.remote.list_checkpoints(besides=[besides])) - set(index):
             m = self._manifests.get(name)
             if m is None:
                 try:
