@@ -364,7 +364,8 @@ class Writer:
             entries.extend(local.hash_file(tmp, rel) for rel in rels)
         staged = zip(job.snapshot.layouts, job.snapshot.buffers, strict=True)
         for lay, buf in sorted(staged, key=lambda s: -s[0].data_size):  # largest first: it goes early longest
-            entries.append(local.write_file(tmp, lay.filename, iter_file_chunks(lay, buf), crc32c=self._crc32c))
+            chunks = iter_file_chunks(lay, buf)
+            entries.append(local.write_file(tmp, lay.filename, chunks, crc32c=self._crc32c, direct=True))
             if job.early is not None:
                 job.early.send(tmp, entries[-1])
             failpoint("serialize")

@@ -142,12 +142,9 @@ class Remote(abc.ABC):
     def delete(self, rel: str) -> None:
         """Delete one object; absent objects are not an error."""
 
-    def _upload(
-        self, local: Path, rel: str, size: int, progress: ProgressFn | None = None, *, mapped: bool = False
-    ) -> None:
+    def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:
         """Backend hook: upload one local file of ``size`` bytes to ``rel``, streamed from disk, calling
-        ``progress(nbytes)`` as bytes go and never counting retried bytes twice. ``mapped``: the file is one
-        syncckpt wrote and never rewrites, so a backend may send it from a mapping of the file. The primitive
+        ``progress(nbytes)`` as bytes go and never counting retried bytes twice. The primitive
         :func:`put_whole_files` builds on; a store that overrides :meth:`commit_checkpoint` with an atomic commit of
         its own (the Hub) needs none."""
         raise NotImplementedError(f"{type(self).__name__} uploads checkpoints in one commit, not file by file")

@@ -104,8 +104,7 @@ class EarlyPut:
     def _send_one(self, entry: FileEntry) -> None:
         if not self._ready.result():
             raise FileExistsError(f"{self.name} is committed in the store already")
-        # the writer's own file, never rewritten in place: it may go from a mapping (s3_direct)
-        self.remote._upload(self.staging / entry.path, f"{self.name}/{entry.path}", entry.size, mapped=True)
+        self.remote._upload(self.staging / entry.path, f"{self.name}/{entry.path}", entry.size)
         failpoint("remote-early-data")
 
     def wait(self) -> bool:

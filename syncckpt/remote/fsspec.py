@@ -335,13 +335,11 @@ class FsspecRemote(Remote):
             localfs.read_back(self._path(name), manifest, f"{self.url}/{name}")
 
     # ---- helpers ----------------------------------------------------------------------------------------------
-    def _upload(
-        self, local: Path, rel: str, size: int, progress: ProgressFn | None = None, *, mapped: bool = False
-    ) -> None:
+    def _upload(self, local: Path, rel: str, size: int, progress: ProgressFn | None = None) -> None:
         """Upload one file; on object stores fsspec's ``put_file`` streams it from disk and switches to multipart
         or resumable uploads for large files, and on S3 the file goes through obstore where it can
-        (:mod:`~syncckpt.remote.s3_direct`; ``mapped``: from a mapping of the file, which syncckpt wrote and
-        never rewrites). A retry starts the file again; its bytes are not counted twice."""
+        (:mod:`~syncckpt.remote.s3_direct`, which reads the file past the page cache). A retry starts the file
+        again; its bytes are not counted twice."""
         path = self._path(rel)
         counter = streams.Progress(progress, size)
 
@@ -355,7 +353,7 @@ class FsspecRemote(Remote):
             if direct is not None:
                 try:
                     report = None if progress is None else counter.relative_update
-                    direct.put(local, path.split("/", 1)[1], size, mapped=mapped, progress=report)
+                    direct.put(local, path.split("/", 1)[1], size, progress=report)
                     return
                 except Exception as e:
                     if s3_direct.transient_status(e):  # the store's passing trouble: retried, on this path

@@ -1,6 +1,6 @@
-"""Data files to S3 through obstore (Rust ``object_store``): a save's own data files go from a read-only mapping
-of the local file to the socket, with no Python copy and no per-chunk Python work; other files (which another
-program might truncate under a mapping: a SIGBUS) are read by obstore itself.
+"""Data files to S3 through obstore (Rust ``object_store``): each file is read past the page cache into reused
+buffers (a save's data files are written past it too: :func:`syncckpt.local.write_file`) and handed to obstore 8 MiB
+at a time, which sends from them with no copy and no per-byte Python work.
 
 s3fs's ``put_file`` reads each part into a ``bytes``, botocore wraps it in a ``BytesIO`` and CRC32s it, aiohttp
 copies it again, and asyncio copies what the socket did not take at once into its buffer: about 2 client CPU-s
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import mmap
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..local import read_direct
 from .base import CHUNK
 from .client_options import PART_BYTES  # the parts s3fs sends too: a file under 2 of them is one PUT
 from .retry import describe
@@ -227,17 +227,14 @@ class DirectS3Put:
         )
         return cls(store, bucket, concurrency=int(options.get("max_concurrency") or 4))
 
-    def put(
-        self, local: Path, key: str, size: int, *, mapped: bool = False, progress: Callable[[int], None] | None = None
-    ) -> None:
-        """Send the file ``local`` (``size`` bytes) to ``key`` in the bucket.
+    def put(self, local: Path, key: str, size: int, *, progress: Callable[[int], None] | None = None) -> None:
+        """Send the first ``size`` bytes of the file ``local`` to ``key`` in the bucket.
 
-        ``mapped``: the file is one syncckpt wrote and never rewrites (a save's data file): its bytes go from a
-        read-only mapping, with no copy. Otherwise obstore reads the file itself, so a file another program
-        truncates meanwhile fails this upload instead of the process (a mapping read past the new end is a
-        SIGBUS). ``progress``: called with each chunk's byte count as obstore takes it (someone watches a bar:
-        ``syncckpt push``); the file is then read in chunks here, a copy per byte, so that a 5 GB file's bar moves
-        instead of jumping at its end."""
+        The file is read here, past the page cache (:func:`syncckpt.local.read_direct`: a save's data files are
+        written that way too, so sending one fills no cold page-cache pages), 8 MiB at a time into reused
+        buffers that obstore sends from, with no copy. A file that another program truncates meanwhile fails
+        this upload. ``progress``: called with each chunk's byte count as obstore takes it (someone watches a bar:
+        ``syncckpt push``), so that a 5 GB file's bar moves instead of jumping at its end."""
         import obstore
 
         shape = {
@@ -247,34 +244,18 @@ class DirectS3Put:
         }
         if size == 0:
             obstore.put(self._store, key, b"")
-        elif progress is not None and size >= 2 * self.part_bytes:
-            obstore.put(self._store, key, _chunks(local, size, progress), **shape)
-        elif not mapped:
-            obstore.put(self._store, key, Path(local), **shape)
-        else:
-            with open(local, "rb") as f:
-                data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-            try:
-                obstore.put(self._store, key, memoryview(data), **shape)
-            finally:
-                try:
-                    data.close()
-                except BufferError:  # a request obstore gave up on may still hold it: closed when released
-                    pass
+            return
+        chunks = read_direct(local, size, CHUNK)
+        if progress is not None and shape["use_multipart"]:  # one PUT is sent whole: nothing to show before
+            chunks = _reported(chunks, progress)
+        obstore.put(self._store, key, chunks, **shape)
 
 
-def _chunks(local: Path, size: int, progress: Callable[[int], None]) -> Iterator[bytes]:
-    """``local``'s first ``size`` bytes, 8 MiB at a time, reporting each as it is handed over; a file that is
-    shorter now fails the upload (its check in the store would too)."""
-    with open(local, "rb") as f:
-        left = size
-        while left:
-            data = f.read(min(CHUNK, left))
-            if not data:
-                raise OSError(f"{local}: ended {left} bytes before its {size}")
-            left -= len(data)
-            yield data
-            progress(len(data))
+def _reported(chunks: Iterator[memoryview], progress: Callable[[int], None]) -> Iterator[memoryview]:
+    """``chunks``, reporting each one's size as it is handed over."""
+    for data in chunks:
+        yield data
+        progress(len(data))
 
 
 def summary(e: BaseException) -> str:
