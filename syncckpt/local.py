@@ -79,6 +79,15 @@ DIRECT_BLOCK = 4096
 _DIRECT_FLUSH = 8 << 20  # how much KeptFile and a direct write_file gather before they write to disk
 
 
+#: Set to ``0`` to write and read every checkpoint file through the page cache (a file system on which
+#: ``O_DIRECT`` is slow or misbehaves); read when a file is opened.
+DIRECT_IO_ENV = "SYNCCKPT_DIRECT_IO"
+
+
+def _direct_wanted() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get(DIRECT_IO_ENV, "1").strip() != "0"
+
+
 def _aligned(size: int) -> mmap.mmap:
     """Zeroed, page-aligned anonymous memory (what ``O_DIRECT`` transfers need), private to this process."""
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -91,7 +100,7 @@ class _DirectOut:
 
     def __init__(self, path: Path) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        self.direct = hasattr(os, "O_DIRECT")
+        self.direct = _direct_wanted()
         try:
             self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
         except OSError as e:
@@ -237,7 +246,7 @@ def read_direct(path: Path, size: int, chunk: int = _DIRECT_FLUSH) -> Iterator[m
     chunk -= chunk % DIRECT_BLOCK
     if chunk <= 0:
         raise ValueError(f"chunk must be at least {DIRECT_BLOCK} bytes")
-    direct = hasattr(os, "O_DIRECT")
+    direct = _direct_wanted()
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     except OSError as e:

@@ -144,3 +144,13 @@ def test_a_direct_write_and_read_leave_the_page_cache_alone(tmp_path: Path) -> N
     assert resident_fraction(tmp_path / "d" / "f.bin") < 0.01
     assert b"".join(local.read_direct(tmp_path / "d" / "f.bin", len(data))) == data
     assert resident_fraction(tmp_path / "d" / "f.bin") < 0.01
+
+
+def test_syncckpt_direct_io_0_sends_every_file_through_the_page_cache(tmp_path: Path, monkeypatch) -> None:
+    if not direct_io_works(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT: nothing to turn off")
+    monkeypatch.setenv(local.DIRECT_IO_ENV, "0")
+    data = random.Random(6).randbytes(2 * FLUSH + 1)
+    entry = local.write_file(tmp_path, "f.bin", pieces(data, 100, FLUSH), direct=True)
+    assert (tmp_path / "f.bin").read_bytes() == data and entry.sha256 == sha256_hex(data)
+    assert resident_fraction(tmp_path / "f.bin") > 0.9
